@@ -1,0 +1,1 @@
+"""Stable Diffusion backend: pipelines, forget/retain data, losses and the masked fine-tuning loop."""

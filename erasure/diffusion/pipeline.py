@@ -1,0 +1,234 @@
+"""Load Stable Diffusion pipelines (local folder or hub id), encode prompts, and generate seeded images.
+
+Every image is generated from its own seed (the initial latent is drawn from ``torch.Generator(seed)``),
+so an image does not depend on which batch it was generated in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+__all__ = [
+    "ModelLoadError",
+    "resolve_device",
+    "resolve_model",
+    "load_pipeline",
+    "validate_prompts",
+    "encode_prompts",
+    "initial_latents",
+    "generate",
+    "model_fingerprint",
+]
+
+
+class ModelLoadError(ValueError):
+    """The model path or id cannot be loaded as a diffusers Stable Diffusion pipeline."""
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu. Raises on ``cuda`` without a GPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_model(model: str | os.PathLike | None) -> str:
+    """``None``/``"default"`` -> the embedded shapes model; local paths are checked; hub ids are returned as is."""
+    if model is None or str(model) in ("", "default"):
+        from erasure.shapes import default_model_path
+
+        return str(default_model_path())
+    s = str(model)
+    p = Path(s).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"{s} is a file, not a diffusers pipeline folder; pass the pipeline folder or a hub id")
+        if not (p / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{s} is not a diffusers pipeline folder (no model_index.json); pass the folder that holds "
+                "unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+            )
+        return str(p.resolve())
+    if not _HUB_ID.match(s):
+        raise ModelLoadError(f"model folder not found: {s}; check the path (hub ids look like owner/name)")
+    return s
+
+
+def model_fingerprint(model: str) -> str:
+    """A string identifying the model's weights: hub id, or folder + weight file sizes/mtimes."""
+    p = Path(model)
+    if not p.is_dir():
+        return f"hub:{model}"
+    parts = [str(p.resolve())]
+    for f in sorted(p.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"):
+            st = f.stat()
+            parts.append(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def load_pipeline(
+    model: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+    scheduler: str = "ddim",
+):
+    """Load a diffusers Stable Diffusion pipeline with the safety checker off and a DDIM scheduler.
+
+    Args:
+        model (`str`, *optional*): local folder or hub id; ``None`` loads the embedded shapes model.
+        device (`str`, defaults to `"auto"`): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype (`torch.dtype`, *optional*): defaults to float32 (float16 for inference on CUDA is the caller's choice).
+        scheduler (`str`, defaults to `"ddim"`): ``ddim`` or ``keep`` (the folder's own scheduler).
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = resolve_model(model)
+    dev = resolve_device(device)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=dtype or torch.float32, safety_checker=None, requires_safety_checker=False
+        )
+    except Exception as err:  # diffusers raises many types (OSError, ValueError, EnvironmentError, HF errors)
+        if not Path(path).exists():
+            hint = "the hub is not reachable offline (HF_HUB_OFFLINE=1)" if offline else "it could not be downloaded"
+            raise ModelLoadError(
+                f"cannot load hub model {path!r}: {hint}; download it elsewhere and pass the local folder"
+            ) from err
+        raise ModelLoadError(f"cannot load {path} as a Stable Diffusion pipeline: {err}") from err
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler != "keep":
+        raise ValueError(f"scheduler must be 'ddim' or 'keep', got {scheduler!r}")
+    pipe.set_progress_bar_config(disable=True)
+    pipe._name_or_path = path  # noqa: SLF001 - recorded in run.json
+    return pipe.to(dev)
+
+
+def validate_prompts(prompts: Sequence[str], tokenizer, what: str = "prompt") -> list[str]:
+    """Reject empty prompts; warn (with the number of tokens cut) when a prompt exceeds the 77-token limit."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    out = []
+    limit = tokenizer.model_max_length
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"empty {what}: every {what} must contain text")
+        n = len(tokenizer(p, truncation=False).input_ids)
+        if n > limit:
+            logger.warning(
+                "%s is %d tokens, over the %d-token limit: the last %d tokens are cut (%r...)",
+                what, n, limit, n - limit, p[:60],
+            )
+        out.append(p.strip())
+    return out
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """Text-encoder hidden states for ``prompts`` (``[len(prompts), 77, dim]``), as the UNet consumes them."""
+    tok = pipe.tokenizer(
+        list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    )
+    te = pipe.text_encoder
+    return te(tok.input_ids.to(te.device))[0]
+
+
+def initial_latents(pipe, seed: int, height: int, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The starting noise for one image, drawn on CPU from ``torch.Generator().manual_seed(seed)``."""
+    factor = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(dtype or pipe.unet.dtype)
+
+
+def default_resolution(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def generate(
+    pipe,
+    prompts: Sequence[str] | str,
+    seeds: Sequence[int] | int,
+    steps: int = 25,
+    guidance: float | Sequence[float] = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 8,
+    negative_prompt: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+):
+    """Generate one image per (prompt, seed) pair; a single prompt or seed is broadcast.
+
+    Returns:
+        `list[PIL.Image.Image]` in input order. Images depend only on (prompt, seed, steps, guidance, size).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    if len(prompts) == 1 and len(seeds) > 1:
+        prompts = prompts * len(seeds)
+    if len(seeds) == 1 and len(prompts) > 1:
+        seeds = seeds * len(prompts)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed per prompt")
+    guidances = [float(guidance)] * len(prompts) if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
+    if len(guidances) != len(prompts):
+        raise ValueError("give one guidance value per prompt, or a single value")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    validate_prompts(prompts, pipe.tokenizer)
+    size = default_resolution(pipe)
+    height, width = height or size, width or size
+    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
+        raise ValueError(f"height and width must be multiples of {pipe.vae_scale_factor}")
+    images = []
+    order = list(range(len(prompts)))
+    # batch rows that share a guidance value (a pipeline call takes one guidance scale)
+    order.sort(key=lambda i: guidances[i])
+    out: dict[int, object] = {}
+    done = 0
+    i = 0
+    while i < len(order):
+        g = guidances[order[i]]
+        batch = [order[i]]
+        i += 1
+        while i < len(order) and len(batch) < batch_size and guidances[order[i]] == g:
+            batch.append(order[i])
+            i += 1
+        lat = torch.cat([initial_latents(pipe, seeds[j], height, width) for j in batch]).to(pipe.device)
+        res = pipe(
+            [prompts[j] for j in batch],
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=g,
+            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+            latents=lat,
+        ).images
+        for j, im in zip(batch, res):
+            out[j] = im
+        done += len(batch)
+        if progress is not None:
+            progress(done, len(prompts))
+    images = [out[j] for j in range(len(prompts))]
+    return images
