@@ -1,0 +1,276 @@
+"""Command line: ``erasure mask | erase | generate | export | methods | presets``.
+
+Every flag of ``erase`` and ``mask`` comes from :class:`erasure.config.EraseConfig`, so ``--help`` lists
+all of them with their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from erasure.jsonconfig import add_config_arguments
+
+logger = logging.getLogger("erasure")
+
+EXIT_BAD_INPUT = 2
+
+
+def _concept_args(p: argparse.ArgumentParser, anchor_required: bool = True) -> None:
+    g = p.add_argument_group("concept (or use --preset / --concept-file)")
+    g.add_argument("--preset", help="Named concept preset from prompts/presets (see `erasure presets`).")
+    g.add_argument("--concept-file", help="JSON file with one ConceptSpec or a list of them.")
+    g.add_argument("--concept-name", default=None, help="Name of the concept given by the flags below.")
+    g.add_argument("--forget-prompt", action="append", default=[], help="Prompt that produces the concept (repeatable).")
+    g.add_argument(
+        "--anchor-prompt", action="append", default=[],
+        help="Remap target: once for all forget prompts, or once per forget prompt in the same order (repeatable)."
+        + ("" if anchor_required else " Not needed for masks."),
+    )
+    g.add_argument("--retain-prompt", action="append", default=[], help="Prompt whose output must not change (repeatable).")
+    g.add_argument("--forget-images", default=None, help="Folder of images to use as Df instead of generating them.")
+    g.add_argument("--retain-images", default=None, help="Folder of images to use as Dr instead of generating them.")
+
+
+def _build_config(args: argparse.Namespace, for_mask: bool = False):
+    from erasure.config import ConceptSpec, EraseConfig
+    from erasure.presets import load_preset
+
+    base: dict = {}
+    concepts: list[dict] = []
+    if args.config:
+        base = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        concepts = base.pop("concepts", [])
+    if args.preset:
+        pr = load_preset(args.preset)
+        base = {**pr.config, **base}
+        concepts.append(pr.concept.to_dict())
+    if args.concept_file:
+        data = json.loads(Path(args.concept_file).read_text(encoding="utf-8"))
+        concepts.extend(data if isinstance(data, list) else [data])
+    if args.forget_prompt:
+        anchors = args.anchor_prompt or (args.forget_prompt if for_mask else [])
+        if not anchors:
+            raise ValueError("--anchor-prompt is required: the prompt the concept is remapped to")
+        concepts.append(ConceptSpec(
+            name=args.concept_name or args.forget_prompt[0][:40], forget_prompts=args.forget_prompt,
+            anchor_prompts=anchors, retain_prompts=args.retain_prompt, forget_images=args.forget_images,
+            retain_images=args.retain_images,
+        ).to_dict())
+    elif args.anchor_prompt or args.retain_prompt:
+        raise ValueError("--anchor-prompt/--retain-prompt given without --forget-prompt")
+    if not concepts:
+        raise ValueError("nothing to erase: give --forget-prompt (with --anchor-prompt), --preset or --concept-file")
+    data = dict(base)
+    for k in EraseConfig.__dataclass_fields__:
+        if hasattr(args, k) and k not in ("concepts",):
+            data[k] = getattr(args, k)
+    if for_mask and not any(c.get("retain_prompts") for c in concepts):
+        data.setdefault("alpha", 0.0)
+    data["concepts"] = concepts
+    return EraseConfig.from_dict(data)
+
+
+class _Bars:
+    """tqdm bars per stage, fed by the library's progress callback."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, stage: str, done: int, total: int, info: dict) -> None:
+        if stage != self.stage:
+            if self.bar is not None:
+                self.bar.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, leave=True, dynamic_ncols=True)
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.n = done
+        if info:
+            self.bar.set_postfix({k: v for k, v in info.items() if k != "step"}, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from erasure.diffusion.train import erase
+
+    cfg = _build_config(args)
+    bars = _Bars()
+    try:
+        out = erase(cfg, args.out, overwrite=args.overwrite, progress=bars)
+    finally:
+        bars.close()
+    from erasure.runs import read_run
+
+    info = read_run(out)
+    logger.info("wrote %s (method %s, %s changed weights, %.1f s)", out, info["method"], info["changed_params"],
+                info["timing_s"]["total"])
+    return 0
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    from erasure.diffusion.train import compute_mask
+    from erasure.saliency import mask_stats
+
+    cfg = _build_config(args, for_mask=True)
+    bars = _Bars()
+    try:
+        mask = compute_mask(cfg, out=args.out, progress=bars, overwrite=args.overwrite)
+    finally:
+        bars.close()
+    st = mask_stats(mask)
+    logger.info("wrote %s: %d of %d weights salient (%.4f)", args.out, st["kept"], st["total"], st["ratio"])
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from erasure.diffusion.pipeline import generate, load_pipeline
+    from erasure.io import atomic_path
+    from erasure.runs import load_erased_pipeline
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file, got {out}")
+    seeds = args.seed or [0]
+    targets = [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}_seed{s}.png") for s in seeds]
+    for t in targets:
+        if t.exists() and not args.overwrite:
+            raise FileExistsError(f"{t} exists; pass --overwrite or choose another --out")
+    if args.run:
+        pipe = load_erased_pipeline(args.run, device=args.device, base_model=args.model)
+    else:
+        pipe = load_pipeline(args.model, device=args.device)
+    images = generate(pipe, args.prompt, seeds, steps=args.steps, guidance=args.guidance, height=args.height or None,
+                      width=args.width or None, negative_prompt=args.negative_prompt)
+    for t, im in zip(targets, images):
+        with atomic_path(t, ".png") as tmp:
+            im.save(tmp, format="PNG")
+        logger.info("wrote %s", t)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from erasure.runs import load_erased_pipeline
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out")
+    pipe = load_erased_pipeline(args.run, device="cpu")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote diffusers pipeline folder %s", out)
+    if args.single_file:
+        from erasure.export import save_single_file
+
+        save_single_file(pipe, args.single_file, overwrite=args.overwrite)
+        logger.info("wrote single-file checkpoint %s", args.single_file)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from erasure.methods import METHODS
+
+    for m in METHODS.values():
+        print(f"{m.name:8s} mask={'yes' if m.needs_mask else 'no ':3s} {m.description}  {m.paper}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from erasure.presets import list_presets, load_preset
+
+    for name in list_presets():
+        pr = load_preset(name)
+        print(f"{name:18s} [{pr.model or '-':6s} {pr.kind or '-':7s}] {pr.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from erasure.config import EraseConfig
+
+    parser = argparse.ArgumentParser(prog="erasure", description="SalUn concept erasure for Stable Diffusion.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pe = sub.add_parser("erase", help="Erase concepts; writes a run directory.")
+    pe.add_argument("--out", required=True, help="Run directory to create (RUN_DIR).")
+    pe.add_argument("--overwrite", action="store_true", help="Replace an existing run at --out.")
+    pe.add_argument("--config", help="JSON EraseConfig to start from (flags override it).")
+    _concept_args(pe)
+    add_config_arguments(pe, EraseConfig)
+    pe.set_defaults(func=cmd_erase)
+
+    pm = sub.add_parser("mask", help="Compute and save a SalUn saliency mask.")
+    pm.add_argument("--out", required=True, help="Mask file to write (.safetensors).")
+    pm.add_argument("--overwrite", action="store_true", help="Replace an existing mask file.")
+    pm.add_argument("--config", help="JSON EraseConfig to start from (flags override it).")
+    _concept_args(pm, anchor_required=False)
+    add_config_arguments(pm, EraseConfig, skip=("steps", "lr", "alpha", "optimizer", "weight_decay", "momentum",
+                                                "max_grad_norm", "grad_accum", "checkpoint_every", "esd_negative_guidance",
+                                                "esd_sample_steps", "mask_path", "method", "retain_images_per_prompt"))
+    pm.set_defaults(func=cmd_mask)
+
+    pg = sub.add_parser("generate", help="Generate images with the base model or an erased run.")
+    pg.add_argument("--model", default="default", help="Base model folder or hub id (default: embedded shapes model; "
+                    "with --run: the run's own base model).")
+    pg.add_argument("--run", help="Run directory whose erased UNet to use.")
+    pg.add_argument("--prompt", required=True, help="Prompt.")
+    pg.add_argument("--negative-prompt", default=None, help="Negative prompt.")
+    pg.add_argument("--seed", type=int, action="append", help="Seed (repeatable: one image per seed). Default 0.")
+    pg.add_argument("--steps", type=int, default=25, help="DDIM steps.")
+    pg.add_argument("--guidance", type=float, default=7.5, help="CFG scale.")
+    pg.add_argument("--height", type=int, default=0, help="Height in pixels (0 = native).")
+    pg.add_argument("--width", type=int, default=0, help="Width in pixels (0 = native).")
+    pg.add_argument("--device", default="auto", help="auto, cpu or cuda.")
+    pg.add_argument("--out", required=True, help="PNG file (with several seeds: NAME_seedS.png).")
+    pg.add_argument("--overwrite", action="store_true", help="Replace existing files.")
+    pg.set_defaults(func=cmd_generate)
+
+    px = sub.add_parser("export", help="Write an erased run as a full diffusers pipeline folder (and a single file).")
+    px.add_argument("--run", required=True, help="Run directory.")
+    px.add_argument("--out", required=True, help="Diffusers folder to write.")
+    px.add_argument("--single-file", default=None, help="Also write a single-file .safetensors checkpoint (SD v1 layout).")
+    px.add_argument("--overwrite", action="store_true", help="Replace existing outputs.")
+    px.set_defaults(func=cmd_export)
+
+    sub.add_parser("methods", help="List erasure methods.").set_defaults(func=cmd_methods)
+    sub.add_parser("presets", help="List concept presets.").set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+        print(f"erasure {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"erasure {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
