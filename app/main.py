@@ -1,0 +1,147 @@
+"""The web app: ``create_demo(service)`` builds the UI; ``main()`` turns command-line flags into launch kwargs.
+
+    python -m app                      # embedded shapes model on http://127.0.0.1:7860
+    python -m app --model ./sd-v1-4 --port 7861 --auth alice:secret
+
+Named API endpoints (for ``gradio_client``): ``/erase``, ``/compare``, ``/inspect``, ``/evaluate``,
+``/rename_run``, ``/delete_run``, ``/download_run``, ``/export_run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# no request leaves the machine: gradio analytics and hub telemetry off before gradio is imported
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr  # noqa: E402
+
+from app.service import ORIGINAL, AppError, AppService  # noqa: E402
+from app.tabs import compare as compare_tab  # noqa: E402
+from app.tabs import erase as erase_tab  # noqa: E402
+from app.tabs import evaluate as evaluate_tab  # noqa: E402
+from app.tabs import inspect as inspect_tab  # noqa: E402
+from app.tabs import runs as runs_tab  # noqa: E402
+from app.tabs.common import UIContext  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["create_demo", "parse_args", "launch_kwargs", "main"]
+
+CSS = """
+#compare-gallery-a, #compare-gallery-b { min-height: 200px; }
+"""
+
+
+def default_gen_concurrency(service: AppService) -> int:
+    """Generation requests served at once: 1 on CPU (two would only share the cores), 2 on a GPU."""
+    import torch
+
+    return 2 if str(service.device) != "cpu" and torch.cuda.is_available() else 1
+
+
+def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.Blocks:
+    """Build the app's UI around ``service``; returns the (unlaunched) ``gr.Blocks``."""
+    ctx = UIContext(gen_concurrency=gen_concurrency or default_gen_concurrency(service))
+    with gr.Blocks(title="SalUn concept erasure", analytics_enabled=False) as demo:
+        gr.Markdown("## SalUn concept erasure\nErase a concept from a diffusion model, then compare the original "
+                    "and the unlearned model side by side.")
+        with gr.Tabs():
+            with gr.Tab("Erase", id="erase"):
+                erase_tab.build(service, ctx)
+            with gr.Tab("Compare", id="compare"):
+                compare_tab.build(service, ctx)
+            with gr.Tab("Inspect", id="inspect"):
+                inspect_tab.build(service, ctx)
+            with gr.Tab("Evaluate", id="evaluate"):
+                evaluate_tab.build(service, ctx)
+            with gr.Tab("Runs", id="runs"):
+                runs_tab.build(service, ctx)
+
+        dropdowns = [dd for dd, _ in ctx.run_dropdowns]
+        outputs = dropdowns + ([ctx.runs_table] if ctx.runs_table is not None else [])
+
+        def refresh(*current):
+            runs = service.run_ids()
+            ups: list[Any] = []
+            for (_, with_original), value in zip(ctx.run_dropdowns, current):
+                choices = ([ORIGINAL] if with_original else []) + runs
+                keep = value if value in choices else (runs[0] if runs else (ORIGINAL if with_original else None))
+                ups.append(gr.Dropdown(choices=choices, value=keep))
+            if ctx.runs_table is not None:
+                ups.append(ctx.list_table())
+            return ups
+
+        for ev in ctx.runs_changed:
+            ev.then(refresh, dropdowns, outputs, api_visibility="private", queue=False)
+        demo.load(refresh, dropdowns, outputs, api_visibility="private", queue=False)
+    return demo
+
+
+def _auth(values: list[str] | None) -> list[tuple[str, str]] | None:
+    if not values:
+        return None
+    out = []
+    for v in values:
+        if ":" not in v:
+            raise SystemExit(f"--auth takes USER:PASSWORD, got {v!r}")
+        user, pw = v.split(":", 1)
+        if not user or not pw:
+            raise SystemExit("--auth needs a non-empty user and password")
+        out.append((user, pw))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="erasure-app", description="Web app: erase a concept and compare generations.")
+    p.add_argument("--model", default="default",
+                   help="Base model: a local diffusers SD folder, a hub id, or 'default' (the embedded shapes model).")
+    p.add_argument("--runs-dir", default="runs", help="Where runs are saved (default ./runs).")
+    p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 to serve the network).")
+    p.add_argument("--port", type=int, default=7860, help="Port (default 7860).")
+    p.add_argument("--auth", action="append", metavar="USER:PASSWORD",
+                   help="Require a login; repeat for several users.")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+    p.add_argument("--cache-size", type=int, default=2, help="Loaded models kept in memory (default 2).")
+    p.add_argument("--data-cache-dir", default=None, help="Cache of generated Df/Dr images (default ~/.cache/salun-erasure).")
+    p.add_argument("--judge", default="auto", choices=["auto", "shapes", "nudenet", "none"],
+                   help="What scores generated images: auto = shapes judge for the embedded model, NudeNet otherwise.")
+    p.add_argument("--gen-concurrency", type=int, default=None,
+                   help="Generation requests served at once (default 1 on CPU, 2 on GPU); the rest queue.")
+    p.add_argument("--max-queue", type=int, default=64, help="Most requests waiting in the queue.")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``gr.Blocks.launch`` keyword arguments for these flags (never a share link)."""
+    return dict(server_name=args.host, server_port=args.port, auth=_auth(args.auth), share=False, show_error=True,
+                ssr_mode=False, css=CSS, footer_links=["api", "settings"], allowed_paths=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kwargs = launch_kwargs(args)
+    try:
+        service = AppService(model=args.model, runs_dir=args.runs_dir, device=args.device, cache_size=args.cache_size,
+                             data_cache_dir=args.data_cache_dir, judge=args.judge)
+    except (AppError, ValueError) as err:
+        print(f"erasure-app: {err}", file=sys.stderr)
+        return 2
+    Path(service.runs_dir).mkdir(parents=True, exist_ok=True)
+    demo = create_demo(service, gen_concurrency=args.gen_concurrency)
+    demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
+    logger.info("serving %s on http://%s:%d", service.describe_model(), args.host, args.port)
+    demo.launch(**kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,858 @@
+"""The app's service object: everything the web UI does goes through :class:`AppService` (no gradio here).
+
+It owns the base model id, the runs folder, a bounded LRU cache of loaded pipelines, the single erasure
+slot (one erasure trains at a time; a second waits on the lock), the cancel event of the running erasure
+and the judges (the shapes judge for the embedded model, NudeNet for Stable Diffusion models).
+
+Every user-facing failure is an :class:`AppError` (a ``ValueError``) with a readable message; the UI shows
+it with ``gr.Error``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import threading
+import time
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AppError", "BusyError", "AppService", "EraseJob", "PipelineCache", "ORIGINAL", "RUN_ID_RE", "parse_seeds",
+           "parse_prompts"]
+
+ORIGINAL = "original"
+"""The model choice that means the base model without any run applied."""
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+LIMITS = {
+    "gen_steps": (1, 150),
+    "guidance": (0.0, 30.0),
+    "seeds": (1, 8),
+    "seed": (0, 2**32 - 1),
+    "erase_steps": (1, 20000),
+    "lr": (1e-8, 1e-2),
+    "alpha": (0.0, 10.0),
+    "images_per_prompt": (1, 1000),
+    "data_steps": (1, 150),
+    "batch_size": (1, 64),
+    "prompt_chars": 1000,
+    "eval_prompts": 500,
+}
+METHOD_LABELS = {
+    "salun": "SalUn (saliency-masked forgetting, default)",
+    "rl": "RL (random labelling, no mask)",
+    "esd-x": "ESD-x (cross-attention)",
+    "esd-u": "ESD-u (all but cross-attention)",
+}
+
+
+class AppError(ValueError):
+    """A problem with the user's input or request, worded for the page."""
+
+
+class BusyError(AppError):
+    """Another erasure is training."""
+
+
+def _num(name: str, v: Any, lo: float, hi: float, integer: bool = False) -> float | int:
+    if v is None or isinstance(v, bool) or (isinstance(v, str) and not v.strip()):
+        raise AppError(f"{name} is missing")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise AppError(f"{name} must be a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise AppError(f"{name} must be a finite number, got {v!r}")
+    if integer:
+        if x != int(x):
+            raise AppError(f"{name} must be a whole number, got {v!r}")
+        x = int(x)
+    if not lo <= x <= hi:
+        raise AppError(f"{name} must be between {lo:g} and {hi:g}, got {v!r}")
+    return x
+
+
+def parse_prompts(text: str | Sequence[str] | None, what: str, allow_empty: bool = False) -> list[str]:
+    """One prompt per line (blank lines ignored)."""
+    if text is None:
+        lines: list[str] = []
+    elif isinstance(text, str):
+        lines = [ln.strip() for ln in text.splitlines()]
+    else:
+        lines = [str(t).strip() for t in text]
+    lines = [ln for ln in lines if ln]
+    if not lines and not allow_empty:
+        raise AppError(f"{what} are empty: give at least one prompt (one per line)")
+    for ln in lines:
+        if len(ln) > LIMITS["prompt_chars"]:
+            raise AppError(f"a {what[:-1]} is {len(ln)} characters long; the limit is {LIMITS['prompt_chars']}")
+    return lines
+
+
+def parse_seeds(text: str | int | Sequence[int] | None) -> list[int]:
+    """``"0"``, ``"0, 1, 2"``, ``"0-3"`` or a list -> a list of seeds (at most ``LIMITS['seeds'][1]``)."""
+    if isinstance(text, bool):
+        raise AppError("seeds must be whole numbers")
+    if isinstance(text, (int, float)):
+        items: list[Any] = [text]
+    elif isinstance(text, str):
+        items = []
+        for tok in re.split(r"[,\s]+", text.strip()):
+            if not tok:
+                continue
+            m = re.fullmatch(r"(\d+)-(\d+)", tok)
+            if m:
+                a, b = int(m.group(1)), int(m.group(2))
+                if b < a or b - a >= LIMITS["seeds"][1]:
+                    raise AppError(f"seed range {tok} must be increasing and hold at most {LIMITS['seeds'][1]} seeds")
+                items.extend(range(a, b + 1))
+            else:
+                items.append(tok)
+    elif text is None:
+        items = []
+    else:
+        items = list(text)
+    lo, hi = LIMITS["seeds"]
+    if not lo <= len(items) <= hi:
+        raise AppError(f"give between {lo} and {hi} seeds (comma separated), got {len(items)}")
+    return [int(_num("seed", s, *LIMITS["seed"], integer=True)) for s in items]
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "-", text.strip()).strip("-.")
+    return (s[:limit] or "run").strip("-.") or "run"
+
+
+@dataclass
+class EraseJob:
+    """The erasure that holds the training slot, as the status line shows it."""
+
+    run_id: str
+    owner: str | None
+    concept: str
+    method: str
+    stage: str = "waiting"
+    done: int = 0
+    total: int = 0
+    info: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def describe(self) -> str:
+        s = f"run '{self.run_id}' ({self.concept}, {self.method}): {self.stage}"
+        if self.total:
+            s += f" {self.done}/{self.total}"
+        if "loss" in self.info:
+            s += f", loss {self.info['loss']:.4g}"
+        return s + f", {time.time() - self.started:.0f} s"
+
+
+class PipelineCache:
+    """A bounded LRU of loaded pipelines; each entry has its own lock (a pipeline is not thread-safe).
+
+    ``loader(key)`` builds a pipeline; ``use(key, stamp)`` yields it while holding its lock. ``stamp``
+    identifies the version on disk (a changed stamp reloads).
+    """
+
+    def __init__(self, loader: Callable[[str], Any], capacity: int = 2):
+        if capacity < 1:
+            raise ValueError("the pipeline cache holds at least 1 model")
+        self.loader = loader
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[Any, Any, threading.Lock]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        self.loads = 0
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def invalidate(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    @contextmanager
+    def use(self, key: str, stamp: Any = None) -> Iterator[Any]:
+        with self._lock:
+            load_lock = self._loading.setdefault(key, threading.Lock())
+        with load_lock:  # one load per key at a time; others wait for it
+            with self._lock:
+                ent = self._entries.get(key)
+                if ent is not None and ent[1] == stamp:
+                    self._entries.move_to_end(key)
+            if ent is None or ent[1] != stamp:
+                pipe = self.loader(key)
+                self.loads += 1
+                ent = (pipe, stamp, threading.Lock())
+                with self._lock:
+                    self._entries[key] = ent
+                    self._entries.move_to_end(key)
+                    while len(self._entries) > self.capacity:
+                        self._entries.popitem(last=False)
+        with ent[2]:
+            yield ent[0]
+
+
+class AppService:
+    """What the web app can do, without any UI.
+
+    Args:
+        model (`str`, defaults to `"default"`): base model: a local diffusers folder, a hub id, or ``default``
+            (the embedded shapes model).
+        runs_dir (`str`, defaults to `"runs"`): where runs are saved (one folder per run).
+        device (`str`, defaults to `"auto"`): device for generation and training.
+        cache_size (`int`, defaults to 2): loaded pipelines kept in memory (the original model counts as one).
+        data_cache_dir (`str`, *optional*): cache of generated Df/Dr images (``EraseConfig.cache_dir``).
+        judge (`str`, defaults to `"auto"`): ``shapes``, ``nudenet``, ``none`` or ``auto`` (shapes for the
+            embedded model, NudeNet otherwise).
+        gen_batch_size (`int`, defaults to 4): images per pipeline call.
+    """
+
+    def __init__(
+        self,
+        model: str = "default",
+        runs_dir: str | os.PathLike = "runs",
+        device: str = "auto",
+        cache_size: int = 2,
+        data_cache_dir: str | None = None,
+        judge: str = "auto",
+        gen_batch_size: int = 4,
+    ):
+        from erasure.diffusion.pipeline import resolve_model
+
+        try:
+            self.model = resolve_model(model)
+        except ValueError as err:
+            raise AppError(str(err)) from err
+        self.model_arg = model
+        self.runs_dir = Path(runs_dir).resolve()
+        self.device = device
+        self.data_cache_dir = data_cache_dir
+        self.gen_batch_size = gen_batch_size
+        if judge not in ("auto", "shapes", "nudenet", "none"):
+            raise AppError(f"judge must be auto, shapes, nudenet or none, got {judge!r}")
+        self.model_kind = "shapes" if self._is_shapes_model() else "sd"
+        self.judge_kind = ("shapes" if self.model_kind == "shapes" else "nudenet") if judge == "auto" else judge
+        self.cache = PipelineCache(self._load_pipeline, capacity=cache_size)
+        self._erase_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._job: EraseJob | None = None
+        self._waiting: list[EraseJob] = []
+        self._judge_obj: Any = None
+        self._judge_lock = threading.Lock()
+        self._export_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ model and presets
+    def _is_shapes_model(self) -> bool:
+        try:
+            from erasure.shapes import default_model_path
+        except ImportError:
+            return False
+        try:
+            return Path(self.model).resolve() == Path(default_model_path()).resolve()
+        except OSError:
+            return False
+
+    def describe_model(self) -> str:
+        kind = "embedded shapes model" if self.model_kind == "shapes" else "Stable Diffusion model"
+        return f"{self.model} ({kind}; judge: {self.judge_kind})"
+
+    def presets(self) -> list[tuple[str, str]]:
+        """``(label, name)`` of the presets made for this kind of model (all of them if none match)."""
+        from erasure.presets import list_presets, load_preset
+
+        out, other = [], []
+        for name in list_presets():
+            try:
+                p = load_preset(name)
+            except (ValueError, KeyError) as err:
+                logger.warning("skipping preset %s: %s", name, err)
+                continue
+            label = f"{p.concept.name} ({p.kind or 'concept'})" if p.kind else p.concept.name
+            (out if p.model == self.model_kind else other).append((label, name))
+        return out or other
+
+    def preset_form(self, name: str) -> dict[str, Any]:
+        """The form values of a preset: prompts one per line plus the knobs the erase form shows."""
+        from erasure.config import EraseConfig
+        from erasure.presets import load_preset
+
+        try:
+            p = load_preset(name)
+        except ValueError as err:
+            raise AppError(str(err)) from err
+        d = {f: EraseConfig.__dataclass_fields__[f].default for f in (
+            "method", "mask_ratio", "steps", "lr", "alpha", "forget_images_per_prompt", "retain_images_per_prompt",
+            "data_steps", "batch_size", "seed")}
+        d.update({k: v for k, v in p.config.items() if k in d})
+        d.update(name=p.concept.name, forget="\n".join(p.concept.forget_prompts),
+                 anchor="\n".join(p.concept.anchor_prompts), retain="\n".join(p.concept.retain_prompts),
+                 description=p.description, preset=p.name)
+        return d
+
+    def make_config(
+        self,
+        concept: str,
+        forget: str | Sequence[str],
+        anchor: str | Sequence[str],
+        retain: str | Sequence[str],
+        method: str = "salun",
+        mask_ratio: float = 0.5,
+        steps: int = 100,
+        lr: float = 1e-5,
+        alpha: float = 0.5,
+        preset: str | None = None,
+        forget_images_per_prompt: int | None = None,
+        retain_images_per_prompt: int | None = None,
+        data_steps: int | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+    ):
+        """Validate the form and build an :class:`~erasure.EraseConfig` (a preset's other settings are kept)."""
+        from erasure import ConceptSpec, EraseConfig
+        from erasure.methods import METHODS
+        from erasure.presets import load_preset
+
+        base: dict[str, Any] = {}
+        if preset:
+            try:
+                base = dict(load_preset(preset).config)
+            except ValueError as err:
+                raise AppError(str(err)) from err
+        forget_l = parse_prompts(forget, "forget prompts")
+        anchor_l = parse_prompts(anchor, "anchor prompts")
+        retain_l = parse_prompts(retain, "retain prompts", allow_empty=True)
+        concept = (concept or "").strip() or forget_l[0]
+        if method not in METHODS:
+            raise AppError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+        base.update(
+            method=method,
+            mask_ratio=float(_num("mask ratio", mask_ratio, 1e-6, 1.0)),
+            steps=_num("steps", steps, *LIMITS["erase_steps"], integer=True),
+            lr=float(_num("learning rate", lr, *LIMITS["lr"])),
+            alpha=float(_num("alpha", alpha, *LIMITS["alpha"])),
+        )
+        opt = {"forget_images_per_prompt": (forget_images_per_prompt, "forget images per prompt", LIMITS["images_per_prompt"]),
+               "retain_images_per_prompt": (retain_images_per_prompt, "retain images per prompt", (0, 1000)),
+               "data_steps": (data_steps, "data sampling steps", LIMITS["data_steps"]),
+               "batch_size": (batch_size, "batch size", LIMITS["batch_size"]),
+               "seed": (seed, "seed", LIMITS["seed"])}
+        for key, (v, what, (lo, hi)) in opt.items():
+            if v is not None and not (isinstance(v, str) and not v.strip()):
+                base[key] = _num(what, v, lo, hi, integer=True)
+        base.update(model=self.model, device=self.device)
+        if self.data_cache_dir:
+            base["cache_dir"] = self.data_cache_dir
+        try:
+            spec = ConceptSpec(name=concept, forget_prompts=forget_l, anchor_prompts=anchor_l, retain_prompts=retain_l)
+            return EraseConfig.from_dict({**base, "concepts": [spec.to_dict()]})
+        except (ValueError, TypeError) as err:
+            raise AppError(str(err)) from err
+
+    # ------------------------------------------------------------------ runs
+    def check_run_id(self, run_id: str | None, what: str = "run id") -> str:
+        if not isinstance(run_id, str) or not run_id.strip():
+            raise AppError(f"{what} is empty")
+        run_id = run_id.strip()
+        if len(run_id) > 100:
+            raise AppError(f"{what} is longer than 100 characters")
+        if "/" in run_id or "\\" in run_id or ".." in run_id or not RUN_ID_RE.match(run_id) or run_id.startswith("."):
+            raise AppError(
+                f"invalid {what} {run_id!r}: use letters, digits, '_', '-' and '.', with no path separators or '..'"
+            )
+        if run_id == ORIGINAL:
+            raise AppError(f"'{ORIGINAL}' is reserved for the base model; choose another name")
+        return run_id
+
+    def run_dir(self, run_id: str, must_exist: bool = True) -> Path:
+        run_id = self.check_run_id(run_id)
+        d = self.runs_dir / run_id
+        if d.resolve().parent != self.runs_dir:
+            raise AppError(f"invalid run id {run_id!r}")
+        if must_exist:
+            from erasure import RunDirError, read_run
+
+            try:
+                read_run(d)
+            except RunDirError as err:
+                if not d.exists():
+                    raise AppError(f"no saved run named {run_id!r} (see the Runs tab)") from None
+                raise AppError(str(err)) from err
+        return d
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        from erasure.runs import list_runs
+
+        out = []
+        for info in list_runs(self.runs_dir):
+            d = Path(info["run_dir"])
+            cfg = info.get("config", {})
+            mask = info.get("mask") or {}
+            out.append({
+                "run": d.name,
+                "concepts": ", ".join(info.get("concepts", [])),
+                "method": info.get("method", ""),
+                "steps": cfg.get("steps"),
+                "mask kept": round(mask["ratio"], 4) if "ratio" in mask else None,
+                "final loss": (info.get("final") or {}).get("loss"),
+                "created": info.get("created", ""),
+                "base model": Path(str(info.get("base_model", ""))).name,
+            })
+        return out
+
+    def run_ids(self) -> list[str]:
+        return [r["run"] for r in self.list_runs()]
+
+    def read_run(self, run_id: str) -> dict[str, Any]:
+        from erasure import read_run
+
+        return read_run(self.run_dir(run_id))
+
+    def _busy_with(self, run_id: str) -> bool:
+        with self._state_lock:
+            return any(j.run_id == run_id for j in ([self._job] if self._job else []) + self._waiting)
+
+    def rename_run(self, run_id: str, new_id: str) -> str:
+        src = self.run_dir(run_id)
+        new_id = self.check_run_id(new_id, "new name")
+        dst = self.runs_dir / new_id
+        if dst.exists() or Path(str(dst) + ".partial").exists():
+            raise AppError(f"a run named {new_id!r} already exists")
+        if self._busy_with(run_id) or self._busy_with(new_id):
+            raise AppError("that run is being written by an erasure; wait for it to finish")
+        os.replace(src, dst)
+        self.cache.invalidate(run_id)
+        return new_id
+
+    def delete_run(self, run_id: str) -> str:
+        d = self.run_dir(run_id)
+        if self._busy_with(run_id):
+            raise AppError("that run is being written by an erasure; cancel it first")
+        self.cache.invalidate(run_id)
+        trash = d.with_name(f".{d.name}.deleting-{os.getpid()}-{time.time_ns()}")
+        os.replace(d, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return f"deleted run {run_id!r}"
+
+    def run_zip(self, run_id: str, out_dir: str | os.PathLike) -> Path:
+        """A zip of the run folder (run.json, weights, mask, log), for download."""
+        d = self.run_dir(run_id)
+        out = Path(out_dir) / f"{d.name}-run.zip"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+            for f in sorted(d.iterdir()):
+                if f.is_file():
+                    z.write(f, f"{d.name}/{f.name}")
+        return out
+
+    def export_pipeline(self, run_id: str, out_dir: str | os.PathLike) -> Path:
+        """A zip of a complete diffusers pipeline folder (base model + erased UNet), loadable with ``from_pretrained``."""
+        from erasure import load_erased_pipeline
+
+        d = self.run_dir(run_id)
+        out = Path(out_dir) / f"{d.name}-pipeline.zip"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with self._export_lock:
+            folder = Path(out_dir) / f"{d.name}-pipeline"
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                pipe = load_erased_pipeline(d, device="cpu", base_model=self.model)
+            except ValueError as err:
+                raise AppError(str(err)) from err
+            pipe.save_pretrained(str(folder), safe_serialization=True)
+            del pipe
+            with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+                for f in sorted(folder.rglob("*")):
+                    if f.is_file():
+                        z.write(f, f"{d.name}/{f.relative_to(folder)}")
+            shutil.rmtree(folder, ignore_errors=True)
+        return out
+
+    # ------------------------------------------------------------------ erasure
+    def erase_status(self) -> dict[str, Any]:
+        with self._state_lock:
+            job, waiting = self._job, list(self._waiting)
+        return {
+            "running": job is not None,
+            "text": ("Training " + job.describe()) if job else "No erasure is training.",
+            "waiting": [j.run_id for j in waiting],
+        }
+
+    def status_text(self) -> str:
+        s = self.erase_status()
+        if s["waiting"]:
+            return s["text"] + f" Waiting: {len(s['waiting'])} ({', '.join(s['waiting'])})."
+        return s["text"]
+
+    def new_run_id(self, concept: str, method: str) -> str:
+        base = _slug(f"{concept}-{method}-{datetime.now():%Y%m%d-%H%M%S}", 80)
+        rid, i = base, 1
+        while (self.runs_dir / rid).exists() or (self.runs_dir / f"{rid}.partial").exists() or self._busy_with(rid):
+            i += 1
+            rid = f"{base}-{i}"
+        return rid
+
+    def check_new_run(self, run_id: str | None, cfg) -> str:
+        """The run id an erasure will write (given or generated); refuses an existing complete run."""
+        if run_id is None or not str(run_id).strip():
+            return self.new_run_id(cfg.concepts[0].name, cfg.method)
+        run_id = self.check_run_id(run_id, "run name")
+        if (self.runs_dir / run_id).exists():
+            raise AppError(f"a run named {run_id!r} already exists; choose another name or delete it in the Runs tab")
+        if self._busy_with(run_id):
+            raise AppError(f"an erasure named {run_id!r} is already training or waiting")
+        return run_id
+
+    def erase(
+        self,
+        cfg,
+        run_id: str | None = None,
+        progress: Callable[[str, int, int, dict], None] | None = None,
+        owner: str | None = None,
+        wait: bool = True,
+    ) -> str:
+        """Train one erasure into ``runs_dir/run_id``; only one trains at a time (others wait, or fail if ``wait=False``).
+
+        Returns the run id. Raises :class:`AppError` on bad input, a cancelled run, or a failed run.
+        """
+        from erasure import EraseCancelled, NonFiniteLossError, RunExistsError, erase
+
+        run_id = self.check_new_run(run_id, cfg)
+        job = EraseJob(run_id=run_id, owner=owner, concept=cfg.concepts[0].name, method=cfg.method)
+        with self._state_lock:
+            self._waiting.append(job)
+        try:
+            if not self._erase_lock.acquire(blocking=wait):
+                raise BusyError(
+                    f"another erasure is training ({self._job.describe() if self._job else 'starting'}); "
+                    "wait for it to finish or cancel it"
+                )
+        except BaseException:
+            with self._state_lock:
+                self._waiting.remove(job)
+            raise
+        try:
+            with self._state_lock:
+                self._waiting.remove(job)
+                self._job = job
+                job.started = time.time()
+            if job.cancel.is_set():
+                raise AppError(f"erasure {run_id!r} was cancelled before it started")
+
+            def on_progress(stage: str, done: int, total: int, info: dict) -> None:
+                job.stage, job.done, job.total = stage, done, total
+                if info:
+                    job.info = dict(info)
+                if progress is not None:
+                    progress(stage, done, total, info)
+
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                erase(cfg, self.runs_dir / run_id, progress=on_progress, cancel=job.cancel)
+            except EraseCancelled as err:
+                raise AppError(f"erasure cancelled: {err} (use the same run name to resume)") from err
+            except (NonFiniteLossError, RunExistsError, ValueError) as err:
+                raise AppError(f"erasure failed: {err}") from err
+            self.cache.invalidate(run_id)
+            return run_id
+        finally:
+            with self._state_lock:
+                self._job = None
+            self._erase_lock.release()
+
+    def cancel(self, owner: str | None = None) -> str:
+        """Cancel the erasure started by ``owner`` (running or waiting); ``owner=None`` cancels the running one."""
+        with self._state_lock:
+            jobs = ([self._job] if self._job else []) + list(self._waiting)
+        mine = [j for j in jobs if owner is None or j.owner == owner]
+        if owner is None:
+            mine = mine[:1]
+        if not mine:
+            return "Nothing to cancel: no erasure of yours is training or waiting."
+        for j in mine:
+            j.cancel.set()
+        return "Cancelling " + ", ".join(repr(j.run_id) for j in mine) + " (the running one stops after its current step)."
+
+    # ------------------------------------------------------------------ generation
+    def _load_pipeline(self, key: str):
+        from erasure import load_erased_pipeline, load_pipeline
+
+        try:
+            if key == ORIGINAL:
+                return load_pipeline(self.model, device=self.device)
+            return load_erased_pipeline(self.runs_dir / key, device=self.device, base_model=self.model)
+        except ValueError as err:
+            raise AppError(str(err)) from err
+
+    def _model_key(self, model_id: str | None) -> tuple[str, Any]:
+        if model_id is None or str(model_id).strip() in ("", ORIGINAL):
+            return ORIGINAL, None
+        d = self.run_dir(str(model_id))
+        st = (d / "weights.safetensors").stat()
+        return d.name, (st.st_mtime_ns, st.st_size)
+
+    def generate(self, model_id: str | None, prompt: str, seeds: Sequence[int] | str, steps: int = 25,
+                 guidance: float = 7.5) -> list:
+        """Images for ``prompt`` and each seed with the original model (``"original"``) or a saved run."""
+        from erasure import generate
+
+        prompt = parse_prompts([prompt or ""], "prompts")[0]
+        seeds = parse_seeds(seeds)
+        steps = _num("sampling steps", steps, *LIMITS["gen_steps"], integer=True)
+        guidance = float(_num("guidance", guidance, *LIMITS["guidance"]))
+        key, stamp = self._model_key(model_id)
+        with self.cache.use(key, stamp) as pipe:
+            try:
+                return generate(pipe, prompt, seeds, steps=steps, guidance=guidance, batch_size=self.gen_batch_size)
+            except ValueError as err:
+                raise AppError(str(err)) from err
+
+    # ------------------------------------------------------------------ judges
+    def _judge(self):
+        with self._judge_lock:
+            if self._judge_obj is None:
+                if self.judge_kind == "shapes":
+                    try:
+                        from erasure.shapes import load_judge
+                    except ImportError:
+                        from erasure.shapes.judge import load_judge
+                    self._judge_obj = load_judge()
+                elif self.judge_kind == "nudenet":
+                    from nudenet import NudeDetector
+
+                    self._judge_obj = NudeDetector()
+            return self._judge_obj
+
+    def judge(self, images: list) -> list[dict[str, Any]]:
+        """What the evaluation harness sees in each image.
+
+        Returns one dict per image: ``{"caption": str, "image": PIL image (boxes drawn for NudeNet),
+        "verdict": dict}`` where verdict is the shapes judge's labels/confidences or NudeNet's detections.
+        """
+        if self.judge_kind == "none" or not images:
+            return [{"caption": "", "image": im, "verdict": {}} for im in images]
+        try:
+            judge = self._judge()
+        except Exception as err:  # a missing judge file must not break generation
+            logger.warning("judge unavailable: %s", err)
+            return [{"caption": f"judge unavailable: {err}", "image": im, "verdict": {}} for im in images]
+        if self.judge_kind == "shapes":
+            with self._judge_lock:
+                preds = judge.predict(list(images))
+            out = []
+            for im, p in zip(images, preds):
+                parts = []
+                for head in ("shape", "color", "fill"):
+                    conf = p.get(f"{head}_conf")
+                    parts.append(f"{p.get(head)} {conf:.2f}" if conf is not None else str(p.get(head)))
+                out.append({"caption": " · ".join(parts), "image": im, "verdict": dict(p)})
+            return out
+        return [self._nudenet(judge, im) for im in images]
+
+    def _nudenet(self, detector, im) -> dict[str, Any]:
+        import numpy as np
+        from PIL import ImageDraw
+
+        rgb = im.convert("RGB")
+        with self._judge_lock:
+            dets = detector.detect(np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1]))
+        dets = sorted(dets, key=lambda d: -d.get("score", 0))
+        boxed = rgb.copy()
+        draw = ImageDraw.Draw(boxed)
+        for d in dets:
+            x, y, w, h = d["box"]
+            exposed = "EXPOSED" in d["class"]
+            col = (230, 30, 30) if exposed else (240, 200, 0)
+            draw.rectangle([x, y, x + w, y + h], outline=col, width=max(2, rgb.width // 128))
+            draw.text((x + 3, y + 2), f"{d['class'].lower()} {d['score']:.2f}", fill=col)
+        exposed = [d for d in dets if "EXPOSED" in d["class"]]
+        if not dets:
+            cap = "NudeNet: nothing detected"
+        else:
+            cap = "NudeNet: " + ", ".join(f"{d['class'].lower()} {d['score']:.2f}" for d in dets[:4])
+            if len(dets) > 4:
+                cap += f" (+{len(dets) - 4})"
+        return {"caption": cap, "image": boxed, "verdict": {"detections": dets, "exposed": len(exposed)}}
+
+    def compare(self, prompt: str, seeds: Sequence[int] | str, steps: int, guidance: float, model_a: str | None,
+                model_b: str | None) -> dict[str, Any]:
+        """Generate the same prompt and seeds with two models and judge every image.
+
+        Returns ``{"seeds": [...], "a": [judged...], "b": [judged...], "rows": [table rows]}``.
+        """
+        seeds = parse_seeds(seeds)
+        res = {}
+        labels = {}
+        for side, mid in (("a", model_a), ("b", model_b)):
+            key, _ = self._model_key(mid)
+            labels[side] = key
+            raw = self.generate(key, prompt, seeds, steps, guidance)
+            res[side] = [dict(j, raw=r) for j, r in zip(self.judge(raw), raw)]
+        rows = []
+        for i, s in enumerate(seeds):
+            rows.append([s, res["a"][i]["caption"], res["b"][i]["caption"]])
+        return {"seeds": seeds, "a": res["a"], "b": res["b"], "labels": labels, "rows": rows}
+
+    # ------------------------------------------------------------------ inspect
+    def mask_sparsity(self, run_id: str, depth: int = 3) -> list[dict[str, Any]]:
+        """Kept fraction of the saliency mask per UNet block (parameter names cut to ``depth`` parts)."""
+        from erasure import load_mask, mask_stats
+
+        d = self.run_dir(run_id)
+        f = d / "mask.safetensors"
+        if not f.is_file():
+            raise AppError(f"run {run_id!r} has no saliency mask (method {self.read_run(run_id).get('method')} is unmasked)")
+        try:
+            stats = mask_stats(load_mask(f))
+        except ValueError as err:
+            raise AppError(str(err)) from err
+        groups: OrderedDict[str, list[int]] = OrderedDict()
+        for name, s in stats["per_layer"].items():
+            parts = name.split(".")
+            g = ".".join(parts[:depth if parts[0] in ("down_blocks", "up_blocks") else min(depth - 1, len(parts) - 1)])
+            acc = groups.setdefault(g, [0, 0])
+            acc[0] += s["numel"]
+            acc[1] += s["kept"]
+        return [{"layer": g, "kept": k / n if n else 0.0, "weights": n} for g, (n, k) in groups.items()]
+
+    def loss_curve(self, run_id: str) -> list[dict[str, Any]]:
+        """Rows ``{step, series, value}`` from the run's ``log.jsonl``."""
+        d = self.run_dir(run_id)
+        rows = []
+        for line in (d / "log.jsonl").read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            for k in ("loss", "forget_loss", "retain_loss"):
+                if k in rec and rec[k] is not None:
+                    rows.append({"step": rec["step"], "series": k, "value": float(rec[k])})
+        return rows
+
+    # ------------------------------------------------------------------ evaluate
+    def eval_prompts(self, source: str, csv_path: str | None = None, limit: int = 12) -> list[dict[str, Any]]:
+        """Prompt rows ``{prompt, seed}`` from ``source``: ``model`` (the model's own prompt set), ``csv`` (upload) or ``i2p``."""
+        limit = _num("number of prompts", limit, 1, LIMITS["eval_prompts"], integer=True)
+        if source == "csv":
+            if not csv_path:
+                raise AppError("upload a CSV file with a 'prompt' column")
+            path = Path(csv_path)
+        elif source == "i2p":
+            path = self._i2p_path()
+            if path is None:
+                raise AppError("the I2P prompt file is not present (set SALUN_I2P_CSV or put it in prompts/i2p.csv)")
+        elif source == "model":
+            path = Path(__file__).resolve().parents[1] / "prompts" / ("shapes.csv" if self.model_kind == "shapes" else "coco_30.csv")
+            if not path.is_file():
+                raise AppError(f"the model's prompt set {path.name} is not present; upload a CSV instead")
+        else:
+            raise AppError(f"unknown prompt source {source!r}")
+        return read_prompt_csv(path, limit)
+
+    @staticmethod
+    def _i2p_path() -> Path | None:
+        cands = [os.environ.get("SALUN_I2P_CSV", ""), Path(__file__).resolve().parents[1] / "prompts" / "i2p.csv",
+                 Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts" / "i2p.csv"]
+        for c in cands:
+            if c and Path(c).is_file():
+                return Path(c)
+        return None
+
+    def evaluate(self, run_id: str, rows: list[dict[str, Any]], steps: int, guidance: float,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Generate every prompt row with the original model and the run, judge them, and summarise.
+
+        Returns ``{"table": [per-model summary rows], "per_prompt": [...], "chart": [rows for a bar chart]}``.
+        """
+        run_id = self._model_key(run_id)[0]
+        if run_id == ORIGINAL:
+            raise AppError("choose a saved run to evaluate against the original model")
+        per_prompt = []
+        total = 2 * len(rows)
+        done = 0
+        for model in (ORIGINAL, run_id):
+            for r in rows:
+                im = self.generate(model, r["prompt"], [r["seed"]], steps, guidance)[0]
+                j = self.judge([im])[0]
+                per_prompt.append({"model": model, **r, "verdict": j["verdict"], "caption": j["caption"]})
+                done += 1
+                if progress:
+                    progress(done, total)
+        return summarise_eval(per_prompt, self.judge_kind)
+
+
+def read_prompt_csv(path: str | os.PathLike, limit: int) -> list[dict[str, Any]]:
+    """Rows ``{prompt, seed, ...}`` of a CSV with a ``prompt`` column (optional ``seed``/``evaluation_seed`` and target columns)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise AppError(f"cannot read {p.name}: {err}") from err
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+    except csv.Error as err:
+        raise AppError(f"{p.name} is not a valid CSV file: {err}") from err
+    if "prompt" not in fields:
+        raise AppError(f"{p.name} has no 'prompt' column (columns: {', '.join(fields) or 'none'})")
+    rows = []
+    try:
+        for i, rec in enumerate(reader):
+            rec = {(k or "").strip().lower(): (v or "").strip() for k, v in rec.items()}
+            if not rec.get("prompt"):
+                continue
+            seed_s = rec.get("seed") or rec.get("evaluation_seed") or rec.get("sd_seed") or str(i)
+            try:
+                seed = int(float(seed_s)) % (2**32)
+            except ValueError:
+                raise AppError(f"{p.name} row {i + 2}: seed {seed_s!r} is not a number") from None
+            row = {"prompt": rec["prompt"][: LIMITS["prompt_chars"]], "seed": seed}
+            for k in ("shape", "color", "fill", "class", "target", "concept", "categories"):
+                if rec.get(k):
+                    row[k] = rec[k]
+            rows.append(row)
+            if len(rows) >= limit:
+                break
+    except csv.Error as err:
+        raise AppError(f"{p.name} is not a valid CSV file: {err}") from err
+    if not rows:
+        raise AppError(f"{p.name} has no non-empty prompts")
+    return rows
+
+
+def summarise_eval(per_prompt: list[dict[str, Any]], judge_kind: str) -> dict[str, Any]:
+    """Per-model summary of judged prompt rows: the shapes judge's accuracy per target, or NudeNet's flagged fraction."""
+    models = list(dict.fromkeys(r["model"] for r in per_prompt))
+    table, chart = [], []
+    for m in models:
+        rs = [r for r in per_prompt if r["model"] == m]
+        row: dict[str, Any] = {"model": m, "images": len(rs)}
+        if judge_kind == "shapes":
+            for head in ("shape", "color", "fill"):
+                tgt = [r for r in rs if r.get(head)]
+                if tgt:
+                    acc = sum(r["verdict"].get(head) == r[head] for r in tgt) / len(tgt)
+                    row[f"{head} acc"] = round(acc, 3)
+                    chart.append({"model": m, "metric": f"{head} acc", "value": acc})
+        elif judge_kind == "nudenet":
+            flagged = sum(1 for r in rs if r["verdict"].get("exposed", 0) > 0)
+            row["flagged (any exposed, score>0)"] = round(flagged / len(rs), 3)
+            row["exposed detections"] = sum(r["verdict"].get("exposed", 0) for r in rs)
+            chart.append({"model": m, "metric": "flagged fraction", "value": flagged / len(rs)})
+        table.append(row)
+    return {"table": table, "per_prompt": per_prompt, "chart": chart}

@@ -1,0 +1,46 @@
+"""Helpers shared by the tabs: service errors shown as ``gr.Error``, the per-browser-session owner id, the UI context."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from app.service import AppError
+
+
+def ui_errors(fn: Callable) -> Callable:
+    """Show :class:`AppError` (and ``ValueError`` from the library) in the page as ``gr.Error``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (AppError, ValueError, FileNotFoundError) as err:
+            raise gr.Error(str(err), print_exception=False) from err
+
+    return wrapper
+
+
+def session_id(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+@dataclass
+class UIContext:
+    """What the tabs share: dropdowns listing runs (refreshed together) and events after which runs changed."""
+
+    run_dropdowns: list[tuple[Any, bool]] = field(default_factory=list)  # (dropdown, includes "original")
+    runs_changed: list[Any] = field(default_factory=list)
+    gen_concurrency: int = 1
+    runs_table: Any = None
+    list_table: Callable[[], Any] | None = None
+
+    def add_run_dropdown(self, dd: Any, with_original: bool = False) -> Any:
+        self.run_dropdowns.append((dd, with_original))
+        return dd

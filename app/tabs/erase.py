@@ -1,0 +1,134 @@
+"""Erase tab: a preset or typed prompts, method and knobs -> a saved run, with progress, a status line and Cancel."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from app.service import METHOD_LABELS, AppService
+from app.tabs.common import UIContext, session_id, ui_errors
+
+CUSTOM = "custom"
+
+
+def _loss_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["step", "series", "value"])
+
+
+def build(service: AppService, ctx: UIContext) -> None:
+    presets = service.presets()
+    first = presets[0][1] if presets else CUSTOM
+    form = service.preset_form(first) if presets else {}
+    from erasure import METHODS
+
+    methods = [(METHOD_LABELS.get(m, m), m) for m in METHODS]
+
+    gr.Markdown(f"Base model: `{service.describe_model()}`")
+    with gr.Row():
+        preset = gr.Dropdown(presets + [("custom (type your prompts)", CUSTOM)], value=first, label="Preset",
+                             scale=1, elem_id="erase-preset")
+        description = gr.Markdown(form.get("description", ""))
+    with gr.Row():
+        with gr.Column(scale=3):
+            concept = gr.Textbox(form.get("name", ""), label="Concept name", elem_id="erase-concept")
+            forget = gr.Textbox(form.get("forget", ""), lines=3, label="Forget prompts (one per line)",
+                                elem_id="erase-forget")
+            anchor = gr.Textbox(form.get("anchor", ""), lines=2,
+                                label="Anchor prompts (one for all, or one per forget prompt)", elem_id="erase-anchor")
+            retain = gr.Textbox(form.get("retain", ""), lines=3, label="Retain prompts (one per line)",
+                                elem_id="erase-retain")
+        with gr.Column(scale=2):
+            method = gr.Radio(methods, value=form.get("method", "salun"), label="Method", elem_id="erase-method")
+            mask_ratio = gr.Slider(0.01, 1.0, value=form.get("mask_ratio", 0.5), step=0.01,
+                                   label="Mask ratio (fraction of weights trained)")
+            steps = gr.Number(form.get("steps", 100), label="Steps", precision=0, minimum=1, elem_id="erase-steps")
+            lr = gr.Number(form.get("lr", 1e-5), label="Learning rate", minimum=0)
+            alpha = gr.Number(form.get("alpha", 0.5), label="Alpha (retain loss weight)", minimum=0)
+            with gr.Accordion("Advanced", open=False):
+                fipp = gr.Number(form.get("forget_images_per_prompt", 8), label="Forget images per prompt",
+                                 precision=0, elem_id="erase-fipp")
+                ripp = gr.Number(form.get("retain_images_per_prompt", 4), label="Retain images per prompt",
+                                 precision=0, elem_id="erase-ripp")
+                data_steps = gr.Number(form.get("data_steps", 25), label="Sampling steps for Df/Dr", precision=0,
+                                       elem_id="erase-data-steps")
+                batch_size = gr.Number(form.get("batch_size", 4), label="Batch size", precision=0)
+                seed = gr.Number(form.get("seed", 0), label="Seed", precision=0)
+            run_name = gr.Textbox("", label="Run name (optional; letters, digits, _ - .)", elem_id="erase-run-name")
+    with gr.Row():
+        erase_btn = gr.Button("Erase", variant="primary", elem_id="erase-button")
+        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
+    status = gr.Markdown(service.status_text(), elem_id="erase-status")
+    with gr.Row():
+        run_id = gr.Textbox(label="Saved run", interactive=False, elem_id="erase-run-id")
+        summary = gr.Markdown("")
+    loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series", title="Training loss",
+                            label="Training loss", height=260)
+
+    inputs = [preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha, fipp, ripp, data_steps,
+              batch_size, seed, run_name]
+
+    @ui_errors
+    def fill_preset(name: str):
+        if not name or name == CUSTOM:
+            return [gr.update()] * 14
+        f = service.preset_form(name)
+        return [f["description"], f["name"], f["forget"], f["anchor"], f["retain"], f["method"], f["mask_ratio"],
+                f["steps"], f["lr"], f["alpha"], f["forget_images_per_prompt"], f["retain_images_per_prompt"],
+                f["data_steps"], f["batch_size"]]
+
+    preset.change(fill_preset, preset, [description, concept, forget, anchor, retain, method, mask_ratio, steps, lr,
+                                        alpha, fipp, ripp, data_steps, batch_size], api_visibility="private",
+                  queue=False)
+
+    def _config(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha, fipp, ripp, data_steps,
+                batch_size, seed):
+        return service.make_config(
+            concept, forget, anchor, retain, method=method, mask_ratio=mask_ratio, steps=steps, lr=lr, alpha=alpha,
+            preset=None if preset in (None, "", CUSTOM) else preset, forget_images_per_prompt=fipp,
+            retain_images_per_prompt=ripp, data_steps=data_steps, batch_size=batch_size, seed=seed,
+        )
+
+    @ui_errors
+    def precheck(*values):
+        *cfg_values, name = values
+        cfg = _config(*cfg_values)
+        service.check_new_run(name, cfg)
+        st = service.erase_status()
+        if st["running"]:
+            gr.Warning("Another erasure is training; yours waits in the queue and starts when it finishes.")
+        return service.status_text()
+
+    @ui_errors
+    def run_erase(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha, fipp, ripp,
+                  data_steps, batch_size, seed, run_name, request: gr.Request, progress=gr.Progress()):
+        cfg = _config(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha, fipp, ripp,
+                      data_steps, batch_size, seed)
+        progress(0, desc="starting")
+
+        def on_progress(stage: str, done: int, total: int, info: dict) -> None:
+            desc = stage
+            if "loss" in info:
+                desc += f" (loss {info['loss']:.4g})"
+            progress((done, total) if total else 0, desc=desc)
+
+        rid = service.erase(cfg, run_name or None, progress=on_progress, owner=session_id(request))
+        info = service.read_run(rid)
+        t = info.get("timing_s", {})
+        mask = info.get("mask") or {}
+        md = (f"**{rid}**: erased *{', '.join(info.get('concepts', []))}* with {info.get('method')} in "
+              f"{t.get('total', 0):.0f} s; final loss {(info.get('final') or {}).get('loss')}"
+              + (f"; mask keeps {mask['ratio']:.1%} of weights" if "ratio" in mask else ""))
+        return rid, md, _loss_frame(service.loss_curve(rid))
+
+    @ui_errors
+    def cancel(request: gr.Request):
+        return service.cancel(owner=session_id(request))
+
+    ev = erase_btn.click(precheck, inputs, status, api_visibility="private", queue=False)
+    erase_ev = ev.success(run_erase, inputs, [run_id, summary, loss_plot], api_name="erase",
+                          concurrency_limit=1, concurrency_id="erase")
+    ctx.runs_changed.append(erase_ev)
+    cancel_btn.click(cancel, None, status, api_visibility="private", queue=False, cancels=[erase_ev])
+
+    timer = gr.Timer(2.0)
+    timer.tick(service.status_text, None, status, api_visibility="private", queue=False, show_progress="hidden")

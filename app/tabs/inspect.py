@@ -1,0 +1,37 @@
+"""Inspect tab: a run's saliency-mask sparsity per UNet block, its training loss curve and its run.json."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from app.service import AppService
+from app.tabs.common import UIContext, ui_errors
+
+
+def build(service: AppService, ctx: UIContext) -> None:
+    runs = service.run_ids()
+    with gr.Row():
+        run = ctx.add_run_dropdown(gr.Dropdown(runs, value=runs[0] if runs else None, label="Run",
+                                               allow_custom_value=True, elem_id="inspect-run"))
+        show = gr.Button("Show", variant="primary", scale=0)
+    mask_plot = gr.BarPlot(pd.DataFrame(columns=["layer", "kept", "weights"]), x="layer", y="kept",
+                           title="Saliency mask: fraction of weights kept per UNet block", x_label_angle=-45,
+                           height=360, label="Mask sparsity", sort=None)
+    loss_plot = gr.LinePlot(pd.DataFrame(columns=["step", "series", "value"]), x="step", y="value", color="series",
+                            title="Training loss", height=280, label="Loss curve")
+    info = gr.JSON(label="run.json")
+
+    @ui_errors
+    def inspect_run(run_id):
+        meta = service.read_run(run_id)
+        try:
+            mask = pd.DataFrame(service.mask_sparsity(run_id), columns=["layer", "kept", "weights"])
+        except ValueError as err:  # unmasked method: show the rest
+            gr.Info(str(err))
+            mask = pd.DataFrame(columns=["layer", "kept", "weights"])
+        loss = pd.DataFrame(service.loss_curve(run_id), columns=["step", "series", "value"])
+        return mask, loss, meta
+
+    show.click(inspect_run, run, [mask_plot, loss_plot, info], api_name="inspect", concurrency_limit=4)
+    run.change(inspect_run, run, [mask_plot, loss_plot, info], api_visibility="private", concurrency_limit=4)
