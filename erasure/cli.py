@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     pm.set_defaults(func=cmd_mask)
 
     pg = sub.add_parser("generate", help="Generate images with the base model or an erased run.")
-    pg.add_argument("--model", default="default", help="Base model folder or hub id (default: embedded shapes model; "
+    pg.add_argument("--model", default=None, help="Base model folder or hub id (default: embedded shapes model; "
                     "with --run: the run's own base model).")
     pg.add_argument("--run", help="Run directory whose erased UNet to use.")
     pg.add_argument("--prompt", required=True, help="Prompt.")

@@ -50,7 +50,10 @@ def resolve_model(model: str | os.PathLike | None) -> str:
     if model is None or str(model) in ("", "default"):
         from erasure.shapes import default_model_path
 
-        return str(default_model_path())
+        path = Path(default_model_path())
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"the embedded default model is missing at {path}; reinstall the package or pass --model")
+        return str(path)
     s = str(model)
     p = Path(s).expanduser()
     if p.exists():
@@ -101,7 +104,7 @@ def load_pipeline(
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=dtype or torch.float32, safety_checker=None, requires_safety_checker=False
+            path, dtype=dtype or torch.float32, safety_checker=None, requires_safety_checker=False
         )
     except Exception as err:  # diffusers raises many types (OSError, ValueError, EnvironmentError, HF errors)
         if not Path(path).exists():

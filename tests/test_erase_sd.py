@@ -1,0 +1,261 @@
+"""End-to-end erasure on a tiny random Stable Diffusion pipeline: outputs, reload, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from erasure import (
+    ConceptSpec,
+    EraseCancelled,
+    EraseConfig,
+    NonFiniteLossError,
+    RunDirError,
+    RunExistsError,
+    erase,
+    generate,
+    load_erased_pipeline,
+    load_mask,
+    load_pipeline,
+    read_run,
+)
+from erasure.cli import main as cli_main
+from erasure.diffusion.pipeline import ModelLoadError
+from erasure.methods import METHODS, MethodSpec, register_method
+
+FORGET = "a red circle"
+
+
+def _cfg(model, tmp_path, **kw):
+    base = dict(
+        model=str(model),
+        concepts=[ConceptSpec(name="circle", forget_prompts=[FORGET], anchor_prompts=["a red square"],
+                              retain_prompts=["a blue star"])],
+        steps=2, batch_size=2, forget_images_per_prompt=2, retain_images_per_prompt=2, data_steps=2,
+        lr=1e-3, cache_dir=str(tmp_path / "cache"), device="cpu",
+    )
+    base.update(kw)
+    return EraseConfig(**base)
+
+
+def _img(pipe, prompt=FORGET, seed=0):
+    return np.asarray(generate(pipe, prompt, seed, steps=2)[0], dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def salun_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("salun")
+    cfg = _cfg(tiny_model_dir, tmp, optimizer="adamw", weight_decay=0.1, mask_ratio=0.3)
+    return erase(cfg, tmp / "run"), cfg
+
+
+def test_run_directory_contract(salun_run, tiny_model_dir):
+    run, cfg = salun_run
+    assert {p.name for p in run.iterdir()} == {"run.json", "mask.safetensors", "weights.safetensors", "log.jsonl"}
+    assert not run.with_name("run.partial").exists()
+    info = read_run(run)
+    assert info["method"] == "salun" and info["config"]["seed"] == 0 and info["base_model"] == str(tiny_model_dir)
+    assert info["environment"]["versions"]["torch"]
+    assert EraseConfig.from_dict(info["config"]) == cfg
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+    mask = load_mask(run / "mask.safetensors")
+    base = load_pipeline(tiny_model_dir, device="cpu")
+    names = dict(base.unet.named_parameters())
+    assert set(mask) == set(names) and all(mask[n].shape == p.shape and mask[n].dtype == torch.bool for n, p in names.items())
+    total = sum(m.numel() for m in mask.values())
+    assert sum(int(m.sum()) for m in mask.values()) == round(0.3 * total)
+
+
+def test_erase_changes_forget_output_and_reload_reproduces(salun_run, tiny_model_dir):
+    run, _ = salun_run
+    base = load_pipeline(tiny_model_dir, device="cpu")
+    erased = load_erased_pipeline(run, device="cpu")
+    b, e = _img(base), _img(erased)
+    assert np.abs(b - e).mean() > 0.05, "the erased model's forget-prompt image did not change"
+    again = load_erased_pipeline(run, device="cpu")
+    assert np.array_equal(_img(again), e), "reloading the run does not reproduce the same image"
+
+
+def test_weights_outside_mask_bit_identical_after_adamw(salun_run, tiny_model_dir):
+    run, _ = salun_run
+    base = dict(load_pipeline(tiny_model_dir, device="cpu").unet.named_parameters())
+    erased = dict(load_erased_pipeline(run, device="cpu").unet.named_parameters())
+    mask = load_mask(run / "mask.safetensors")
+    moved = 0
+    for n, p in base.items():
+        m = mask[n]
+        a, b = p.detach()[~m], erased[n].detach()[~m]
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{n} changed outside the mask"
+        moved += int((p.detach()[m] != erased[n].detach()[m]).sum())
+    assert moved > 0
+
+
+@pytest.mark.parametrize("method", ["rl", "esd-x", "esd-u"])
+def test_baselines(method, tiny_model_dir, tmp_path):
+    run = erase(_cfg(tiny_model_dir, tmp_path, method=method, esd_sample_steps=3), tmp_path / "run")
+    info = read_run(run)
+    assert not (run / "mask.safetensors").exists()
+    from safetensors.torch import load_file
+
+    names = set(load_file(str(run / "weights.safetensors")))
+    if method == "esd-x":
+        assert names and all(".attn2." in n for n in names)
+    elif method == "esd-u":
+        assert names and not any(".attn2." in n for n in names)
+    else:
+        assert info["changed_params"] == info["unet_params"]
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, steps=4, checkpoint_every=2)
+    full = erase(cfg, tmp_path / "full")
+    cancel = threading.Event()
+
+    def progress(stage, done, total, info):
+        if stage == "fine-tuning" and done == 2:
+            cancel.set()
+
+    with pytest.raises(EraseCancelled):
+        erase(cfg, tmp_path / "resumed", progress=progress, cancel=cancel)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "latest_checkpoint").is_file()
+    out = erase(cfg, tmp_path / "resumed")
+    assert read_run(out)["resumed_from_step"] == 2
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full / "weights.safetensors")), load_file(str(out / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 4
+    # a different config may not silently resume someone else's checkpoint
+    erase_partial = tmp_path / "other"
+    cancel2 = threading.Event()
+    with pytest.raises(EraseCancelled):
+        erase(cfg, erase_partial, cancel=cancel2, progress=lambda s, d, t, i: cancel2.set() if s == "fine-tuning" else None)
+    with pytest.raises(RunExistsError, match="different config"):
+        erase(_cfg(tiny_model_dir, tmp_path, steps=4, checkpoint_every=2, lr=5e-4), erase_partial)
+
+
+def test_nonfinite_loss_stops_with_clear_error(tiny_model_dir, tmp_path):
+    def nan_loss(ctx, b):
+        out = ctx.unet(b.forget_x, b.forget_t, encoder_hidden_states=b.forget_cond).sample.mean()
+        return {"loss": out * float("nan")}
+
+    register_method(MethodSpec(name="nan-test", loss=nan_loss, description="test", uses_retain=False))
+    try:
+        with pytest.raises(NonFiniteLossError, match="nan at step 0"):
+            erase(_cfg(tiny_model_dir, tmp_path, method="nan-test"), tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+    finally:
+        METHODS.pop("nan-test")
+
+
+def test_existing_run_refused_unless_overwrite(salun_run, tiny_model_dir, tmp_path):
+    run, cfg = salun_run
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        erase(cfg, run)
+    out = erase(_cfg(tiny_model_dir, tmp_path, method="rl"), tmp_path / "r")
+    out2 = erase(_cfg(tiny_model_dir, tmp_path, method="esd-x", esd_sample_steps=2), out, overwrite=True)
+    assert read_run(out2)["method"] == "esd-x"
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(concepts=[dict(name="c", forget_prompts=["  "], anchor_prompts=["x"])]), "empty"),
+        (dict(concepts=[dict(name="c", forget_prompts=[], anchor_prompts=["x"])]), "empty"),
+        (dict(concepts=[dict(name="c", forget_prompts=["a", "b", "c"], anchor_prompts=["x", "y"])]), "anchor"),
+        (dict(mask_ratio=0.0), "mask ratio"),
+        (dict(mask_ratio=1.5), "mask ratio"),
+        (dict(method="nope"), "unknown method"),
+        (dict(steps=0), "steps"),
+        (dict(lr=-1.0), "learning rate"),
+    ],
+)
+def test_config_rejects_bad_values(kw, match, tmp_path):
+    data = _cfg("x", tmp_path).to_dict()
+    data.update(kw)
+    with pytest.raises(ValueError, match=match):
+        EraseConfig.from_dict(data)
+
+
+def test_long_prompt_warns_with_cut_count(tiny_model_dir, caplog):
+    pipe = load_pipeline(tiny_model_dir, device="cpu")
+    long = " ".join(["red"] * 100)
+    with caplog.at_level(logging.WARNING):
+        generate(pipe, long, 0, steps=1)
+    assert any("over the 77-token limit" in r.message and "last 25 tokens are cut" in r.message for r in caplog.records)
+
+
+def test_model_errors(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_pipeline(tmp_path / "nope", device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        load_pipeline(tmp_path / "empty", device="cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="offline"):
+        load_pipeline("someone/not-cached-model", device="cpu")
+
+
+def test_failed_erase_leaves_no_run(tmp_path):
+    with pytest.raises(ModelLoadError):
+        erase(_cfg(tmp_path / "missing-model", tmp_path), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_run_directories(salun_run, tiny_model_dir, tmp_path):
+    import shutil
+
+    run, _ = salun_run
+    with pytest.raises(RunDirError, match="not found"):
+        load_erased_pipeline(tmp_path / "none")
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "weights.safetensors").unlink()
+    with pytest.raises(RunDirError, match="incomplete.*weights.safetensors"):
+        load_erased_pipeline(broken)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run, corrupt)
+    data = (corrupt / "weights.safetensors").read_bytes()
+    (corrupt / "weights.safetensors").write_bytes(data[:100])
+    with pytest.raises(RunDirError, match="not a readable safetensors"):
+        load_erased_pipeline(corrupt, device="cpu")
+    other = tmp_path / "other-model"
+    shutil.copytree(run, other)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(other / "weights.safetensors"))
+    k = next(iter(w))
+    w[k] = torch.zeros(3, 3, 3, 3, 3)
+    save_file(w, str(other / "weights.safetensors"))
+    with pytest.raises(RunDirError, match="another model"):
+        load_erased_pipeline(other, device="cpu")
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_erase_mask_generate(tiny_model_dir, tmp_path, capsys):
+    common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+              "--data-steps", "2", "--forget-images-per-prompt", "2", "--batch-size", "2"]
+    rc = cli_main(["erase", *common, "--forget-prompt", FORGET, "--anchor-prompt", "a red square",
+                   "--retain-prompt", "a blue star", "--retain-images-per-prompt", "1", "--method", "salun", "--mask-ratio", "0.2", "--steps", "2",
+                   "--seed", "3", "--optimizer", "sgd", "--weight-decay", "0.01", "--out", str(tmp_path / "run")])
+    assert rc == 0 and read_run(tmp_path / "run")["config"]["mask_ratio"] == 0.2
+    rc = cli_main(["mask", *common, "--forget-prompt", FORGET, "--mask-ratio", "0.1", "--out", str(tmp_path / "m.safetensors")])
+    assert rc == 0 and load_mask(tmp_path / "m.safetensors")
+    rc = cli_main(["generate", "--run", str(tmp_path / "run"), "--prompt", FORGET, "--seed", "1", "--steps", "2",
+                   "--out", str(tmp_path / "x.png")])
+    assert rc == 0 and (tmp_path / "x.png").stat().st_size > 0
+    # bad input: one-line error, exit code 2, nothing written
+    rc = cli_main(["erase", *common, "--forget-prompt", FORGET, "--anchor-prompt", "x", "--retain-prompt", "y",
+                   "--mask-ratio", "2", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("erasure erase: error: mask ratio") and not (tmp_path / "bad").exists()
+    rc = cli_main(["erase", *common, "--forget-prompt", FORGET, "--anchor-prompt", "x", "--retain-prompt", "y",
+                   "--steps", "1", "--out", str(tmp_path / "run")])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
