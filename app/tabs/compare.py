@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import gradio as gr
+import pandas as pd
 
 from app.service import LIMITS, ORIGINAL, AppService
 from app.tabs.common import UIContext, ui_errors
@@ -46,8 +47,8 @@ def build(service: AppService, ctx: UIContext) -> None:
         la, lb = res["labels"]["a"], res["labels"]["b"]
         ga = [(j["image"], f"seed {s}: {j['caption']}") for s, j in zip(res["seeds"], res["a"])]
         gb = [(j["image"], f"seed {s}: {j['caption']}") for s, j in zip(res["seeds"], res["b"])]
-        return (gr.Gallery(ga, label=f"Left: {la}"), gr.Gallery(gb, label=f"Right: {lb}"),
-                gr.Dataframe(res["rows"], headers=["seed", f"left ({la})", f"right ({lb})"]))
+        table = pd.DataFrame(res["rows"], columns=["seed", f"left ({la})", f"right ({lb})"])
+        return ga, gb, table
 
     def new_seeds(seeds):
         try:

@@ -21,7 +21,8 @@ def build(service: AppService, ctx: UIContext) -> None:
     form = service.preset_form(first) if presets else {}
     from erasure import METHODS
 
-    methods = [(METHOD_LABELS.get(m, m), m) for m in METHODS]
+    order = [m for m in METHOD_LABELS if m in METHODS] + [m for m in METHODS if m not in METHOD_LABELS]
+    methods = [(METHOD_LABELS.get(m, m), m) for m in order]
 
     gr.Markdown(f"Base model: `{service.describe_model()}`")
     with gr.Row():

@@ -1,0 +1,226 @@
+"""The app's service object (no gradio) and create_demo, on the tiny random pipeline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import threading  # noqa: E402
+import time  # noqa: E402
+import zipfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from app.service import AppError, AppService, BusyError, PipelineCache, parse_seeds, read_prompt_csv  # noqa: E402
+
+FAST = dict(steps=2, forget_images_per_prompt=2, retain_images_per_prompt=2, data_steps=2, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from erasure.diffusion.tiny import build_tiny_pipeline
+
+    d = tmp_path_factory.mktemp("tiny") / "pipe"
+    build_tiny_pipeline(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    return AppService(model=str(tiny_model), runs_dir=root / "runs", device="cpu", data_cache_dir=str(root / "cache"),
+                      judge="none")
+
+
+def _cfg(service, concept="apple", **kw):
+    return service.make_config(concept, "an apple", "a pear", "a car", **{**FAST, **kw})
+
+
+@pytest.fixture(scope="module")
+def run_id(service):
+    return service.erase(_cfg(service), "apple-run")
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "../x", "a/b", "a\\b", "..", "x..y", ".hidden", "original", "a b", "é", "x" * 101])
+def test_run_id_validation(service, bad):
+    with pytest.raises(AppError):
+        service.check_run_id(bad)
+
+
+def test_seeds_and_prompts_parsing(service):
+    assert parse_seeds("0, 1 2") == [0, 1, 2]
+    assert parse_seeds("3-5") == [3, 4, 5]
+    for bad in ("", "a", "-1", "1.5", "0-100", ",".join(["1"] * 9), str(2**33)):
+        with pytest.raises(AppError):
+            parse_seeds(bad)
+    with pytest.raises(AppError, match="forget prompts are empty"):
+        service.make_config("x", "  \n ", "a pear", "")
+    with pytest.raises(AppError, match="anchor prompts are empty"):
+        service.make_config("x", "an apple", "", "")
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("steps", 0, "steps"), ("steps", 1.5, "whole number"), ("lr", -1, "learning rate"), ("lr", float("nan"), "finite"),
+    ("mask_ratio", 0, "mask ratio"), ("mask_ratio", 1.5, "mask ratio"), ("alpha", -0.1, "alpha"),
+    ("method", "nope", "unknown method"), ("batch_size", 0, "batch size"), ("steps", "ten", "number"),
+])
+def test_config_out_of_range(service, field, value, msg):
+    with pytest.raises(AppError, match=msg):
+        _cfg(service, **{field: value})
+
+
+def test_config_keeps_preset_settings(service):
+    cfg = service.make_config("nudity", "nude", "a person", "", preset="nudity", alpha=0.0, **FAST)
+    assert cfg.model == service.model and cfg.steps == 2 and cfg.concepts[0].name == "nudity"
+    form = service.preset_form("nudity")
+    assert form["forget"] and form["anchor"] and form["method"] == "salun"
+    with pytest.raises(AppError, match="unknown preset"):
+        service.preset_form("no-such-preset")
+
+
+def test_erase_lists_inspects_and_compares(service, run_id):
+    runs = service.list_runs()
+    assert [r["run"] for r in runs] == [run_id]
+    assert runs[0]["method"] == "salun" and runs[0]["steps"] == 2
+    curve = service.loss_curve(run_id)
+    assert {r["series"] for r in curve} >= {"loss", "forget_loss", "retain_loss"} and max(r["step"] for r in curve) == 2
+    sparsity = service.mask_sparsity(run_id)
+    assert sparsity and all(0.0 <= r["kept"] <= 1.0 for r in sparsity)
+    total = sum(r["weights"] for r in sparsity)
+    kept = sum(r["kept"] * r["weights"] for r in sparsity)
+    assert kept / total == pytest.approx(0.5, abs=0.01)
+
+    res = service.compare("an apple", "0, 1", 2, 7.5, "original", run_id)
+    assert res["seeds"] == [0, 1] and len(res["a"]) == len(res["b"]) == 2 and len(res["rows"]) == 2
+    # same seed, same model -> the same image (the original model now comes from the cache)
+    again = service.generate("original", "an apple", [1], 2, 7.5)[0]
+    diff = np.abs(np.asarray(again, dtype=np.int16) - np.asarray(res["a"][1]["raw"], dtype=np.int16))
+    assert diff.max() <= 3  # batched vs single generation differ only by float rounding
+    with pytest.raises(AppError, match="no saved run"):
+        service.compare("an apple", "0", 2, 7.5, "original", "missing-run")
+    with pytest.raises(AppError, match="invalid run id"):
+        service.compare("an apple", "0", 2, 7.5, "original", "../../etc")
+    with pytest.raises(AppError, match="empty"):
+        service.generate("original", "   ", [0], 2, 7.5)
+    with pytest.raises(AppError, match="sampling steps"):
+        service.generate("original", "an apple", [0], 1000, 7.5)
+
+
+def test_existing_run_name_is_refused(service, run_id):
+    with pytest.raises(AppError, match="already exists"):
+        service.erase(_cfg(service), run_id)
+
+
+def test_pipeline_cache_is_bounded_lru():
+    loaded = []
+    cache = PipelineCache(lambda k: loaded.append(k) or object(), capacity=2)
+    for key in ("a", "b", "a", "c", "a", "b"):
+        with cache.use(key):
+            pass
+    assert loaded == ["a", "b", "c", "b"]  # "b" was evicted by "c" (least recently used), "a" stayed
+    assert cache.keys() == ["a", "b"]
+    with cache.use("a", stamp=1):  # a new version on disk reloads
+        pass
+    assert loaded[-1] == "a"
+
+
+def test_rename_delete_download(service, tmp_path):
+    rid = service.erase(_cfg(service, concept="pear", method="rl", alpha=0.0), None)
+    assert rid.startswith("pear-rl-")
+    with pytest.raises(AppError):
+        service.rename_run(rid, "../evil")
+    new = service.rename_run(rid, "pear-renamed")
+    assert new in service.run_ids() and rid not in service.run_ids()
+    with pytest.raises(AppError, match="no saved run"):
+        service.read_run(rid)
+    with pytest.raises(AppError, match="no saliency mask"):
+        service.mask_sparsity(new)  # rl is unmasked
+    z = service.run_zip(new, tmp_path)
+    assert {"pear-renamed/run.json", "pear-renamed/weights.safetensors"} <= set(zipfile.ZipFile(z).namelist())
+    exp = service.export_pipeline(new, tmp_path)
+    names = zipfile.ZipFile(exp).namelist()
+    assert "pear-renamed/model_index.json" in names and any(n.startswith("pear-renamed/unet/") for n in names)
+    service.delete_run(new)
+    assert new not in service.run_ids()
+    with pytest.raises(AppError):
+        service.delete_run(new)
+
+
+def test_one_erasure_at_a_time_and_cancel(service):
+    started, release = threading.Event(), threading.Event()
+    result: dict = {}
+
+    def progress(stage, done, total, info):
+        if stage == "fine-tuning":
+            started.set()
+            release.wait(30)
+
+    def first():
+        try:
+            result["run"] = service.erase(_cfg(service, concept="slow", steps=5), "slow-run", progress=progress,
+                                          owner="alice")
+        except AppError as err:
+            result["error"] = str(err)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert started.wait(120)
+    st = service.erase_status()
+    assert st["running"] and "slow-run" in st["text"] and "fine-tuning" in st["text"]
+    with pytest.raises(BusyError, match="another erasure is training"):
+        service.erase(_cfg(service, concept="other"), "other-run", wait=False)
+    with pytest.raises(AppError, match="already training"):
+        service.check_new_run("slow-run", _cfg(service))
+    with pytest.raises(AppError):
+        service.delete_run("slow-run")  # not a saved run yet
+    assert "Nothing to cancel" in service.cancel(owner="bob")
+    assert "slow-run" in service.cancel(owner="alice")
+    release.set()
+    t.join(120)
+    assert "cancelled" in result.get("error", "") and "run" not in result
+    assert not service.erase_status()["running"]
+    assert "slow-run" not in service.run_ids()
+
+
+def test_prompt_csv(tmp_path, service):
+    good = tmp_path / "good.csv"
+    good.write_text("prompt,evaluation_seed,shape\na red circle,7,circle\n,3,\na blue square,,square\n")
+    rows = read_prompt_csv(good, 10)
+    assert rows == [{"prompt": "a red circle", "seed": 7, "shape": "circle"},
+                    {"prompt": "a blue square", "seed": 2, "shape": "square"}]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,seed\nhello,1\n")
+    with pytest.raises(AppError, match="no 'prompt' column"):
+        service.eval_prompts("csv", str(bad), 5)
+    with pytest.raises(AppError, match="upload"):
+        service.eval_prompts("csv", None, 5)
+
+
+def test_evaluate_summary(service, run_id, tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("prompt,seed\nan apple,0\na car,1\n")
+    rows = service.eval_prompts("csv", str(f), 5)
+    res = service.evaluate(run_id, rows, 2, 7.5)
+    assert [r["model"] for r in res["table"]] == ["original", run_id]
+    assert len(res["per_prompt"]) == 4
+
+
+def test_create_demo_builds_with_named_endpoints(service):
+    import gradio as gr
+
+    from app.main import create_demo, launch_kwargs, parse_args
+
+    t0 = time.time()
+    demo = create_demo(service)
+    assert isinstance(demo, gr.Blocks)
+    names = {d.api_name for d in demo.fns.values()}
+    assert {"erase", "compare", "inspect", "evaluate", "rename_run", "delete_run"} <= names
+    kw = launch_kwargs(parse_args(["--port", "7999", "--auth", "u:p:w", "--host", "0.0.0.0"]))
+    assert kw["server_port"] == 7999 and kw["server_name"] == "0.0.0.0" and kw["auth"] == [("u", "p:w")]
+    assert kw["share"] is False
+    defaults = launch_kwargs(parse_args([]))
+    assert defaults["server_name"] == "127.0.0.1" and defaults["server_port"] == 7860 and defaults["auth"] is None
+    assert time.time() - t0 < 30
