@@ -1,0 +1,23 @@
+"""Evaluation harness: generate images from prompt sets, score them with registered metrics, report.
+
+    erasure-eval generate --model PATH_OR_ID [--run RUN_DIR] --prompts CSV --out DIR [--samples K] [--category C] [--limit N]
+    erasure-eval score --images DIR --metric nudenet|object|clip|fid|judge_fd [--threshold T] --out JSON
+    erasure-eval report DIR... --out REPORT_DIR
+
+Python API: :func:`eval.generate.run_generation`, :func:`evaluate` (score one folder with one metric),
+:func:`eval.report.build_report`; metrics live in :data:`eval.base.METRICS`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from eval.base import METRICS, Metric, MetricError, get_metric, register_metric, score_folder
+
+__all__ = ["METRICS", "Metric", "MetricError", "get_metric", "register_metric", "score_folder", "evaluate"]
+
+
+def evaluate(images: str | os.PathLike, metric: str, out: str | os.PathLike | None = None, **params: Any) -> dict[str, Any]:
+    """Score the generation folder ``images`` with the registered ``metric`` (cached, resumable)."""
+    return score_folder(images, get_metric(metric, **params), out=out)
