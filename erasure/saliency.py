@@ -5,9 +5,9 @@ the forget loss's gradient, accumulated over the forget set, and keeps the top `
 by one global threshold. Only those weights are fine-tuned.
 
 The threshold is found without sorting: two histogram passes over the IEEE-754 bit patterns of the
-(non-negative) scores find the exact k-th largest value, so memory beyond the scores is a few chunk-sized
-temporaries plus the boolean mask itself, instead of the reference's two full argsorts (~37 GB at SD v1.4
-size). Ties at the threshold are broken by (parameter order, flat index), so exactly k weights are kept.
+(non-negative) scores find the exact k-th largest value (int32 ``bincount`` of the high 16 bits, then of the
+low 16 bits inside the selected bucket). Memory beyond the scores is a few chunk-sized temporaries plus the boolean mask,
+instead of the reference's two full argsorts (~37 GB at SD v1.4 size). Ties at the threshold are broken by (parameter order, flat index), so exactly k weights are kept.
 """
 
 from __future__ import annotations
@@ -121,6 +121,26 @@ def _select_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return idx, above
 
 
+def _kth_largest_histogram(scores: Mapping[str, torch.Tensor], k: int) -> tuple[float, int]:
+    """Exact k-th largest value by two histogram passes over float bit patterns; returns (tau, count > tau)."""
+    dev = next(iter(scores.values())).device
+    hist_hi = torch.zeros(1 << 15, dtype=torch.int64, device=dev)
+    for s in scores.values():
+        for c in _chunks(s):
+            hist_hi += torch.bincount(_bits(c) >> 16, minlength=1 << 15)[: 1 << 15]
+    hi, above_hi = _select_bucket(hist_hi, k)
+    hist_lo = torch.zeros(1 << 16, dtype=torch.int64, device=dev)
+    for s in scores.values():
+        for c in _chunks(s):
+            b = _bits(c)
+            sel = b[(b >> 16) == hi] & 0xFFFF
+            if sel.numel():
+                hist_lo += torch.bincount(sel, minlength=1 << 16)
+    lo, above_lo = _select_bucket(hist_lo, k - above_hi)
+    tau = torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item()
+    return tau, above_hi + above_lo
+
+
 def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
     """Keep the ``round(ratio * total)`` largest scores over all tensors by one global threshold.
 
@@ -129,7 +149,8 @@ def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str
         ratio (`float`): fraction of all weights to keep, in (0, 1].
 
     Returns:
-        `dict[str, BoolTensor]`: masks shaped like the scores, with exactly ``k`` True entries in total.
+        `dict[str, BoolTensor]`: masks shaped like the scores, with exactly ``k`` True entries in total
+        (ties at the threshold are taken in parameter order, then flat index order).
     """
     if not (0.0 < float(ratio) <= 1.0) or math.isnan(float(ratio)):
         raise ValueError(f"mask ratio must be in (0, 1], got {ratio}")
@@ -140,42 +161,26 @@ def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str
     if k >= total:
         return {n: torch.ones(s.shape, dtype=torch.bool, device=s.device) for n, s in scores.items()}
     for n, s in scores.items():
-        if s.is_floating_point() and bool(torch.isnan(s).any()):
+        lowest = float(s.min()) if s.numel() else 0.0  # min propagates NaN: one pass checks both
+        if math.isnan(lowest):
             raise ValueError(f"saliency scores of {n} contain NaN; the forget loss diverged")
-    # pass 1: histogram of the high 16 bits (sign bit is 0, so 0..32767)
-    dev = next(iter(scores.values())).device
-    hist_hi = torch.zeros(1 << 15, dtype=torch.int64, device=dev)
-    for s in scores.values():
-        for c in _chunks(s):
-            hist_hi += torch.bincount((_bits(c) >> 16).long(), minlength=1 << 15)[: 1 << 15]
-    hi, above_hi = _select_bucket(hist_hi, k)
-    # pass 2: within bucket `hi`, histogram of the low 16 bits
-    hist_lo = torch.zeros(1 << 16, dtype=torch.int64, device=dev)
-    for s in scores.values():
-        for c in _chunks(s):
-            b = _bits(c)
-            sel = b[(b >> 16) == hi] & 0xFFFF
-            if sel.numel():
-                hist_lo += torch.bincount(sel.long(), minlength=1 << 16)
-    lo, above_lo = _select_bucket(hist_lo, k - above_hi)
-    tau_bits = (hi << 16) | lo
-    n_greater = above_hi + above_lo
+        if lowest < 0:
+            raise ValueError(f"saliency scores must be non-negative ({n} has negative values)")
+    tau, n_greater = _kth_largest_histogram(scores, k)
     ties_needed = k - n_greater  # >= 1 by construction
-    tau = torch.tensor([tau_bits], dtype=torch.int32).view(torch.float32).item()
     masks: dict[str, torch.Tensor] = {}
     for name, s in scores.items():
-        sf = s.detach().float().abs()
+        sf = s.detach()
         m = sf > tau
         if ties_needed > 0:
             eq = sf == tau
-            n_eq = int(eq.sum())
+            n_eq = int(torch.count_nonzero(eq))
             if n_eq:
                 if n_eq <= ties_needed:
                     m |= eq
                     ties_needed -= n_eq
                 else:
-                    flat_eq = eq.reshape(-1)
-                    idx = torch.nonzero(flat_eq).reshape(-1)[:ties_needed]
+                    idx = torch.nonzero(eq.reshape(-1)).reshape(-1)[:ties_needed]
                     mflat = m.reshape(-1)
                     mflat[idx] = True
                     m = mflat.reshape(s.shape)
@@ -204,7 +209,7 @@ def mask_stats(mask: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     per_layer = {}
     total = kept = 0
     for name, m in mask.items():
-        n, c = m.numel(), int(m.sum())
+        n, c = m.numel(), int(torch.count_nonzero(m))
         total += n
         kept += c
         per_layer[name] = {"numel": n, "kept": c, "ratio": c / n if n else 0.0}
