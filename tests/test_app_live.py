@@ -1,0 +1,182 @@
+"""The app served by ``python -m app`` on a free localhost port, driven with ``gradio_client``.
+
+The shapes test erases a shape from the embedded model through ``/erase`` and checks with the judge, through
+``/compare``, that the shape is present in the original's image and absent in the erased run's for the same seed.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES_MODEL = ROOT / "models" / "shapes-sd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(args: list[str], log: Path, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m app ARGS --port P`` and wait until it answers; returns (process, url)."""
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    fh = open(log, "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen([sys.executable, "-m", "app", *args, "--port", str(port)], cwd=ROOT, env=env, stdout=fh,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the app did not answer on {url} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory):
+    from erasure.diffusion.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("live")
+    build_tiny_pipeline(root / "tiny")
+    proc, url = start_app(["--model", str(root / "tiny"), "--runs-dir", str(root / "runs"), "--device", "cpu",
+                           "--data-cache-dir", str(root / "cache")], root / "app.log")
+    yield url, root
+    stop_app(proc)
+
+
+TINY_ERASE = dict(preset="custom", concept="apple", forget="an apple\na photo of an apple", anchor="a pear",
+                  retain="a car", method="salun", mask_ratio=0.5, steps=2, lr=1e-5, alpha=0.5, fipp=2, ripp=2,
+                  data_steps=2, batch_size=2, seed=0)
+
+
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def _images(gallery) -> list[Path]:
+    items = gallery["value"] if isinstance(gallery, dict) and "value" in gallery else gallery
+    return [Path(it["image"] if isinstance(it["image"], str) else it["image"]["path"]) for it in items]
+
+
+def test_erase_then_compare_over_the_api(tiny_app):
+    url, root = tiny_app
+    c = _client(url)
+    api = c.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/erase", "/compare"} <= set(api)
+    rid, summary, loss = c.predict(**TINY_ERASE, run_name="api-apple", api_name="/erase")
+    assert rid == "api-apple" and "apple" in summary
+    assert (root / "runs" / "api-apple" / "weights.safetensors").is_file()
+    assert [row[0] for row in loss["data"]][-1] == 2
+    gal_a, gal_b, table = c.predict(prompt="an apple", seeds="0, 1, 2", steps=2, guidance=7.5, model_a="original",
+                                    model_b="api-apple", api_name="/compare")
+    a, b = _images(gal_a), _images(gal_b)
+    assert len(a) == len(b) == 3 and all(p.is_file() for p in a + b)
+    assert [r[0] for r in table["data"]] == [0, 1, 2] and table["headers"][2] == "right (api-apple)"
+    # two runs against each other
+    gal_a, gal_b, _ = c.predict(prompt="an apple", seeds="5", steps=2, guidance=7.5, model_a="api-apple",
+                                model_b="api-apple", api_name="/compare")
+    assert len(_images(gal_a)) == len(_images(gal_b)) == 1
+
+
+def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    url, _ = tiny_app
+    c = _client(url)
+    cases = [
+        (dict(prompt="  ", seeds="0", steps=2, guidance=7.5, model_a="original", model_b="original"), "empty"),
+        (dict(prompt="x", seeds="0", steps=500, guidance=7.5, model_a="original", model_b="original"), "greater than maximum|sampling steps"),
+        (dict(prompt="x", seeds="zero", steps=2, guidance=7.5, model_a="original", model_b="original"), "seed"),
+        (dict(prompt="x", seeds="0", steps=2, guidance=7.5, model_a="original", model_b="../../etc/passwd"),
+         "invalid run id"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(AppError, match=msg):
+            c.predict(**kw, api_name="/compare")
+    with pytest.raises(AppError, match="forget prompts are empty"):
+        c.predict(**dict(TINY_ERASE, forget=" "), run_name="", api_name="/erase")
+    with pytest.raises(AppError, match="learning rate"):
+        c.predict(**dict(TINY_ERASE, lr=5.0), run_name="", api_name="/erase")
+    with pytest.raises(AppError, match="invalid run name"):
+        c.predict(**TINY_ERASE, run_name="../escape", api_name="/erase")
+    csv = tmp_path / "no_prompt.csv"
+    csv.write_text("text,seed\nhello,1\n")
+    with pytest.raises(AppError, match="no 'prompt' column"):
+        c.predict(run_id="x", source="csv", upload=handle_file(str(csv)), limit=3, steps=2, guidance=7.5,
+                  api_name="/evaluate")
+    # still serving
+    gal_a, gal_b, _ = c.predict(prompt="a pear", seeds="0", steps=2, guidance=7.5, model_a="original",
+                                model_b="original", api_name="/compare")
+    assert len(_images(gal_a)) == 1
+
+
+@pytest.mark.skipif(not (SHAPES_MODEL / "model_index.json").is_file(),
+                    reason="the embedded shapes model (models/shapes-sd) is not present in this checkout")
+def test_erase_shape_on_embedded_model_and_judge(tmp_path):
+    """Erase 'circle' via /erase; for the same seeds the judge sees a circle from the original, not from the run."""
+    from PIL import Image
+
+    from erasure.presets import load_preset
+    from erasure.shapes.judge import load_judge
+
+    preset = load_preset("shape_circle")
+    steps = int(os.environ.get("APP_TEST_CIRCLE_STEPS", min(int(preset.config.get("steps", 100)), 60)))
+    proc, url = start_app(["--runs-dir", str(tmp_path / "runs"), "--data-cache-dir", str(tmp_path / "cache")],
+                          tmp_path / "app.log", timeout=180)
+    try:
+        c = _client(url)
+        form = {k: v for k, v in preset.config.items()}
+        rid, _, _ = c.predict(
+            preset="shape_circle", concept=preset.concept.name, forget="\n".join(preset.concept.forget_prompts),
+            anchor="\n".join(preset.concept.anchor_prompts), retain="\n".join(preset.concept.retain_prompts),
+            method="salun", mask_ratio=form.get("mask_ratio", 0.5), steps=steps, lr=form.get("lr", 1e-5),
+            alpha=form.get("alpha", 0.5), fipp=form.get("forget_images_per_prompt", 8),
+            ripp=form.get("retain_images_per_prompt", 4), data_steps=form.get("data_steps", 25),
+            batch_size=form.get("batch_size", 4), seed=0, run_name="circle-test", api_name="/erase",
+        )
+        assert rid == "circle-test"
+        seeds = "0, 1, 2, 3"
+        gal_a, gal_b, _ = c.predict(prompt="a red circle", seeds=seeds, steps=25, guidance=7.5, model_a="original",
+                                    model_b="circle-test", api_name="/compare")
+    finally:
+        stop_app(proc)
+    judge = load_judge()
+    orig = judge.predict([Image.open(p).convert("RGB") for p in _images(gal_a)])
+    erased = judge.predict([Image.open(p).convert("RGB") for p in _images(gal_b)])
+    shapes_o = [p["shape"] for p in orig]
+    shapes_e = [p["shape"] for p in erased]
+    flipped = [i for i in range(len(orig)) if shapes_o[i] == "circle" and shapes_e[i] != "circle"]
+    assert shapes_o.count("circle") >= 3, f"the original model should draw circles: {shapes_o}"
+    assert flipped, f"no seed where the circle was erased: original {shapes_o}, erased {shapes_e}"
+    assert shapes_e.count("circle") <= 1, f"the erased run still draws circles: {shapes_e}"
