@@ -1,0 +1,68 @@
+"""Registry of classification unlearning methods: ``register_method`` fills ``METHODS``, lookup is a dict access."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from erasure.classification.methods.base import MethodConfig, UnlearnContext
+
+__all__ = ["MethodSpec", "METHODS", "register_method", "get_method", "UnlearnFn"]
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class UnlearnFn(Protocol):
+    def __call__(self, model: torch.nn.Module, ctx: UnlearnContext, cfg: MethodConfig) -> torch.nn.Module: ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered method.
+
+    Args:
+        name (`str`): lowercase snake-case id (``salun``, ``l1_sparse``).
+        config_cls (`type[MethodConfig]`): the method's own config dataclass.
+        fn (`UnlearnFn`): ``fn(model, ctx, cfg) -> model``; it may modify ``model`` in place or return a new one.
+        paper (`str`): the method's paper link.
+        exact (`bool`): True for exact unlearning (Retrain); False for the approximate methods.
+    """
+
+    name: str
+    config_cls: type
+    fn: Callable
+    paper: str = ""
+    exact: bool = False
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str, config_cls: type, fn: Callable, paper: str = "", exact: bool = False
+) -> MethodSpec:
+    """Register a method; rejects duplicate and non-snake-case names.
+
+    Returns:
+        `MethodSpec`: the registered entry.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"method name must be lowercase snake case, got {name!r}")
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    spec = MethodSpec(name=name, config_cls=config_cls, fn=fn, paper=paper, exact=exact)
+    METHODS[name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by id; unknown ids raise ``ValueError`` listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}") from None
