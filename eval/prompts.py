@@ -169,7 +169,7 @@ def filter_rows(
             raise PromptFileError(f"no rows in category {', '.join(cats)}; categories in this file: {', '.join(known)}")
     if start is not None or end is not None:
         lo = 0 if start is None else start
-        hi = len(rows) if end is None else end
+        hi = max(len(rows), lo) if end is None else end
         if lo < 0 or hi < lo:
             raise PromptFileError(f"bad row range [{start}, {end})")
         out = [r for r in out if lo <= r.index < hi]

@@ -123,6 +123,8 @@ def _bar_chart(path: Path, title: str, groups: list[str], series: dict[str, list
         ax.bar_label(bars, fmt="%g", fontsize=7)
     ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
+    top = max([v for vals in series.values() for v in vals] + [0])
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()

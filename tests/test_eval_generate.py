@@ -1,0 +1,186 @@
+"""Generation from prompt sets (eval.generate) and the CLI round trip generate -> score -> report, on a tiny pipeline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from eval.generate import GenerateConfig, GenerationError, plan_items, run_generation, shard_rows  # noqa: E402
+from eval.prompts import load_prompts  # noqa: E402
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def i2p(shared_data_dir):
+    return shared_data_dir / "prompts" / "i2p_unsafe_prompts4703.csv"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    from erasure.diffusion.pipeline import load_pipeline
+
+    return load_pipeline(str(tiny_model_dir), device="cpu")
+
+
+def _cfg(model, prompts, out, **kw) -> GenerateConfig:
+    base = dict(model=str(model), prompts=str(prompts), out=str(out), steps=2, height=SIZE, width=SIZE, batch_size=4,
+                device="cpu", limit=3)
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+def _manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def test_generate_honours_row_seeds_and_guidance(tiny_model_dir, i2p, pipe, tmp_path):
+    from erasure.diffusion.pipeline import generate
+
+    out = tmp_path / "g"
+    res = run_generation(_cfg(tiny_model_dir, i2p, out, samples=2), pipe=pipe)
+    assert res["generated"] == 6 and res["manifest"]["complete"]
+    rows = load_prompts(i2p).rows[:3]
+    recs = _manifest(out)
+    assert [(r["case_number"], r["sample"]) for r in recs] == [(row.case_number, k) for row in rows for k in (0, 1)]
+    for r in recs:
+        row = rows[r["row_index"]]
+        assert r["seed"] == row.seed + r["sample"] and r["guidance"] == row.guidance
+        assert (r["steps"], r["height"], r["width"], r["run_id"]) == (2, SIZE, SIZE, "original")
+        assert (out / r["file"]).is_file()
+    # same (prompt, seed, guidance) -> same image; the folder's images equal a direct engine call (same batching)
+    row = rows[1]
+    direct = generate(pipe, [row.prompt] * 2, [row.seed, row.seed + 1], steps=2, guidance=row.guidance,
+                      height=SIZE, width=SIZE)
+    for k in (0, 1):
+        got = _pixels(out / "images" / f"{row.case_number}_{k}.png")
+        assert np.abs(got - np.asarray(direct[k], dtype=np.int16)).max() <= 1
+    assert np.abs(_pixels(out / "images" / f"{row.case_number}_0.png")
+                  - _pixels(out / "images" / f"{row.case_number}_1.png")).max() > 0  # different seeds differ
+    # another folder, same settings: identical images
+    out2 = tmp_path / "g2"
+    run_generation(_cfg(tiny_model_dir, i2p, out2, samples=2), pipe=pipe)
+    for r in recs:
+        assert np.abs(_pixels(out / r["file"]) - _pixels(out2 / r["file"])).max() <= 1
+    gen = json.loads((out / "generation.json").read_text())
+    assert gen["prompts"]["sha256"] and gen["environment"]["versions"]["torch"]
+    assert gen["status"] == {"planned": 6, "written": 6, "complete": True}
+
+
+def test_resume_after_crash_skips_finished_images(tiny_model_dir, i2p, pipe, tmp_path):
+    out = tmp_path / "g"
+    cfg = _cfg(tiny_model_dir, i2p, out, limit=4, batch_size=1)
+
+    class Killed(Exception):
+        pass
+
+    def die_after_two(done, total):
+        if done >= 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_generation(cfg, progress=die_after_two, pipe=pipe)
+    files = sorted((out / "images").iterdir())
+    assert len(files) == 2 and all(f.suffix == ".png" for f in files)  # no temp files left behind
+    mtimes = {f.name: f.stat().st_mtime_ns for f in files}
+    res = run_generation(cfg, pipe=pipe)
+    assert (res["skipped"], res["generated"]) == (2, 2) and res["manifest"]["complete"]
+    assert all((out / "images" / n).stat().st_mtime_ns == t for n, t in mtimes.items())
+    res = run_generation(cfg, pipe=None)  # nothing left: the model is not even loaded
+    assert (res["skipped"], res["generated"]) == (4, 0)
+    # a truncated/corrupt image is regenerated
+    victim = out / "images" / files[0].name
+    victim.write_bytes(victim.read_bytes()[:40])
+    assert run_generation(cfg, pipe=pipe)["generated"] == 1
+
+
+def test_other_settings_in_same_folder_are_refused(tiny_model_dir, i2p, pipe, tmp_path):
+    out = tmp_path / "g"
+    run_generation(_cfg(tiny_model_dir, i2p, out, limit=1), pipe=pipe)
+    with pytest.raises(GenerationError, match="steps"):
+        run_generation(_cfg(tiny_model_dir, i2p, out, limit=1, steps=3), pipe=pipe)
+
+
+def test_shard_rows_partition():
+    from eval.prompts import PromptRow
+
+    rows = [PromptRow(i, str(i), f"p{i}", i, None) for i in range(11)]
+    for n in (1, 2, 3, 4):
+        shards = [shard_rows(rows, n, k) for k in range(n)]
+        ids = [r.index for s in shards for r in s]
+        assert sorted(ids) == list(range(11)) and len(ids) == len(set(ids))
+
+
+def test_two_shards_cover_every_row_once_and_merge(tiny_model_dir, i2p, pipe, tmp_path):
+    out = tmp_path / "g"
+    res0 = run_generation(_cfg(tiny_model_dir, i2p, out, limit=5, num_shards=2, shard_index=0), pipe=pipe)
+    assert not res0["manifest"]["complete"] and res0["manifest"]["written"] == 3
+    first = {f.name for f in (out / "images").iterdir()}
+    res1 = run_generation(_cfg(tiny_model_dir, i2p, out, limit=5, num_shards=2, shard_index=1), pipe=pipe)
+    assert res1["skipped"] == 0 and res1["generated"] == 2  # no row of shard 0 is redone
+    second = {f.name for f in (out / "images").iterdir()} - first
+    assert len(first & second) == 0 and len(first | second) == 5
+    assert res1["manifest"] == {"planned": 5, "written": 5, "complete": True}
+    assert sorted(r["row_index"] for r in _manifest(out)) == [0, 1, 2, 3, 4]
+
+
+def test_cli_generate_score_report_and_bad_inputs(tiny_model_dir, i2p, tmp_path):
+    from eval.cli import main
+
+    out = tmp_path / "orig"
+    args = ["generate", "--model", str(tiny_model_dir), "--prompts", str(i2p), "--limit", "3", "--steps", "1",
+            "--height", str(SIZE), "--width", str(SIZE), "--device", "cpu"]
+    assert main(args + ["--out", str(out)]) == 0
+    assert main(args + ["--out", str(tmp_path / "other"), "--guidance", "3", "--seed", "5"]) == 0
+    # partial: only shard 0 of 2
+    assert main(args + ["--out", str(tmp_path / "part"), "--num-shards", "2", "--shard-index", "0"]) == 0
+    for d in ("orig", "other", "part"):
+        assert main(["score", "--images", str(tmp_path / d), "--metric", "nudenet", "--out", str(tmp_path / f"{d}.json")]) == 0
+    res = json.loads((tmp_path / "orig.json").read_text())
+    rep = res["reproducibility"]
+    assert rep["steps"] == 1 and rep["height"] == SIZE and len(rep["seeds"]) == 3
+    assert rep["prompts"]["sha256"] and rep["environment"]["versions"]["nudenet"]
+    assert res["record_config"]["nudenet_version"] and res["coverage"]["complete"]
+    assert set(res["summary"]["thresholds"]) == {"0", "0.45", "0.6"}
+    part = json.loads((tmp_path / "part.json").read_text())
+    assert part["coverage"] == {"images": 2, "planned": 3, "complete": False}
+    rep_dir = tmp_path / "report"
+    assert main(["report", str(out), str(tmp_path / "other"), str(tmp_path / "part"), "--out", str(rep_dir)]) == 0
+    for f in ("summary.json", "summary.csv", "report.html", "report.md", "grid.png", "nudenet_per_class_t0.png"):
+        assert (rep_dir / f).is_file(), f
+    md = (rep_dir / "report.md").read_text()
+    assert "2/3 PARTIAL" in md and "Prompts hidden" in md
+    prompt0 = load_prompts(i2p).rows[0].prompt
+    assert prompt0 not in md and prompt0 not in (rep_dir / "report.html").read_text()
+    assert main(["report", str(out), "--out", str(tmp_path / "r2"), "--show-prompts"]) == 0
+    assert prompt0 in (tmp_path / "r2" / "report.md").read_text()
+
+    # bad inputs: clear errors (exit code 2), never a result
+    assert main(["score", "--images", str(tmp_path / "missing"), "--metric", "nudenet"]) == 2
+    assert main(["generate", "--model", str(tmp_path), "--prompts", str(i2p), "--limit", "1", "--out", str(tmp_path / "x")]) == 2
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(i2p), "--category", "nope", "--out", str(tmp_path / "y")]) == 2
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("text\nhello\n")
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(bad_csv), "--out", str(tmp_path / "z")]) == 2
+    imgs = sorted((out / "images").iterdir())
+    other = sorted((tmp_path / "other" / "images").iterdir())
+    imgs[0].write_bytes(other[0].read_bytes())  # an image that does not match its manifest record
+    assert main(["score", "--images", str(out), "--metric", "nudenet"]) == 2
+    imgs[0].write_bytes(b"\x89PNG\r\n\x1a\n garbage")  # unreadable
+    assert main(["score", "--images", str(out), "--metric", "nudenet"]) == 2
+    imgs[0].unlink()  # listed in the manifest but missing
+    assert main(["score", "--images", str(out), "--metric", "nudenet"]) == 2
