@@ -64,22 +64,32 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
             with gr.Tab("Runs", id="runs"):
                 runs_tab.build(service, ctx)
 
-        dropdowns = [dd for dd, _ in ctx.run_dropdowns]
+        dropdowns = [dd for dd, _, _ in ctx.run_dropdowns]
         outputs = dropdowns + ([ctx.runs_table] if ctx.runs_table is not None else [])
 
-        def refresh(*current):
+        def refresh(*current, new_run: str | None = None):
             runs = service.run_ids()
             ups: list[Any] = []
-            for (_, with_original), value in zip(ctx.run_dropdowns, current):
+            for (_, with_original, follow), value in zip(ctx.run_dropdowns, current):
                 choices = ([ORIGINAL] if with_original else []) + runs
-                keep = value if value in choices else (runs[0] if runs else (ORIGINAL if with_original else None))
+                if follow and new_run in runs:
+                    keep = new_run
+                elif value in choices:
+                    keep = value
+                else:
+                    keep = runs[0] if runs else (ORIGINAL if with_original else None)
                 ups.append(gr.Dropdown(choices=choices, value=keep))
             if ctx.runs_table is not None:
                 ups.append(ctx.list_table())
             return ups
 
+        def refresh_new(new_run, *current):
+            return refresh(*current, new_run=new_run)
+
         for ev in ctx.runs_changed:
             ev.then(refresh, dropdowns, outputs, api_visibility="private", queue=False)
+        for ev, comp in ctx.new_run:
+            ev.then(refresh_new, [comp] + dropdowns, outputs, api_visibility="private", queue=False)
         demo.load(refresh, dropdowns, outputs, api_visibility="private", queue=False)
     return demo
 

@@ -35,12 +35,14 @@ def session_id(request: gr.Request | None) -> str | None:
 class UIContext:
     """What the tabs share: dropdowns listing runs (refreshed together) and events after which runs changed."""
 
-    run_dropdowns: list[tuple[Any, bool]] = field(default_factory=list)  # (dropdown, includes "original")
+    run_dropdowns: list[tuple[Any, bool, bool]] = field(default_factory=list)  # (dropdown, has "original", follows new)
     runs_changed: list[Any] = field(default_factory=list)
+    new_run: list[tuple[Any, Any]] = field(default_factory=list)  # (event, component holding the new run id)
     gen_concurrency: int = 1
     runs_table: Any = None
     list_table: Callable[[], Any] | None = None
 
-    def add_run_dropdown(self, dd: Any, with_original: bool = False) -> Any:
-        self.run_dropdowns.append((dd, with_original))
+    def add_run_dropdown(self, dd: Any, with_original: bool = False, follow_new: bool = True) -> Any:
+        """Register a dropdown of runs; ``follow_new`` ones switch to a run when an erasure creates it."""
+        self.run_dropdowns.append((dd, with_original, follow_new))
         return dd

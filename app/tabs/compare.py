@@ -19,17 +19,17 @@ def build(service: AppService, ctx: UIContext) -> None:
         prompt = gr.Textbox(default_prompt, label="Prompt", scale=4, elem_id="compare-prompt")
         seeds = gr.Textbox("0, 1, 2, 3", label=f"Seeds (comma separated, up to {LIMITS['seeds'][1]})", scale=2,
                            elem_id="compare-seeds")
-        reroll = gr.Button("🎲 Re-roll seeds", scale=1, elem_id="compare-reroll")
+        reroll = gr.Button("Re-roll seeds", scale=1, elem_id="compare-reroll")
     with gr.Row():
         steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps", elem_id="compare-steps")
         guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
     with gr.Row():
         model_a = ctx.add_run_dropdown(gr.Dropdown([ORIGINAL] + runs, value=ORIGINAL, label="Left model",
-                                                   allow_custom_value=True, elem_id="compare-model-a"), True)
-        model_b = ctx.add_run_dropdown(gr.Dropdown([ORIGINAL] + runs, value=runs[0] if runs else None,
+                                                   allow_custom_value=True, elem_id="compare-model-a"), True, False)
+        model_b = ctx.add_run_dropdown(gr.Dropdown([ORIGINAL] + runs, value=runs[0] if runs else ORIGINAL,
                                                    label="Right model", allow_custom_value=True,
-                                                   elem_id="compare-model-b"), True)
-        refresh = gr.Button("↻ Refresh runs", scale=0)
+                                                   elem_id="compare-model-b"), True, True)
+        refresh = gr.Button("Refresh runs", scale=0)
     go = gr.Button("Generate side by side", variant="primary", elem_id="compare-button")
     with gr.Row(equal_height=True):
         with gr.Column():

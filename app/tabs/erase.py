@@ -128,7 +128,7 @@ def build(service: AppService, ctx: UIContext) -> None:
     ev = erase_btn.click(precheck, inputs, status, api_visibility="private", queue=False)
     erase_ev = ev.success(run_erase, inputs, [run_id, summary, loss_plot], api_name="erase",
                           concurrency_limit=1, concurrency_id="erase")
-    ctx.runs_changed.append(erase_ev)
+    ctx.new_run.append((erase_ev, run_id))
     cancel_btn.click(cancel, None, status, api_visibility="private", queue=False, cancels=[erase_ev])
 
     timer = gr.Timer(2.0)

@@ -20,7 +20,7 @@ def build(service: AppService, ctx: UIContext) -> None:
     with gr.Row():
         run = ctx.add_run_dropdown(gr.Dropdown(runs, value=runs[0] if runs else None, label="Run",
                                                allow_custom_value=True, elem_id="runs-run"))
-        refresh = gr.Button("↻ Refresh", scale=0)
+        refresh = gr.Button("Refresh", scale=0)
     with gr.Row():
         new_name = gr.Textbox(label="New name", elem_id="runs-new-name")
         rename = gr.Button("Rename")

@@ -1,0 +1,141 @@
+"""The app in a real browser: Debian's chromium driven by Playwright (no browser download), headless.
+
+Loads the page, starts an erasure, waits for it, compares original vs the new run, saves a screenshot under
+``test-artifacts/app/`` and checks the two images sit side by side and no request left localhost.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import importlib.util  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts" / "app"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install -y chromium)"),
+    pytest.mark.skipif(importlib.util.find_spec("playwright") is None, reason="the playwright package is not installed"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    from erasure.diffusion.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("browser")
+    build_tiny_pipeline(root / "tiny")
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    log = open(root / "app.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "--model", str(root / "tiny"), "--runs-dir", str(root / "runs"), "--device",
+         "cpu", "--data-cache-dir", str(root / "cache"), "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError((root / "app.log").read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            if time.time() - t0 > 120:
+                proc.kill()
+                raise
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _fill(page, selector: str, value) -> None:
+    el = page.locator(selector)
+    el.fill(str(value))
+    el.blur()
+
+
+def test_erase_and_compare_in_the_browser(app_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    outside: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("request", lambda r: outside.append(r.url)
+                    if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
+            page.goto(app_url)
+            page.wait_for_selector("#erase-button", timeout=60_000)
+
+            # erase: typed prompts, a tiny config
+            _fill(page, "#erase-concept textarea, #erase-concept input", "apple")
+            _fill(page, "#erase-forget textarea", "an apple\na photo of an apple")
+            _fill(page, "#erase-anchor textarea", "a pear")
+            _fill(page, "#erase-retain textarea", "a car")
+            _fill(page, "#erase-steps input", 3)
+            page.get_by_text("Advanced", exact=True).click()
+            _fill(page, "#erase-fipp input", 2)
+            _fill(page, "#erase-ripp input", 2)
+            _fill(page, "#erase-data-steps input", 2)
+            _fill(page, "#erase-run-name textarea, #erase-run-name input", "browser-apple")
+            page.locator("#erase-button").click()
+            run_box = page.locator("#erase-run-id textarea, #erase-run-id input").first
+            expect(run_box).to_have_value("browser-apple", timeout=180_000)
+            page.screenshot(path=str(ARTIFACTS / "erase.png"), full_page=True)
+
+            # compare: original (left) vs the new run (right, selected after the erasure)
+            page.get_by_role("tab", name="Compare").click()
+            right = page.locator("#compare-model-b input").first
+            expect(right).to_have_value("browser-apple", timeout=30_000)
+            _fill(page, "#compare-seeds textarea, #compare-seeds input", "0, 1")
+            _fill(page, "#compare-steps input[type=number]", 2)
+            page.locator("#compare-button").click()
+            imgs_a = page.locator("#compare-gallery-a img")
+            imgs_b = page.locator("#compare-gallery-b img")
+            expect(imgs_a).to_have_count(2, timeout=120_000)
+            expect(imgs_b).to_have_count(2, timeout=120_000)
+            for loc in (imgs_a.first, imgs_b.first):
+                loc.scroll_into_view_if_needed()
+                page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=loc.element_handle())
+            expect(page.locator("#compare-table")).to_contain_text("NudeNet")
+            page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+
+            a, b = imgs_a.first.bounding_box(), imgs_b.first.bounding_box()
+            ga, gb = page.locator("#compare-gallery-a").bounding_box(), page.locator("#compare-gallery-b").bounding_box()
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "compare.png").stat().st_size > 10_000
+    # side by side: the left gallery's first image and the right one's share a row, left before right
+    assert abs(a["y"] - b["y"]) < 4, (a, b)
+    assert a["x"] + a["width"] <= b["x"], (a, b)
+    assert abs(ga["y"] - gb["y"]) < 4 and ga["x"] + ga["width"] <= gb["x"] + 1, (ga, gb)
+    assert a["width"] > 50 and b["width"] > 50
+    assert not outside, f"requests left the machine: {outside}"
