@@ -122,7 +122,9 @@ def _select_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def _kth_largest_histogram(scores: Mapping[str, torch.Tensor], k: int) -> tuple[float, int]:
-    """Exact k-th largest value by two histogram passes over float bit patterns; returns (tau, count > tau)."""
+    """Exact k-th largest value by two histogram passes over float bit patterns.
+
+    Returns (tau, count of scores > tau, count of scores == tau)."""
     dev = next(iter(scores.values())).device
     hist_hi = torch.zeros(1 << 15, dtype=torch.int64, device=dev)
     for s in scores.values():
@@ -138,7 +140,7 @@ def _kth_largest_histogram(scores: Mapping[str, torch.Tensor], k: int) -> tuple[
                 hist_lo += torch.bincount(sel, minlength=1 << 16)
     lo, above_lo = _select_bucket(hist_lo, k - above_hi)
     tau = torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item()
-    return tau, above_hi + above_lo
+    return tau, above_hi + above_lo, int(hist_lo[lo])
 
 
 def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
@@ -166,9 +168,11 @@ def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str
             raise ValueError(f"saliency scores of {n} contain NaN; the forget loss diverged")
         if lowest < 0:
             raise ValueError(f"saliency scores must be non-negative ({n} has negative values)")
-    tau, n_greater = _kth_largest_histogram(scores, k)
+    tau, n_greater, n_equal = _kth_largest_histogram(scores, k)
     ties_needed = k - n_greater  # >= 1 by construction
     masks: dict[str, torch.Tensor] = {}
+    if n_equal == ties_needed:  # every tie is kept: one comparison per weight
+        return {name: s.detach() >= tau for name, s in scores.items()}
     for name, s in scores.items():
         sf = s.detach()
         m = sf > tau
