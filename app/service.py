@@ -745,9 +745,9 @@ class AppService:
         return rows
 
     # ------------------------------------------------------------------ evaluate
-    def eval_prompts(self, source: str, csv_path: str | None = None, limit: int = 12) -> list[dict[str, Any]]:
-        """Prompt rows ``{prompt, seed}`` from ``source``: ``model`` (the model's own prompt set), ``csv`` (upload) or ``i2p``."""
-        limit = _num("number of prompts", limit, 1, LIMITS["eval_prompts"], integer=True)
+    def eval_prompt_file(self, source: str, csv_path: str | None = None) -> Path:
+        """The prompt CSV for ``source``: ``model`` (the model's own prompt set), ``csv`` (an upload) or ``i2p``."""
+        repo = Path(__file__).resolve().parents[1]
         if source == "csv":
             if not csv_path:
                 raise AppError("upload a CSV file with a 'prompt' column")
@@ -757,43 +757,109 @@ class AppService:
             if path is None:
                 raise AppError("the I2P prompt file is not present (set SALUN_I2P_CSV or put it in prompts/i2p.csv)")
         elif source == "model":
-            path = Path(__file__).resolve().parents[1] / "prompts" / ("shapes.csv" if self.model_kind == "shapes" else "coco_30.csv")
+            path = repo / "prompts" / ("shapes.csv" if self.model_kind == "shapes" else "sd_prompts.csv")
             if not path.is_file():
-                raise AppError(f"the model's prompt set {path.name} is not present; upload a CSV instead")
+                raise AppError(f"this model has no built-in prompt set ({path.name}); upload a CSV or choose I2P")
         else:
             raise AppError(f"unknown prompt source {source!r}")
-        return read_prompt_csv(path, limit)
+        read_prompt_csv(path, 1)  # readable, with a 'prompt' column and at least one prompt
+        return path
 
     @staticmethod
     def _i2p_path() -> Path | None:
-        cands = [os.environ.get("SALUN_I2P_CSV", ""), Path(__file__).resolve().parents[1] / "prompts" / "i2p.csv",
-                 Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts" / "i2p.csv"]
+        repo = Path(__file__).resolve().parents[1]
+        cands = [os.environ.get("SALUN_I2P_CSV", ""), repo / "prompts" / "i2p.csv", repo / "prompts" / "i2p_benchmark.csv",
+                 repo.parent / "shared" / "data" / "prompts" / "i2p.csv"]
         for c in cands:
             if c and Path(c).is_file():
                 return Path(c)
         return None
 
-    def evaluate(self, run_id: str, rows: list[dict[str, Any]], steps: int, guidance: float,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """Generate every prompt row with the original model and the run, judge them, and summarise.
+    def evaluate(self, run_id: str, source: str, csv_path: str | None = None, limit: int = 12, steps: int = 25,
+                 guidance: float = 7.5, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+        """Run the evaluation harness on the original model and ``run_id`` over a prompt set, then its report.
 
-        Returns ``{"table": [per-model summary rows], "per_prompt": [...], "chart": [rows for a bar chart]}``.
+        Images and scores are cached under ``RUN/eval/`` (and ``runs_dir/.original-eval/``), so a repeated
+        evaluation only reads them back. Returns ``{"table": rows (metric x model), "charts": [png paths],
+        "report": report.html path, "summary": build_report's summary}``.
         """
-        run_id = self._model_key(run_id)[0]
-        if run_id == ORIGINAL:
+        import hashlib
+
+        try:
+            from eval.base import MetricError, get_metric, score_folder
+            from eval.generate import GenerateConfig, run_generation
+            from eval.report import build_report
+        except ImportError as err:
+            raise AppError(f"the evaluation harness (eval/) is not available: {err}") from err
+        key, stamp = self._model_key(run_id)
+        if key == ORIGINAL:
             raise AppError("choose a saved run to evaluate against the original model")
-        per_prompt = []
-        total = 2 * len(rows)
-        done = 0
-        for model in (ORIGINAL, run_id):
-            for r in rows:
-                im = self.generate(model, r["prompt"], [r["seed"]], steps, guidance)[0]
-                j = self.judge([im])[0]
-                per_prompt.append({"model": model, **r, "verdict": j["verdict"], "caption": j["caption"]})
-                done += 1
+        prompts = self.eval_prompt_file(source, csv_path)
+        limit = _num("number of prompts", limit, 1, LIMITS["eval_prompts"], integer=True)
+        steps = _num("sampling steps", steps, *LIMITS["gen_steps"], integer=True)
+        guidance = float(_num("guidance", guidance, *LIMITS["guidance"]))
+        digest = hashlib.sha256(prompts.read_bytes()).hexdigest()[:12]
+        tag = hashlib.sha256(json.dumps([self.model, digest, limit, steps, guidance]).encode()).hexdigest()[:12]
+        name = f"{_slug(prompts.stem, 24)}-{tag}"
+        info = self.read_run(key)
+        dirs = {ORIGINAL: self.runs_dir / ".original-eval" / name, key: self.runs_dir / key / "eval" / name}
+        for model, out in dirs.items():
+            cfg_kw = dict(prompts=str(prompts), out=str(out), model=self.model, limit=limit, steps=steps,
+                          guidance=guidance, device=self.device, batch_size=self.gen_batch_size)
+            if model != ORIGINAL:
+                cfg_kw["run"] = str(self.runs_dir / model)
+            try:
+                cfg = GenerateConfig(**cfg_kw)
+                with self.cache.use(*((ORIGINAL, None) if model == ORIGINAL else (key, stamp))) as pipe:
+                    run_generation(cfg, pipe=pipe, progress=(lambda d, t, m=model: progress(f"generating ({m})", d, t))
+                                   if progress else None)
                 if progress:
-                    progress(done, total)
-        return summarise_eval(per_prompt, self.judge_kind)
+                    progress(f"scoring ({model})", 0, 1)
+                if self.judge_kind == "shapes":
+                    judge = self._judge()
+                    try:
+                        metric = get_metric("object", judge="shapes", forget=list(info.get("concepts") or []),
+                                            judge_obj=judge)
+                        res = score_folder(out, metric)
+                    except MetricError as err:
+                        if "matches no target" not in str(err):
+                            raise
+                        res = score_folder(out, get_metric("object", judge="shapes", judge_obj=judge))
+                elif self.judge_kind == "nudenet":
+                    res = score_folder(out, get_metric("nudenet"))
+                else:
+                    res = None
+                del res
+            except ValueError as err:  # PromptFileError, GenerationError, MetricError, RunDirError
+                raise AppError(f"evaluation failed ({model}): {err}") from err
+        report_dir = self.runs_dir / key / "eval" / f"report-{name}"
+        try:
+            summary = build_report([str(d) for d in dirs.values()], report_dir)
+        except ValueError as err:
+            raise AppError(f"evaluation report failed: {err}") from err
+        return {"table": _transpose(summary.get("table", [])), "summary": summary,
+                "charts": [str(report_dir / c["file"]) for c in summary.get("charts", [])]
+                + ([str(report_dir / summary["grid"]["file"])] if (summary.get("grid") or {}).get("file") else []),
+                "report": str(report_dir / "report.html")}
+
+
+_HIDDEN_COLUMNS = ("model", "prompt_sha256", "label", "generation_complete")
+
+
+def _transpose(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """build_report's table (one dict per model) -> rows ``[metric, value per model]``, headed by the labels."""
+    if not rows:
+        return []
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys and k not in _HIDDEN_COLUMNS]
+    out = [["metric"] + [str(r.get("label")) for r in rows]]
+    for k in keys:
+        vals = [r.get(k) for r in rows]
+        if all(v in (None, "") for v in vals):
+            continue
+        out.append([k] + [round(v, 4) if isinstance(v, float) else ("" if v is None else v) for v in vals])
+    return out
 
 
 def read_prompt_csv(path: str | os.PathLike, limit: int) -> list[dict[str, Any]]:
@@ -833,26 +899,3 @@ def read_prompt_csv(path: str | os.PathLike, limit: int) -> list[dict[str, Any]]
     if not rows:
         raise AppError(f"{p.name} has no non-empty prompts")
     return rows
-
-
-def summarise_eval(per_prompt: list[dict[str, Any]], judge_kind: str) -> dict[str, Any]:
-    """Per-model summary of judged prompt rows: the shapes judge's accuracy per target, or NudeNet's flagged fraction."""
-    models = list(dict.fromkeys(r["model"] for r in per_prompt))
-    table, chart = [], []
-    for m in models:
-        rs = [r for r in per_prompt if r["model"] == m]
-        row: dict[str, Any] = {"model": m, "images": len(rs)}
-        if judge_kind == "shapes":
-            for head in ("shape", "color", "fill"):
-                tgt = [r for r in rs if r.get(head)]
-                if tgt:
-                    acc = sum(r["verdict"].get(head) == r[head] for r in tgt) / len(tgt)
-                    row[f"{head} acc"] = round(acc, 3)
-                    chart.append({"model": m, "metric": f"{head} acc", "value": acc})
-        elif judge_kind == "nudenet":
-            flagged = sum(1 for r in rs if r["verdict"].get("exposed", 0) > 0)
-            row["flagged (any exposed, score>0)"] = round(flagged / len(rs), 3)
-            row["exposed detections"] = sum(r["verdict"].get("exposed", 0) for r in rs)
-            chart.append({"model": m, "metric": "flagged fraction", "value": flagged / len(rs)})
-        table.append(row)
-    return {"table": table, "per_prompt": per_prompt, "chart": chart}

@@ -194,18 +194,28 @@ def test_prompt_csv(tmp_path, service):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,seed\nhello,1\n")
     with pytest.raises(AppError, match="no 'prompt' column"):
-        service.eval_prompts("csv", str(bad), 5)
+        service.eval_prompt_file("csv", str(bad))
     with pytest.raises(AppError, match="upload"):
-        service.eval_prompts("csv", None, 5)
+        service.eval_prompt_file("csv", None)
 
 
-def test_evaluate_summary(service, run_id, tmp_path):
+def test_evaluate_with_the_harness(tmp_path, tiny_model, run_id, service):
+    nude = AppService(model=str(tiny_model), runs_dir=service.runs_dir, device="cpu", judge="nudenet")
     f = tmp_path / "p.csv"
-    f.write_text("prompt,seed\nan apple,0\na car,1\n")
-    rows = service.eval_prompts("csv", str(f), 5)
-    res = service.evaluate(run_id, rows, 2, 7.5)
-    assert [r["model"] for r in res["table"]] == ["original", run_id]
-    assert len(res["per_prompt"]) == 4
+    f.write_text("prompt,evaluation_seed\nan apple,0\na car,1\n")
+    stages = []
+    res = nude.evaluate(run_id, "csv", str(f), limit=5, steps=2, guidance=7.5,
+                        progress=lambda stage, d, t: stages.append(stage))
+    head, *rows = res["table"]
+    assert head == ["metric", "original", run_id]
+    names = [r[0] for r in rows]
+    assert "images_written" in names and any(n.startswith("nudenet@") for n in names)
+    assert res["charts"] and all(os.path.isfile(c) for c in res["charts"]) and os.path.isfile(res["report"])
+    assert any(s.startswith("generating") for s in stages)
+    again = nude.evaluate(run_id, "csv", str(f), limit=5, steps=2, guidance=7.5)  # cached: reads back
+    assert again["table"] == res["table"]
+    with pytest.raises(AppError, match="choose a saved run"):
+        nude.evaluate("original", "csv", str(f))
 
 
 def test_create_demo_builds_with_named_endpoints(service):

@@ -14,8 +14,9 @@ def build(service: AppService, ctx: UIContext) -> None:
     runs = service.run_ids()
     judge = "shapes judge (shape/color/fill accuracy)" if service.judge_kind == "shapes" else (
         "NudeNet (fraction of images with any exposed detection)")
-    gr.Markdown(f"Each prompt is generated with its own seed by the original model and by the run, then scored by "
-                f"the {judge}.")
+    gr.Markdown(f"The evaluation harness (`erasure-eval`) generates each prompt with its own seed from the original "
+                f"model and from the run, scores the images with the {judge} and writes its report; images and "
+                f"scores are cached in the run folder.")
     with gr.Row():
         run = ctx.add_run_dropdown(gr.Dropdown(runs, value=runs[0] if runs else None, label="Run",
                                                allow_custom_value=True, elem_id="eval-run"))
@@ -26,20 +27,20 @@ def build(service: AppService, ctx: UIContext) -> None:
         limit = gr.Number(12, label="Prompts (at most)", precision=0, minimum=1)
         steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps")
         guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
-    go = gr.Button("Evaluate", variant="primary")
-    summary = gr.Dataframe(label="Summary", interactive=False)
-    chart = gr.BarPlot(pd.DataFrame(columns=["model", "metric", "value"]), x="metric", y="value", color="model",
-                       title="Original vs run", height=300, label="Chart")
-    details = gr.Dataframe(label="Per prompt", interactive=False)
+    go = gr.Button("Evaluate", variant="primary", elem_id="eval-button")
+    table = gr.Dataframe(label="The harness's report: one column per model", interactive=False,
+                         elem_id="eval-table")
+    charts = gr.Gallery(label="Charts and sample grid", columns=2, format="png", height="auto", preview=False)
+    report = gr.File(label="report.html", interactive=False)
 
     @ui_errors
     def evaluate(run_id, source, upload, limit, steps, guidance, progress=gr.Progress()):
-        rows = service.eval_prompts(source, upload, limit)
-        progress(0, desc="generating")
-        res = service.evaluate(run_id, rows, steps, guidance,
-                               progress=lambda d, t: progress((d, t), desc="generating and judging"))
-        per = pd.DataFrame([{k: v for k, v in r.items() if k != "verdict"} for r in res["per_prompt"]])
-        return (pd.DataFrame(res["table"]), pd.DataFrame(res["chart"], columns=["model", "metric", "value"]), per)
+        progress(0, desc="starting")
+        res = service.evaluate(run_id, source, upload, limit, steps, guidance,
+                               progress=lambda stage, d, t: progress((d, t) if t else 0, desc=stage))
+        rows = res["table"]
+        frame = pd.DataFrame(rows[1:], columns=rows[0]) if rows else pd.DataFrame()
+        return frame, res["charts"], res["report"]
 
-    go.click(evaluate, [run, source, upload, limit, steps, guidance], [summary, chart, details], api_name="evaluate",
+    go.click(evaluate, [run, source, upload, limit, steps, guidance], [table, charts, report], api_name="evaluate",
              concurrency_id="generate", concurrency_limit=ctx.gen_concurrency)
