@@ -189,7 +189,7 @@ def score_folder(
     root, gen, records = read_manifest(images)
     if not records:
         raise ImageMismatchError(f"{root}/manifest.jsonl lists no images; run `erasure-eval generate` first")
-    if metric.needs_manifest and gen is None:
+    if metric.needs_manifest and not (root / "manifest.jsonl").is_file():
         raise MetricError(
             f"metric {metric.name!r} needs the prompts of each image: score a folder written by "
             f"`erasure-eval generate` (with manifest.jsonl), not a bare image folder ({root})"
@@ -248,7 +248,7 @@ def score_folder(
     if gen is not None and not gen.get("status", {}).get("complete", False):
         coverage["complete"] = False
     if gen is None:
-        coverage["note"] = "bare image folder: no manifest, so completeness is unknown"
+        coverage["note"] = "no generation.json (not written by `erasure-eval generate`): completeness is unknown"
     save(summary)
     result = {
         "format": SCORE_FORMAT,

@@ -104,8 +104,31 @@ def test_real_detector_thresholding_in_one_pass(tmp_path):
     assert list(res2["summary"]["thresholds"]) == ["0.1"]
 
 
+def test_real_detection_on_a_shipped_photo_is_counted_and_thresholded(tmp_path):
+    """matplotlib ships a photo (Grace Hopper) on which the real detector finds FACE_FEMALE (~0.61)."""
+    import shutil
+
+    import matplotlib.cbook as cbook
+
+    from eval.base import score_folder
+
+    photo = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    shutil.copy(photo, tmp_path / "0_0.jpg")
+    res = score_folder(tmp_path, NudeNetMetric(thresholds=[0.0, 0.45, 0.9], classes=["FACE_FEMALE"]))
+    (det,) = [d for d in res["records"][0]["detections"] if d["class"] == "FACE_FEMALE"]
+    assert 0.45 < det["score"] < 0.9
+    th = res["summary"]["thresholds"]
+    assert th["0"]["per_class"]["FACE_FEMALE"] == {"detections": 1, "images": 1}
+    assert th["0.45"]["any_exposed"]["images"] == 1 and th["0.9"]["any_exposed"]["images"] == 0
+    # with the default exposed-class set a face is not nudity; the cached detector pass is reused
+    res = score_folder(tmp_path, NudeNetMetric())
+    assert all(t["any_exposed"]["images"] == 0 for t in res["summary"]["thresholds"].values())
+
+
 def test_bad_thresholds():
     from eval.base import MetricError
 
     with pytest.raises(MetricError):
         NudeNetMetric(thresholds=[1.5])
+    with pytest.raises(MetricError, match="unknown NudeNet classes"):
+        NudeNetMetric(classes=["NOSE_EXPOSED"])

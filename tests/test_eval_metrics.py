@@ -1,0 +1,230 @@
+"""Metric registry and the object / CLIP / Frechet-distance metrics on small offline models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from eval.base import METRICS, MetricError, get_metric, register_metric, score_folder  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = [("circle", "red", "solid"), ("circle", "blue", "striped"), ("square", "red", "dotted"),
+         ("star", "green", "outline"), ("square", "blue", "solid"), ("star", "red", "striped")]
+
+
+def _shapes_folder(tmp_path: Path, specs=SPECS, size: int = 64) -> Path:
+    """A folder in the manifest layout, with rendered shapes standing in for generated images."""
+    from erasure.shapes import render
+
+    root = tmp_path / "shapes"
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i, (s, c, f) in enumerate(specs):
+        render(s, c, f, seed=i, size=size).save(root / "images" / f"{i}_0.png")
+        lines.append(json.dumps({"file": f"images/{i}_0.png", "case_number": str(i), "sample": 0, "seed": i,
+                                 "prompt": f"a {f} {c} {s}", "height": size,
+                                 "extra": {"shape": s, "color": c, "fill": f}}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+class TableJudge:
+    """A judge that answers from a table keyed by image content (to test the metric's bookkeeping)."""
+
+    fingerprint = "table-judge-v1"
+
+    def __init__(self, answers: dict[str, dict]):
+        self.answers = answers
+
+    def predict(self, images):
+        return [dict(self.answers[hashlib.sha256(im.tobytes()).hexdigest()]) for im in images]
+
+
+def test_registry_lists_metrics_and_rejects_duplicates():
+    import eval.metrics  # noqa: F401
+
+    assert {"nudenet", "object", "clip", "fid", "judge_fd"} <= set(METRICS)
+    with pytest.raises(ValueError, match="already registered"):
+        register_metric("nudenet")(type("X", (), {}))
+    with pytest.raises(ValueError, match="lowercase"):
+        register_metric("Bad-Name")
+    with pytest.raises(MetricError, match="unknown metric"):
+        get_metric("nope")
+
+
+def test_accuracy_tables_forget_and_retain():
+    from eval.object_acc import accuracy_tables
+
+    targets = [{"shape": "circle", "color": "red"}, {"shape": "circle"}, {"shape": "square"}, {"shape": "star"}]
+    preds = [{"shape": "square", "color": "red"}, {"shape": "circle"}, {"shape": "square"}, {"shape": "circle"}]
+    out = accuracy_tables(targets, preds, [("shape", "circle")])
+    assert out["forget"] == {"classes": ["shape=circle"], "images": 2, "correct": 1, "accuracy": 0.5}
+    assert out["retain"] == {"images": 2, "correct": 1, "accuracy": 0.5}
+    assert out["attributes"]["shape"]["per_class"]["circle"]["accuracy"] == 0.5
+    assert out["attributes"]["color"] == {"images": 1, "correct": 1, "accuracy": 1.0,
+                                          "per_class": {"red": {"images": 1, "correct": 1, "accuracy": 1.0}}}
+
+
+def test_object_metric_with_pluggable_shapes_judge(tmp_path):
+    from PIL import Image
+
+    from eval.object_acc import ObjectAccuracyMetric
+
+    root = _shapes_folder(tmp_path)
+    answers = {}
+    for i, (s, c, f) in enumerate(SPECS):
+        with Image.open(root / "images" / f"{i}_0.png") as im:
+            key = hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
+        pred_shape = "square" if (s == "circle" and i == 0) else s  # circle 0 erased, circle 1 still drawn
+        answers[key] = {"shape": pred_shape, "color": c, "fill": "solid", "shape_conf": 0.9}
+    metric = ObjectAccuracyMetric(judge="shapes", forget=["shape=circle"], judge_obj=TableJudge(answers))
+    res = score_folder(root, metric)
+    s = res["summary"]
+    assert s["forget"]["accuracy"] == 0.5 and s["retain"]["accuracy"] == 1.0
+    assert s["attributes"]["color"]["accuracy"] == 1.0 and s["attributes"]["fill"]["correct"] == 2
+    assert res["records"][0]["shape_conf"] == 0.9
+    assert (root / "scores" / "object-shapes.json").is_file()
+    # a bare value is resolved to its attribute
+    metric2 = ObjectAccuracyMetric(judge="shapes", forget=["red"], judge_obj=TableJudge(answers))
+    assert score_folder(root, metric2)["summary"]["forget"]["classes"] == ["color=red"]
+    with pytest.raises(MetricError, match="matches no target"):
+        score_folder(root, ObjectAccuracyMetric(judge="shapes", forget=["hexagon"], judge_obj=TableJudge(answers)))
+
+
+def test_object_metric_needs_a_manifest(tmp_path):
+    from eval.object_acc import ObjectAccuracyMetric
+
+    root = _shapes_folder(tmp_path)
+    (root / "manifest.jsonl").unlink()
+    with pytest.raises(MetricError, match="needs the prompts"):
+        score_folder(root, ObjectAccuracyMetric(judge="shapes", judge_obj=TableJudge({})))
+
+
+@pytest.mark.skipif(not (REPO / "models" / "shapes-judge.safetensors").is_file(), reason="shapes judge not trained yet")
+def test_real_shapes_judge_on_rendered_images(tmp_path):
+    from eval.object_acc import ObjectAccuracyMetric
+
+    root = _shapes_folder(tmp_path)
+    res = score_folder(root, ObjectAccuracyMetric(judge="shapes", forget=["shape=circle"]))
+    s = res["summary"]
+    assert s["attributes"]["shape"]["accuracy"] >= 0.8 and s["attributes"]["color"]["accuracy"] >= 0.8
+    assert s["forget"]["images"] == 2 and s["retain"]["images"] == 4
+    assert res["record_config"]["weights_sha256"]
+
+
+def test_resnet50_judge_with_user_weights(tmp_path):
+    import torch
+    from torchvision.models import resnet50
+
+    from eval.object_acc import ObjectAccuracyMetric
+
+    with pytest.raises(MetricError, match="needs ImageNet weights"):
+        ObjectAccuracyMetric(judge="resnet50")
+    torch.manual_seed(0)
+    w = tmp_path / "r50.pth"
+    torch.save(resnet50(weights=None).state_dict(), w)
+    root = _shapes_folder(tmp_path, SPECS[:2])
+    lines = [json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()]
+    for rec, cls in zip(lines, ["tench", "English springer"]):
+        rec["extra"] = {"class": cls}
+    (root / "manifest.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    m = ObjectAccuracyMetric(judge="resnet50", weights=str(w), forget=["tench"])
+    res = score_folder(root, m)
+    assert all(0 <= r["label"] < 1000 and len(r["top5"]) == 5 for r in res["records"])
+    assert res["summary"]["forget"]["images"] == 1 and res["summary"]["retain"]["images"] == 1
+    assert m.judge.class_index("garbage truck") == 569 and m.judge.class_index("tench") == 0
+
+
+def test_clip_score_offline_with_weights_file(tmp_path):
+    import open_clip
+    import torch
+
+    from eval.clip_score import ClipScoreMetric
+
+    with pytest.raises(MetricError, match="needs weights"):
+        ClipScoreMetric(arch="ViT-B-32")
+    with pytest.raises(MetricError, match="HF_HUB_OFFLINE"):
+        ClipScoreMetric(arch="ViT-B-32", pretrained="openai")._load()
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    cfg_path = tmp_path / "tiny-clip.json"
+    cfg_path.write_text(json.dumps(cfg))
+    open_clip.factory._MODEL_CONFIGS["tiny-clip-test"] = cfg
+    torch.manual_seed(0)
+    w = tmp_path / "tiny-clip.pt"
+    torch.save(open_clip.create_model("tiny-clip-test").state_dict(), w)
+    root = _shapes_folder(tmp_path, SPECS[:3])
+    res = score_folder(root, ClipScoreMetric(arch="tiny-clip-test", weights=str(w), config=str(cfg_path)))
+    vals = [r["clip_score"] for r in res["records"]]
+    assert len(vals) == 3 and all(0 <= v <= 100 for v in vals)
+    assert res["summary"]["clip_score"] == pytest.approx(sum(vals) / 3)
+    assert res["record_config"]["weights_sha256"]
+
+
+def test_frechet_distance_math():
+    from eval.fid import frechet_distance
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 4))
+    mu, s = x.mean(0), np.cov(x, rowvar=False)
+    assert frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-6)
+    # 1-d Gaussians: (m1-m2)^2 + (s1-s2)^2
+    assert frechet_distance(np.array([0.0]), np.array([[4.0]]), np.array([3.0]), np.array([[1.0]])) == pytest.approx(10.0)
+    # equals the textbook formula with scipy's sqrtm
+    from scipy import linalg
+
+    y = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    x = rng.normal(size=(300, 6))
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    m1, m2 = x.mean(0), y.mean(0)
+    ref = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-8)
+
+
+def test_fid_with_user_inception_weights(tmp_path):
+    import torch
+
+    from eval.fid import FIDMetric, build_fid_inception
+
+    with pytest.raises(MetricError, match="needs Inception weights"):
+        FIDMetric(reference=str(tmp_path))
+    torch.manual_seed(0)
+    net = build_fid_inception("fid")
+    for m in net.modules():  # a random, well-scaled network standing in for pt_inception-2015-12-05
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.fill_(1.0)
+    w = tmp_path / "inception-fid.pth"
+    torch.save(net.state_dict(), w)
+    gen = _shapes_folder(tmp_path, SPECS[:3])
+    res = score_folder(gen, FIDMetric(reference=str(gen / "images"), weights=str(w)))
+    assert res["summary"]["fid"] == pytest.approx(0.0, abs=1e-3)  # FID(x, x) = 0
+    assert res["summary"]["reference_images"] == 3
+    assert res["record_config"]["weights_sha256"]
+    assert list((gen / "scores").glob("fid-ref-*.safetensors"))
+
+
+def test_judge_feature_frechet_distance_offline(tmp_path):
+    import torch
+
+    from erasure.shapes.judge import Judge, JudgeNet, judge_config
+    from eval.fid import JudgeFDMetric
+
+    torch.manual_seed(0)
+    judge = Judge(JudgeNet(), judge_config())
+    judge.fingerprint = "random-judge"
+    gen = _shapes_folder(tmp_path)
+    same = score_folder(gen, JudgeFDMetric(reference=str(gen), judge_obj=judge))
+    assert same["summary"]["judge_fd"] == pytest.approx(0.0, abs=1e-6)
+    rendered = score_folder(gen, JudgeFDMetric(reference="render", judge_obj=judge))
+    assert rendered["summary"]["judge_fd"] == pytest.approx(0.0, abs=1e-6)  # the images are these renders
+    assert rendered["summary"]["reference_images"] == len(SPECS)
