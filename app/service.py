@@ -253,6 +253,7 @@ class AppService:
         self._state_lock = threading.Lock()
         self._job: EraseJob | None = None
         self._waiting: list[EraseJob] = []
+        self._last = ""
         self._judge_obj: Any = None
         self._judge_lock = threading.Lock()
         self._export_lock = threading.Lock()
@@ -495,9 +496,10 @@ class AppService:
 
     def status_text(self) -> str:
         s = self.erase_status()
+        text = s["text"]
         if s["waiting"]:
-            return s["text"] + f" Waiting: {len(s['waiting'])} ({', '.join(s['waiting'])})."
-        return s["text"]
+            text += f" Waiting: {len(s['waiting'])} ({', '.join(s['waiting'])})."
+        return text + (f" Last: {self._last}" if self._last else "")
 
     def new_run_id(self, concept: str, method: str) -> str:
         base = _slug(f"{concept}-{method}-{datetime.now():%Y%m%d-%H%M%S}", 80)
@@ -565,10 +567,16 @@ class AppService:
             try:
                 erase(cfg, self.runs_dir / run_id, progress=on_progress, cancel=job.cancel)
             except EraseCancelled as err:
+                self._last = f"run '{run_id}' cancelled at step {job.done}; start it again with the same name to resume."
                 raise AppError(f"erasure cancelled: {err} (use the same run name to resume)") from err
             except (NonFiniteLossError, RunExistsError, ValueError) as err:
+                self._last = f"run '{run_id}' failed: {err}"
                 raise AppError(f"erasure failed: {err}") from err
+            except Exception as err:
+                self._last = f"run '{run_id}' failed: {err}"
+                raise
             self.cache.invalidate(run_id)
+            self._last = f"run '{run_id}' saved ({time.time() - job.started:.0f} s)."
             return run_id
         finally:
             with self._state_lock:

@@ -71,7 +71,7 @@ def build(service: AppService, ctx: UIContext) -> None:
     @ui_errors
     def fill_preset(name: str):
         if not name or name == CUSTOM:
-            return [gr.update()] * 14
+            return ["Type your own forget, anchor and retain prompts."] + [gr.update()] * 13
         f = service.preset_form(name)
         return [f["description"], f["name"], f["forget"], f["anchor"], f["retain"], f["method"], f["mask_ratio"],
                 f["steps"], f["lr"], f["alpha"], f["forget_images_per_prompt"], f["retain_images_per_prompt"],
@@ -96,7 +96,8 @@ def build(service: AppService, ctx: UIContext) -> None:
         service.check_new_run(name, cfg)
         st = service.erase_status()
         if st["running"]:
-            gr.Warning("Another erasure is training; yours waits in the queue and starts when it finishes.")
+            gr.Warning("Another erasure is training; yours waits in the queue and starts when it finishes "
+                       "(one erasure trains at a time).")
         return service.status_text()
 
     @ui_errors
@@ -123,13 +124,18 @@ def build(service: AppService, ctx: UIContext) -> None:
 
     @ui_errors
     def cancel(request: gr.Request):
-        return service.cancel(owner=session_id(request))
+        msg = service.cancel(owner=session_id(request))
+        gr.Info(msg)
+        return msg
 
-    ev = erase_btn.click(precheck, inputs, status, api_visibility="private", queue=False)
+    # the precheck is queued (so its warning reaches the page) but never waits: no concurrency limit
+    ev = erase_btn.click(precheck, inputs, status, api_visibility="private", concurrency_limit=None,
+                         show_progress="hidden")
     erase_ev = ev.success(run_erase, inputs, [run_id, summary, loss_plot], api_name="erase",
                           concurrency_limit=1, concurrency_id="erase")
     ctx.new_run.append((erase_ev, run_id))
-    cancel_btn.click(cancel, None, status, api_visibility="private", queue=False, cancels=[erase_ev])
+    cancel_btn.click(cancel, None, status, api_visibility="private", concurrency_limit=None, cancels=[erase_ev],
+                     show_progress="hidden")
 
     timer = gr.Timer(2.0)
     timer.tick(service.status_text, None, status, api_visibility="private", queue=False, show_progress="hidden")

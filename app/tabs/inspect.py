@@ -31,7 +31,7 @@ def build(service: AppService, ctx: UIContext) -> None:
             gr.Info(str(err))
             mask = pd.DataFrame(columns=["layer", "kept", "weights"])
         loss = pd.DataFrame(service.loss_curve(run_id), columns=["step", "series", "value"])
-        return mask, loss, meta
+        return gr.BarPlot(mask, sort=list(mask["layer"]) or None), loss, meta
 
     show.click(inspect_run, run, [mask_plot, loss_plot, info], api_name="inspect", concurrency_limit=4)
     run.change(inspect_run, run, [mask_plot, loss_plot, info], api_visibility="private", concurrency_limit=4)
