@@ -461,15 +461,19 @@ class AppService:
                     z.write(f, f"{d.name}/{f.name}")
         return out
 
-    def export_pipeline(self, run_id: str, out_dir: str | os.PathLike) -> Path:
-        """A zip of a complete diffusers pipeline folder (base model + erased UNet), loadable with ``from_pretrained``."""
+    def export_pipeline(self, run_id: str) -> Path:
+        """A zip of a complete diffusers pipeline folder (base model + erased UNet), loadable with ``from_pretrained``.
+
+        The zip is kept in ``RUN/export/`` and reused while the run's weights are unchanged.
+        """
         from erasure import load_erased_pipeline
 
         d = self.run_dir(run_id)
-        out = Path(out_dir) / f"{d.name}-pipeline.zip"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = d / "export" / f"{d.name}-pipeline.zip"
         with self._export_lock:
-            folder = Path(out_dir) / f"{d.name}-pipeline"
+            if out.is_file() and out.stat().st_mtime_ns >= (d / "weights.safetensors").stat().st_mtime_ns:
+                return out
+            folder = d / "export" / ".pipeline.tmp"
             shutil.rmtree(folder, ignore_errors=True)
             try:
                 pipe = load_erased_pipeline(d, device="cpu", base_model=self.model)
@@ -477,10 +481,12 @@ class AppService:
                 raise AppError(str(err)) from err
             pipe.save_pretrained(str(folder), safe_serialization=True)
             del pipe
-            with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+            tmp = out.with_suffix(".zip.tmp")
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
                 for f in sorted(folder.rglob("*")):
                     if f.is_file():
                         z.write(f, f"{d.name}/{f.relative_to(folder)}")
+            os.replace(tmp, out)
             shutil.rmtree(folder, ignore_errors=True)
         return out
 

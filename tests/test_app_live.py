@@ -106,6 +106,13 @@ def test_erase_then_compare_over_the_api(tiny_app):
     gal_a, gal_b, _ = c.predict(prompt="an apple", seeds="5", steps=2, guidance=7.5, model_a="api-apple",
                                 model_b="api-apple", api_name="/compare")
     assert len(_images(gal_a)) == len(_images(gal_b)) == 1
+    # manage: download, rename, delete
+    z = c.predict(run_id="api-apple", api_name="/download_run")
+    assert Path(z).name == "api-apple-run.zip" and Path(z).stat().st_size > 0
+    assert "renamed" in c.predict(run_id="api-apple", new="api-apple-2", api_name="/rename_run")
+    assert not (root / "runs" / "api-apple").exists() and (root / "runs" / "api-apple-2" / "run.json").is_file()
+    msg, _ = c.predict(run_id="api-apple-2", ok=True, api_name="/delete_run")
+    assert "deleted" in msg and not (root / "runs" / "api-apple-2").exists()
 
 
 def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_path):

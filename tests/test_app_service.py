@@ -140,7 +140,8 @@ def test_rename_delete_download(service, tmp_path):
         service.mask_sparsity(new)  # rl is unmasked
     z = service.run_zip(new, tmp_path)
     assert {"pear-renamed/run.json", "pear-renamed/weights.safetensors"} <= set(zipfile.ZipFile(z).namelist())
-    exp = service.export_pipeline(new, tmp_path)
+    exp = service.export_pipeline(new)
+    assert service.export_pipeline(new) == exp  # reused
     names = zipfile.ZipFile(exp).namelist()
     assert "pear-renamed/model_index.json" in names and any(n.startswith("pear-renamed/unet/") for n in names)
     service.delete_run(new)

@@ -30,7 +30,7 @@ def build(service: AppService, ctx: UIContext) -> None:
     with gr.Row():
         dl_run = gr.Button("Download run (weights, mask, log)")
         dl_export = gr.Button("Export full pipeline (diffusers folder, zip)")
-    file = gr.File(label="Download", interactive=False)
+    file = gr.File(label="Download", interactive=False, height=120)
     msg = gr.Markdown("")
 
     def list_table():
@@ -54,7 +54,7 @@ def build(service: AppService, ctx: UIContext) -> None:
     @ui_errors
     def do_export(run_id, progress=gr.Progress()):
         progress(0, desc="loading the base model and writing the pipeline")
-        return str(service.export_pipeline(run_id, tempfile.mkdtemp(prefix="salun-app-")))
+        return str(service.export_pipeline(run_id))
 
     ctx.runs_changed.append(rename.click(do_rename, [run, new_name], msg, api_name="rename_run", concurrency_limit=1))
     ctx.runs_changed.append(delete.click(do_delete, [run, confirm], [msg, confirm], api_name="delete_run",
