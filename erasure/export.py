@@ -52,11 +52,11 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tenso
         if k in _UNET_TOP:
             name = _UNET_TOP[k]
         elif m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
-            b, l, rest = int(m[1]), int(m[2]), m[3]
-            name = f"input_blocks.{1 + b * (lpb + 1) + l}.0.{_resnet(rest)}"
+            b, layer, rest = int(m[1]), int(m[2]), m[3]
+            name = f"input_blocks.{1 + b * (lpb + 1) + layer}.0.{_resnet(rest)}"
         elif m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", k):
-            b, l, rest = int(m[1]), int(m[2]), m[3]
-            name = f"input_blocks.{1 + b * (lpb + 1) + l}.1.{rest}"
+            b, layer, rest = int(m[1]), int(m[2]), m[3]
+            name = f"input_blocks.{1 + b * (lpb + 1) + layer}.1.{rest}"
         elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", k):
             name = f"input_blocks.{(int(m[1]) + 1) * (lpb + 1)}.0.op.{m[2]}"
         elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)", k):
@@ -64,11 +64,11 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tenso
         elif m := re.match(r"mid_block\.attentions\.0\.(.+)", k):
             name = f"middle_block.1.{m[1]}"
         elif m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
-            b, l, rest = int(m[1]), int(m[2]), m[3]
-            name = f"output_blocks.{b * (lpb + 1) + l}.0.{_resnet(rest)}"
+            b, layer, rest = int(m[1]), int(m[2]), m[3]
+            name = f"output_blocks.{b * (lpb + 1) + layer}.0.{_resnet(rest)}"
         elif m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", k):
-            b, l, rest = int(m[1]), int(m[2]), m[3]
-            name = f"output_blocks.{b * (lpb + 1) + l}.1.{rest}"
+            b, layer, rest = int(m[1]), int(m[2]), m[3]
+            name = f"output_blocks.{b * (lpb + 1) + layer}.1.{rest}"
         elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", k):
             b = int(m[1])
             name = f"output_blocks.{b * (lpb + 1) + lpb}.{2 if up_has_attn[b] else 1}.conv.{m[2]}"

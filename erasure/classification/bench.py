@@ -22,6 +22,7 @@ from erasure.classification.engine import Progress
 from erasure.classification.methods import METHODS
 from erasure.classification.metrics import GAP_KEYS, avg_gap
 from erasure.classification.pipeline import Workspace, resolve_method_config, run_method, short_hash
+from erasure.classification.registry import ordered
 from erasure.io import atomic_write_json, atomic_write_text, environment_info, read_json
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,7 @@ def _mean_std(vals: Sequence[float]) -> tuple[float, float]:
 
 def summarize(records: list[dict[str, Any]], originals: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Per-method means/stds, Avg. Gap to Retrain (of the means, as the paper), per-seed gaps and per-seed MIA."""
-    order = [m for m in METHODS if any(r["method"] == m for r in records)]
-    order += sorted({r["method"] for r in records} - set(order))
+    order = ordered({r["method"] for r in records})
     by = {m: sorted((r for r in records if r["method"] == m), key=lambda r: r["seed"]) for m in order}
     rows: dict[str, dict[str, Any]] = {}
     for m, rs in by.items():

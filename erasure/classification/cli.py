@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("unlearn", help="run one method on one seed")
     p.add_argument("--config", help="JSON config file (flags override it)")
     add_config_arguments(p, ClsUnlearnConfig)
-    p.add_argument("--method-args", help="JSON object of method config overrides, e.g. '{\"lr\": 0.01}'")
+    p.add_argument("--method-args", dest="method_args_json", help="JSON object of method config overrides, e.g. '{\"lr\": 0.01}'")
     p = sub.add_parser("bench", help="every method x seed, then the paper's table")
     p.add_argument("--config", help="JSON config file (flags override it)")
     add_config_arguments(p, ClsBenchConfig)
@@ -155,9 +155,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "unlearn":
         base = _base(args)
-        if args.method_args:
+        if args.method_args_json:
             try:
-                base["method_args"] = json.loads(args.method_args)
+                base["method_args"] = json.loads(args.method_args_json)
             except json.JSONDecodeError as err:
                 raise ValueError(f"--method-args is not valid JSON ({err})") from err
         cfg = config_from_args(ClsUnlearnConfig, args, base)

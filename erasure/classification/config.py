@@ -229,7 +229,8 @@ class ClsBenchConfig(SetupConfig):
 
     def method_ids(self) -> list[str]:
         from erasure.classification.methods import METHODS
+        from erasure.classification.registry import ordered
 
         if self.methods == ["all"]:
-            return list(METHODS)
-        return list(self.methods)
+            return ordered(METHODS)
+        return ordered(self.methods)

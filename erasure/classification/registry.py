@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from erasure.classification.methods.base import MethodConfig, UnlearnContext
 
-__all__ = ["MethodSpec", "METHODS", "register_method", "get_method", "UnlearnFn"]
+__all__ = ["MethodSpec", "METHODS", "PAPER_ORDER", "ordered", "register_method", "get_method", "UnlearnFn"]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -41,6 +41,18 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {}
+
+PAPER_ORDER = ("retrain", "ft", "rl", "ga", "iu", "l1_sparse", "boundary_shrink", "boundary_expand", "salun",
+               "salun_soft")
+"""Row order of the paper's tables; methods registered later follow in registration order."""
+
+
+def ordered(names) -> list[str]:
+    """``names`` in :data:`PAPER_ORDER`, then the others in registration order."""
+    names = list(dict.fromkeys(names))
+    rank = {m: i for i, m in enumerate(PAPER_ORDER)}
+    reg = {m: i for i, m in enumerate(METHODS)}
+    return sorted(names, key=lambda m: (rank.get(m, len(rank)), reg.get(m, len(reg)), m))
 
 
 def register_method(

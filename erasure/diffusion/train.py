@@ -155,10 +155,10 @@ def compute_mask_from_data(
     return {n: mask[n] for n in named}
 
 
-def _prepare(cfg: EraseConfig, progress: Progress | None, need_retain: bool):
+def _prepare(cfg: EraseConfig, progress: Progress | None, need_retain: bool, device=None):
     _emit(progress, "loading", 0, 1)
     model = resolve_model(cfg.model)
-    pipe = load_pipeline(model, device=cfg.device)
+    pipe = load_pipeline(model, device=device if device is not None else cfg.device)
     res = cfg.resolution or default_resolution(pipe)
     _emit(progress, "loading", 1, 1)
     data = build_forget_retain(
@@ -279,7 +279,23 @@ def erase(
     part.mkdir(parents=True, exist_ok=True)
     resume = _load_checkpoint(part, cfg)
 
-    model, pipe, data, res = _prepare(cfg, progress, need_retain=method.uses_retain and cfg.alpha > 0)
+    accelerator = Accelerator(
+        cpu=str(cfg.device) == "cpu" or not torch.cuda.is_available(),
+        mixed_precision=cfg.mixed_precision,
+    )
+    device = accelerator.device
+    try:
+        return _erase(cfg, out, part, method, trainable_mode, resume, accelerator, device, progress, cancel, mask, t0)
+    finally:
+        if accelerator.num_processes == 1:
+            AcceleratorState._reset_state(True)  # noqa: SLF001 - allow another erase() with other settings
+
+
+def _erase(cfg, out, part, method, trainable_mode, resume, accelerator, device, progress, cancel, mask, t0) -> Path:
+    # the main process generates (and caches) Df/Dr first; the others then read the cache
+    with accelerator.main_process_first():
+        model, pipe, data, res = _prepare(cfg, progress, need_retain=method.uses_retain and cfg.alpha > 0,
+                                          device=device)
     t_data = time.time()
     unet = pipe.unet
     pipe.text_encoder.requires_grad_(False)
@@ -294,8 +310,13 @@ def erase(
             mask = load_mask(part / "mask.safetensors")
         if mask is None:
             mask = compute_mask_from_data(unet, pipe.scheduler, data, cfg, cfg.seed, cfg.batch_size, trainable_mode, progress)
-            save_mask(mask, part / "mask.safetensors", metadata={"base_model": model, "mask_ratio": cfg.mask_ratio})
-        elif not (part / "mask.safetensors").is_file():
+            if accelerator.num_processes > 1:  # every rank trains rank 0's mask (GPU gradients are not bitwise equal)
+                from accelerate.utils import broadcast
+
+                mask = {n: broadcast(m.to(device, torch.uint8)).bool() for n, m in mask.items()}
+            if accelerator.is_main_process:
+                save_mask(mask, part / "mask.safetensors", metadata={"base_model": model, "mask_ratio": cfg.mask_ratio})
+        elif accelerator.is_main_process and not (part / "mask.safetensors").is_file():
             save_mask(mask, part / "mask.safetensors", metadata={"base_model": model, "mask_ratio": cfg.mask_ratio})
         missing = sorted(set(named) - set(mask))
         if missing:
@@ -317,11 +338,6 @@ def erase(
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
-    accelerator = Accelerator(
-        cpu=str(cfg.device) == "cpu" or not torch.cuda.is_available(),
-        mixed_precision=cfg.mixed_precision,
-    )
-    device = accelerator.device
     unet.to(device)
     if frozen is not None:
         frozen.to(device)
@@ -349,88 +365,84 @@ def erase(
                generator=torch.Generator())
     with_retain = method.uses_retain and cfg.alpha > 0
     last = {}
-    try:
-        with open(log_path, "a", encoding="utf-8") as log:
-            for step in range(start, cfg.steps):
-                g = _step_generator(cfg.seed, step, accelerator.process_index)
-                ctx.generator = g
-                parts_sum: dict[str, float] = {}
-                for _ in range(cfg.grad_accum):
-                    b = _sample(data, cfg, g, pipe.scheduler, device, with_retain)
-                    with accelerator.autocast():
-                        parts = method.loss(ctx, b)
-                    loss = parts["loss"]
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"loss is {loss.item()} at step {step}; the last good checkpoint is kept in {part}. "
-                            "Lower --lr (or use --mixed-precision no) and re-run with the same --out to resume"
-                        )
-                    accelerator.backward(loss / cfg.grad_accum)
-                    for k, v in parts.items():
-                        parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                if getattr(accelerator, "scaler", None) is not None:
-                    accelerator.unscale_gradients()
-                upd.mask_gradients()
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
-                upd.apply_weight_decay(cfg.lr)
-                optimizer.step()
-                upd.after_step()
-                optimizer.zero_grad(set_to_none=True)
-                last = {"step": step + 1, **{k: round(v, 6) for k, v in parts_sum.items()}}
-                if accelerator.is_main_process:
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
-                _emit(progress, "fine-tuning", step + 1, cfg.steps, **last)
-                done = step + 1
-                if accelerator.is_main_process and done < cfg.steps and (
-                    (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (cancel is not None and cancel.is_set())
-                ):
-                    log.flush()
-                    _save_checkpoint(part, done, trainable, optimizer, cfg)
-                if cancel is not None and cancel.is_set() and done < cfg.steps:
-                    raise EraseCancelled(f"erasure cancelled at step {done}; re-run with the same --out to resume")
-        t_train = time.time()
-        _emit(progress, "saving", 0, 1)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            raw = accelerator.unwrap_model(model_dp)
-            state = raw.state_dict()
-            weights = {n: state[n].detach().float() if state[n].is_floating_point() else state[n] for n in trainable}
-            atomic_save_safetensors(weights, part / "weights.safetensors", metadata={"format": RUN_FORMAT, "base_model": model})
-            info = {
-                "format": RUN_FORMAT,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "method": cfg.method,
-                "needs_mask": method.needs_mask,
-                "base_model": model,
-                "base_model_fingerprint": model_fingerprint(model),
-                "concepts": [c.name for c in cfg.concepts],
-                "config": cfg.to_dict(),
-                "seed": cfg.seed,
-                "resolution": res,
-                "trainable": trainable_mode,
-                "unet_params": sum(p.numel() for p in named.values()),
-                "changed_params": sum(p.numel() for p in trainable.values()),
-                "mask": None if mask is None else {k: v for k, v in mask_stats(mask).items() if k != "per_layer"},
-                "data": {"forget_images": len(data.forget_files), "retain_images": len(data.retain_files),
-                         "prompts": data.prompts},
-                "final": last,
-                "timing_s": {"data": round(t_data - t0, 2), "mask": round(t_mask - t_data, 2),
-                             "train": round(t_train - t_mask, 2), "total": round(time.time() - t0, 2)},
-                "resumed_from_step": start or None,
-                "environment": environment_info(),
-            }
-            atomic_write_json(part / "run.json", info)
-            for ck in part.glob("checkpoint-*"):
-                shutil.rmtree(ck, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                (part / "latest_checkpoint").unlink()
-            _publish(part, out)
-        _emit(progress, "saving", 1, 1)
-    finally:
-        if accelerator.num_processes == 1:
-            AcceleratorState._reset_state(True)  # noqa: SLF001 - allow another erase() with other settings
+    with open(log_path, "a", encoding="utf-8") as log:
+        for step in range(start, cfg.steps):
+            g = _step_generator(cfg.seed, step, accelerator.process_index)
+            ctx.generator = g
+            parts_sum: dict[str, float] = {}
+            for _ in range(cfg.grad_accum):
+                b = _sample(data, cfg, g, pipe.scheduler, device, with_retain)
+                with accelerator.autocast():
+                    parts = method.loss(ctx, b)
+                loss = parts["loss"]
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at step {step}; the last good checkpoint is kept in {part}. "
+                        "Lower --lr (or use --mixed-precision no) and re-run with the same --out to resume"
+                    )
+                accelerator.backward(loss / cfg.grad_accum)
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            if getattr(accelerator, "scaler", None) is not None:
+                accelerator.unscale_gradients()
+            upd.mask_gradients()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
+            upd.apply_weight_decay(cfg.lr)
+            optimizer.step()
+            upd.after_step()
+            optimizer.zero_grad(set_to_none=True)
+            last = {"step": step + 1, **{k: round(v, 6) for k, v in parts_sum.items()}}
+            if accelerator.is_main_process:
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+            _emit(progress, "fine-tuning", step + 1, cfg.steps, **last)
+            done = step + 1
+            if accelerator.is_main_process and done < cfg.steps and (
+                (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (cancel is not None and cancel.is_set())
+            ):
+                log.flush()
+                _save_checkpoint(part, done, trainable, optimizer, cfg)
+            if cancel is not None and cancel.is_set() and done < cfg.steps:
+                raise EraseCancelled(f"erasure cancelled at step {done}; re-run with the same --out to resume")
+    t_train = time.time()
+    _emit(progress, "saving", 0, 1)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        raw = accelerator.unwrap_model(model_dp)
+        state = raw.state_dict()
+        weights = {n: state[n].detach().float() if state[n].is_floating_point() else state[n] for n in trainable}
+        atomic_save_safetensors(weights, part / "weights.safetensors", metadata={"format": RUN_FORMAT, "base_model": model})
+        info = {
+            "format": RUN_FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "method": cfg.method,
+            "needs_mask": method.needs_mask,
+            "base_model": model,
+            "base_model_fingerprint": model_fingerprint(model),
+            "concepts": [c.name for c in cfg.concepts],
+            "config": cfg.to_dict(),
+            "seed": cfg.seed,
+            "resolution": res,
+            "trainable": trainable_mode,
+            "unet_params": sum(p.numel() for p in named.values()),
+            "changed_params": sum(p.numel() for p in trainable.values()),
+            "mask": None if mask is None else {k: v for k, v in mask_stats(mask).items() if k != "per_layer"},
+            "data": {"forget_images": len(data.forget_files), "retain_images": len(data.retain_files),
+                     "prompts": data.prompts},
+            "final": last,
+            "timing_s": {"data": round(t_data - t0, 2), "mask": round(t_mask - t_data, 2),
+                         "train": round(t_train - t_mask, 2), "total": round(time.time() - t0, 2)},
+            "resumed_from_step": start or None,
+            "environment": environment_info(),
+        }
+        atomic_write_json(part / "run.json", info)
+        for ck in part.glob("checkpoint-*"):
+            shutil.rmtree(ck, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (part / "latest_checkpoint").unlink()
+        _publish(part, out)
+    _emit(progress, "saving", 1, 1)
     return out
 
 

@@ -3,14 +3,14 @@
 from erasure.classification.registry import METHODS, MethodSpec, get_method, register_method
 
 from . import (  # noqa: F401  (registration side effects, in table order)
-    retrain,
+    boundary_expand,
+    boundary_shrink,
     ft,
-    rl,
     ga,
     iu,
     l1_sparse,
-    boundary_shrink,
-    boundary_expand,
+    retrain,
+    rl,
     salun,
     salun_soft,
 )

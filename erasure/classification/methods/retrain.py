@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from erasure.classification.config import _check_optim
+from erasure.classification.engine import train_loop
 from erasure.classification.methods.base import MethodConfig, UnlearnContext, data_batches, field
 from erasure.classification.registry import register_method
-from erasure.classification.engine import train_loop
 
 
 @dataclass

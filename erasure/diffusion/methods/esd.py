@@ -7,7 +7,6 @@ cross-attention weights only, ``esd-u`` everything else.
 
 from __future__ import annotations
 
-
 from erasure.diffusion.losses import ddim_partial_sample, esd_loss
 from erasure.methods import MethodSpec, register_method
 

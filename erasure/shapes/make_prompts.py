@@ -1,0 +1,112 @@
+"""Write the shapes model's evaluation prompts and erasure presets: ``python -m erasure.shapes.make_prompts``.
+
+Outputs (paths relative to the repository root):
+
+* ``prompts/shapes.csv`` -- ``case_number,prompt,evaluation_seed,shape,color,fill`` (blank where the prompt does
+  not name a concept). Rows 0-35 name shape + color + fill (every shape x color pair once; fills balanced, 9 each,
+  templates rotating); rows 36-41 shape + color; 42-47 shape only; 48-53 color only; 54-57 fill only;
+  58 the generic ``a shape``.
+* ``prompts/presets/shape_circle.json``, ``color_red.json``, ``fill_striped.json`` -- forget prompts naming the
+  concept (every template), paired anchor prompts (the same prompt with ``circle -> square``, ``red -> blue``,
+  ``striped -> solid``) and retain prompts naming other concepts of the same kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from erasure.shapes.captions import FILL_WORDS, concept_kind, concept_prompts, default_anchor, make_caption
+from erasure.shapes.render import COLORS, FILLS, SHAPES
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["evaluation_rows", "preset", "write_all", "PRESETS"]
+
+PRESETS: tuple[str, ...] = ("circle", "red", "striped")
+SEED_STRIDE = 1000  # row i uses seeds evaluation_seed .. evaluation_seed + n - 1; rows never share seeds
+
+
+def evaluation_rows() -> list[dict[str, Any]]:
+    """The rows of ``prompts/shapes.csv``."""
+    rows: list[dict[str, Any]] = []
+
+    def add(shape, color, fill, template):
+        rows.append({"case_number": len(rows), "prompt": make_caption(shape, color, fill, template),
+                     "evaluation_seed": 40_000_000 + len(rows) * SEED_STRIDE,
+                     "shape": shape or "", "color": color or "", "fill": fill or ""})
+
+    for i, s in enumerate(SHAPES):
+        for j, c in enumerate(COLORS):
+            add(s, c, FILLS[(i + j) % len(FILLS)], (i * len(COLORS) + j) % 6)
+    for i, s in enumerate(SHAPES):
+        add(s, COLORS[(i + 3) % len(COLORS)], None, i % 6)
+    for i, s in enumerate(SHAPES):
+        add(s, None, None, i % 4)
+    for j, c in enumerate(COLORS):
+        add(None, c, None, j % 6)
+    for k, f in enumerate(FILLS):
+        add(None, None, f, k % 4)
+    add(None, None, None, 0)
+    return rows
+
+
+def preset(name: str, anchor: str | None = None) -> dict[str, Any]:
+    """Preset JSON for erasing concept ``name`` (a shape, color or fill) by remapping it to ``anchor``."""
+    kind = concept_kind(name)
+    anchor = anchor or default_anchor(name)
+    word = FILL_WORDS.get(name, name) if kind == "fill" else name
+    aword = FILL_WORDS.get(anchor, anchor) if kind == "fill" else anchor
+    lists = concept_prompts(name, anchor)
+    desc = {
+        "shape": f"Erase the {name} shape; remaps each {name} prompt to the same prompt with a {anchor}.",
+        "color": f"Erase the colour {name}; remaps each {name} prompt to the same prompt in {anchor}.",
+        "fill": f"Erase the {word} fill; remaps each {word} prompt to the same prompt with the {aword} fill.",
+    }[kind]
+    return {
+        "concept": {"name": name, **lists},
+        "config": {"alpha": 0.5, "mask_ratio": 0.5},
+        "description": desc,
+        "kind": {"shape": "object", "color": "color", "fill": "fill"}[kind],
+        "model": "shapes",
+    }
+
+
+def write_all(root: str | Path) -> list[Path]:
+    """Write ``prompts/shapes.csv`` and the presets under ``root``; returns the written paths."""
+    from erasure.io import atomic_write_json, atomic_write_text
+
+    root = Path(root)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["case_number", "prompt", "evaluation_seed", "shape", "color", "fill"],
+                       lineterminator="\n")
+    w.writeheader()
+    w.writerows(evaluation_rows())
+    out = [root / "prompts" / "shapes.csv"]
+    atomic_write_text(out[0], buf.getvalue())
+    for name in PRESETS:
+        kind = concept_kind(name)
+        p = root / "prompts" / "presets" / f"{kind}_{name}.json"
+        atomic_write_json(p, preset(name))
+        out.append(p)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from erasure.shapes import repo_root
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=str(repo_root()), help="repository root to write prompts/ under")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for p in write_all(args.root):
+        logger.info("wrote %s", p)
+
+
+if __name__ == "__main__":
+    main()
