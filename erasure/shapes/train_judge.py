@@ -156,6 +156,8 @@ def train_judge(cfg: JudgeTrainConfig) -> dict[str, float]:
               "train_config": cfg.to_dict(), "train_seconds": round(time.time() - t0, 1), **environment_info()}
     report["train_config"]["out"] = Path(cfg.out).name
     atomic_write_json(Path(cfg.out).with_suffix(".json"), report)
+    for f in (Path(cfg.out), Path(cfg.out).with_suffix(".json")):
+        f.chmod(0o644)
     logger.info("saved %s (val acc %s) in %.0fs", cfg.out, acc, time.time() - t0)
     return acc
 
