@@ -261,7 +261,9 @@ def score_folder(
         "reproducibility": _reproducibility(gen, records),
         "records": [{"file": it["file"], **rec} for it, rec in zip(items, per_image)],
     }
-    if not coverage["complete"]:
+    if gen is None:
+        logger.info("%s: %d images scored; no generation.json, so completeness is unknown", metric.name, len(items))
+    elif not coverage["complete"]:
         logger.warning("%s covers %d of %d planned images: the result is PARTIAL", metric.name, len(items), planned)
     result["cache_key"] = key
     atomic_write_json(root / "scores" / f"{key}.summary.json", {k: v for k, v in result.items() if k != "records"})

@@ -36,7 +36,7 @@ from typing import Any
 
 from erasure.io import atomic_path, atomic_write_json, atomic_write_text, environment_info, file_sha256, read_json
 from erasure.jsonconfig import JsonConfig, field
-from eval.prompts import PromptRow, PromptSet, filter_rows, load_prompts
+from eval.prompts import PromptRow, filter_rows, load_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def _png_record(path: Path) -> dict[str, Any] | None:
             if im.format != "PNG":
                 return None
             raw = im.info.get(PNG_KEY)
+            im.verify()  # chunk CRCs through the end of the file: catches truncated or damaged files
         return json.loads(raw) if raw else None
     except (OSError, ValueError, SyntaxError):
         return None
@@ -190,9 +191,11 @@ def _shard_context(cfg: GenerateConfig):
     if cfg.num_shards is not None:
         return cfg.num_shards, cfg.shard_index, cfg.device, None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
         from accelerate import PartialState
 
-        state = PartialState()
+        # on CPU accelerate only goes multi-process (gloo) when asked with cpu=True
+        state = PartialState(cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "True")
         return state.num_processes, state.process_index, state.device, state
     return 1, 0, cfg.device, None
 

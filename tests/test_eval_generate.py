@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from eval.generate import GenerateConfig, GenerationError, plan_items, run_generation, shard_rows  # noqa: E402
+from eval.generate import GenerateConfig, GenerationError, run_generation, shard_rows  # noqa: E402
 from eval.prompts import load_prompts  # noqa: E402
 
 SIZE = 64
@@ -105,6 +105,9 @@ def test_resume_after_crash_skips_finished_images(tiny_model_dir, i2p, pipe, tmp
     # a truncated/corrupt image is regenerated
     victim = out / "images" / files[0].name
     victim.write_bytes(victim.read_bytes()[:40])
+    assert run_generation(cfg, pipe=pipe)["generated"] == 1
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-30])  # cut inside the image data, after the embedded record
     assert run_generation(cfg, pipe=pipe)["generated"] == 1
 
 

@@ -81,7 +81,7 @@ def test_object_metric_with_pluggable_shapes_judge(tmp_path):
 
     root = _shapes_folder(tmp_path)
     answers = {}
-    for i, (s, c, f) in enumerate(SPECS):
+    for i, (s, c, _f) in enumerate(SPECS):
         with Image.open(root / "images" / f"{i}_0.png") as im:
             key = hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
         pred_shape = "square" if (s == "circle" and i == 0) else s  # circle 0 erased, circle 1 still drawn
