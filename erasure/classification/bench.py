@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +92,7 @@ def run_bench(cfg: ClsBenchConfig, ws: Workspace | None = None, progress: Progre
             logger.info("seed %d: %s", seed, m)
             _, rec = run_method(ws, m, mc, seed, original, split)
             rec["key"], rec["versions"] = key, env
+            rec["load_avg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             records.append(rec)
             atomic_write_json(res_path, records)
             finished += 1
