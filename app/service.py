@@ -805,10 +805,10 @@ class AppService:
             from eval.report import build_report
         except ImportError as err:
             raise AppError(f"the evaluation harness (eval/) is not available: {err}") from err
+        prompts = self.eval_prompt_file(source, csv_path)
         key, stamp = self._model_key(run_id)
         if key == ORIGINAL:
             raise AppError("choose a saved run to evaluate against the original model")
-        prompts = self.eval_prompt_file(source, csv_path)
         limit = _num("number of prompts", limit, 1, LIMITS["eval_prompts"], integer=True)
         steps = _num("sampling steps", steps, *LIMITS["gen_steps"], integer=True)
         guidance = float(_num("guidance", guidance, *LIMITS["guidance"]))
