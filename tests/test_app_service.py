@@ -227,11 +227,23 @@ def test_create_demo_builds_with_named_endpoints(service):
     t0 = time.time()
     demo = create_demo(service)
     assert isinstance(demo, gr.Blocks)
-    names = {d.api_name for d in demo.fns.values()}
-    assert {"erase", "compare", "inspect", "evaluate", "rename_run", "delete_run"} <= names
+    fns = {d.api_name: d for d in demo.fns.values()}
+    assert {"erase", "compare", "inspect", "evaluate", "rename_run", "delete_run"} <= set(fns)
+    # one erasure trains at a time; generation requests share one queue slot group
+    assert fns["erase"].concurrency_limit == 1 and fns["erase"].concurrency_id == "erase"
+    assert fns["compare"].concurrency_id == fns["evaluate"].concurrency_id == "generate"
     kw = launch_kwargs(parse_args(["--port", "7999", "--auth", "u:p:w", "--host", "0.0.0.0"]))
     assert kw["server_port"] == 7999 and kw["server_name"] == "0.0.0.0" and kw["auth"] == [("u", "p:w")]
     assert kw["share"] is False
     defaults = launch_kwargs(parse_args([]))
     assert defaults["server_name"] == "127.0.0.1" and defaults["server_port"] == 7860 and defaults["auth"] is None
     assert time.time() - t0 < 30
+
+
+def test_bad_model_is_a_clear_error(tmp_path, capsys):
+    from app.main import main
+
+    with pytest.raises(AppError, match="not found"):
+        AppService(model=str(tmp_path / "nope"), runs_dir=tmp_path / "runs")
+    assert main(["--model", str(tmp_path / "nope"), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "not found" in capsys.readouterr().err
