@@ -73,7 +73,7 @@ def tiny_app(tmp_path_factory):
 
 
 TINY_ERASE = dict(preset="custom", concept="apple", forget="an apple\na photo of an apple", anchor="a pear",
-                  retain="a car", method="salun", mask_ratio=0.5, steps=2, lr=1e-5, alpha=0.5, fipp=2, ripp=2,
+                  retain="a car", method="salun", mask_ratio=0.5, steps=2, lr=1e-5, alpha=0.5, forget_images_per_prompt=2, retain_images_per_prompt=2,
                   data_steps=2, batch_size=2, seed=0)
 
 
@@ -168,8 +168,8 @@ def test_erase_shape_on_embedded_model_and_judge(tmp_path):
             preset="shape_circle", concept=preset.concept.name, forget="\n".join(preset.concept.forget_prompts),
             anchor="\n".join(preset.concept.anchor_prompts), retain="\n".join(preset.concept.retain_prompts),
             method="salun", mask_ratio=form.get("mask_ratio", 0.5), steps=steps, lr=form.get("lr", 1e-5),
-            alpha=form.get("alpha", 0.5), fipp=form.get("forget_images_per_prompt", 8),
-            ripp=form.get("retain_images_per_prompt", 4), data_steps=form.get("data_steps", 25),
+            alpha=form.get("alpha", 0.5), forget_images_per_prompt=form.get("forget_images_per_prompt", 8),
+            retain_images_per_prompt=form.get("retain_images_per_prompt", 4), data_steps=form.get("data_steps", 25),
             batch_size=form.get("batch_size", 4), seed=0, run_name="circle-test", api_name="/erase",
         )
         assert rid == "circle-test"

@@ -43,6 +43,8 @@ def build(service: AppService, ctx: UIContext) -> None:
 
     @ui_errors
     def compare(prompt, seeds, steps, guidance, model_a, model_b):
+        """Generate one prompt for each seed with two models ("original" or a run id); returns both galleries and
+        the judge's verdicts."""
         res = service.compare(prompt, seeds, steps, guidance, model_a, model_b)
         la, lb = res["labels"]["a"], res["labels"]["b"]
         ga = [(j["image"], f"seed {s}: {j['caption']}") for s, j in zip(res["seeds"], res["a"])]

@@ -101,10 +101,12 @@ def build(service: AppService, ctx: UIContext) -> None:
         return service.status_text()
 
     @ui_errors
-    def run_erase(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha, fipp, ripp,
-                  data_steps, batch_size, seed, run_name, request: gr.Request, progress=gr.Progress()):
-        cfg = _config(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha, fipp, ripp,
-                      data_steps, batch_size, seed)
+    def run_erase(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha,
+                  forget_images_per_prompt, retain_images_per_prompt, data_steps, batch_size, seed, run_name,
+                  request: gr.Request, progress=gr.Progress()):
+        """Erase a concept into a new saved run; returns (run id, summary, loss curve)."""
+        cfg = _config(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha,
+                      forget_images_per_prompt, retain_images_per_prompt, data_steps, batch_size, seed)
         progress(0, desc="starting")
 
         def on_progress(stage: str, done: int, total: int, info: dict) -> None:
