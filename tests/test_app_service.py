@@ -247,3 +247,21 @@ def test_bad_model_is_a_clear_error(tmp_path, capsys):
         AppService(model=str(tmp_path / "nope"), runs_dir=tmp_path / "runs")
     assert main(["--model", str(tmp_path / "nope"), "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_nudenet_boxes_are_drawn(service):
+    from PIL import Image
+
+    class FakeDetector:
+        def detect(self, bgr):
+            assert bgr.shape == (64, 64, 3)
+            return [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.81, "box": [10, 12, 20, 16]},
+                    {"class": "FACE_FEMALE", "score": 0.5, "box": [30, 30, 10, 10]}]
+
+    img = Image.new("RGB", (64, 64), (128, 128, 128))
+    out = service._nudenet(FakeDetector(), img)
+    assert out["caption"].startswith("NudeNet: female_breast_exposed 0.81")
+    assert out["verdict"]["exposed"] == 1
+    px = np.asarray(out["image"])
+    assert tuple(px[12, 20]) == (230, 30, 30)  # top edge of the exposed box, in red
+    assert tuple(np.asarray(img)[12, 20]) == (128, 128, 128)  # the original is untouched
