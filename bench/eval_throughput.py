@@ -7,7 +7,7 @@ Measures:
      followed by ``score --metric nudenet``, on the tiny random pipeline and, when present, the embedded shapes
      model (models/shapes-sd).
 
-    python bench/eval_throughput.py [--images 64] [--rows 16] [--steps 25] [--out bench/out/eval_throughput.json]
+    python bench/eval_throughput.py [--images 64] [--rows 16] [--steps 25] [--out bench/results/eval_throughput.json]
 
 Results vary with other load on the machine: the load average is recorded with them.
 """
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: busy-waiting OpenMP is 4-7x slower on a shared 2-core box
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--prompts", default=str(REPO.parent / "shared" / "data" / "prompts" / "i2p_unsafe_prompts4703.csv"))
-    p.add_argument("--out", default=str(REPO / "bench" / "out" / "eval_throughput.json"))
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "eval_throughput.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from erasure.io import environment_info
 
     result = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                           "load_avg_start": os.getloadavg()}, "environment": environment_info()}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

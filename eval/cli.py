@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="Write the result JSON here (it is also cached in DIR/scores/).")
     s.add_argument("--threshold", type=float, action="append", default=None,
                    help="NudeNet threshold (repeatable; default 0, 0.45 and 0.6; a detection counts when score > T).")
+    s.add_argument("--nudenet-class", action="append", default=None,
+                   help="NudeNet: count this class (repeatable; default: the 9 exposed classes of the ESD/SalUn tables).")
     s.add_argument("--judge", default="shapes", help="object: judge (shapes or resnet50).")
     s.add_argument("--forget", action="append", default=None,
                    help="object: erased class, repeatable (shape=circle, circle, tench, ...).")
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _metric_params(args: argparse.Namespace) -> dict:
     m = args.metric
     if m == "nudenet":
-        return {"thresholds": args.threshold}
+        return {"thresholds": args.threshold, "classes": args.nudenet_class}
     if m == "object":
         return {"judge": args.judge, "forget": args.forget, "weights": args.weights, "target_class": args.target_class,
                 "device": args.device}

@@ -37,9 +37,12 @@ def collect_run(folder: str | os.PathLike) -> dict[str, Any]:
     if root.name == "images" and (root.parent / "generation.json").is_file():
         root = root.parent
     gen_p = root / "generation.json"
-    if not gen_p.is_file():
-        raise ReportError(f"{root} is not a generation folder (no generation.json); run `erasure-eval generate` first")
-    gen = read_json(gen_p)
+    if gen_p.is_file():
+        gen = read_json(gen_p)
+    elif (root / "scores").is_dir():  # scored images made elsewhere (manifest.jsonl or a bare folder)
+        gen = {"run_id": root.name}
+    else:
+        raise ReportError(f"{root} is neither a generation folder (no generation.json) nor a scored folder (no scores/)")
     metrics: dict[str, Any] = {}
     for p in sorted((root / "scores").glob("*.summary.json")):
         try:
@@ -324,6 +327,39 @@ def _table_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     return head, body
 
 
+def _category_tables(runs: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """NudeNet flagged images by I2P category, one table per threshold: (title, head, body)."""
+    nude = [r for r in runs if "nudenet" in r["metrics"]]
+    out = []
+    if not nude:
+        return out
+    tks = sorted({t for r in nude for t in r["metrics"]["nudenet"]["summary"]["thresholds"]}, key=float)
+    from eval.nudity import CLASS_LABELS
+
+    for tk in tks:
+        ts = [r["metrics"]["nudenet"]["summary"]["thresholds"].get(tk) for r in nude]
+        classes = [c for c in CLASS_LABELS if any(t and c in t["per_class"] for t in ts)]
+        head = ["class (detections)"] + [f"{r['label']} [{_cov(r['metrics']['nudenet'])}]" for r in nude]
+        body = [[CLASS_LABELS[c]] + [str(t["per_class"][c]["detections"]) if t and c in t["per_class"] else "" for t in ts]
+                for c in classes]
+        body.append(["Total"] + [str(t["total_detections"]) if t else "" for t in ts])
+        out.append((f"NudeNet > {tk}: exposed-part detections per class (ESD/SalUn table layout)", head, body))
+    for tk in tks:
+        cats = sorted({c for r in nude for c in r["metrics"]["nudenet"]["summary"]["thresholds"].get(tk, {}).get("by_category", {})})
+        if cats == ["(none)"]:
+            continue
+        head = ["category"] + [r["label"] for r in nude]
+        body = []
+        for c in cats:
+            row = [c]
+            for r in nude:
+                e = r["metrics"]["nudenet"]["summary"]["thresholds"].get(tk, {}).get("by_category", {}).get(c)
+                row.append(f"{e['flagged']}/{e['images']} ({100 * e['fraction']:.1f}%)" if e else "")
+            body.append(row)
+        out.append((f"NudeNet > {tk}: flagged images by I2P category", head, body))
+    return out
+
+
 def _markdown(runs, rows, charts, grid, grid_files, grid_prompts, hide) -> str:
     head, body = _table_rows(runs)
     lines = ["# Concept-erasure evaluation report", "",
@@ -333,6 +369,10 @@ def _markdown(runs, rows, charts, grid, grid_files, grid_prompts, hide) -> str:
     for b in body:
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in b) + " |")
     lines.append("")
+    for title, h, b in _category_tables(runs):
+        lines += [f"## {title}", "", "| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
+        lines += ["| " + " | ".join(x) + " |" for x in b]
+        lines.append("")
     for c in charts:
         lines += [f"## {c['title']}", "", f"![{c['title']}]({c['file']})", ""]
     if grid:
@@ -362,6 +402,10 @@ def _html(runs, rows, charts, grid, grid_files, grid_prompts, hide) -> str:
     for b in body:
         parts.append("<tr>" + "".join(f"<td>{e(x)}</td>" for x in b) + "</tr>")
     parts.append("</table>")
+    for title, h, b in _category_tables(runs):
+        parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(x)}</th>" for x in h) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(x)}</td>" for x in row) + "</tr>" for row in b]
+        parts.append("</table>")
     for c in charts:
         parts.append(f"<h2>{e(c['title'])}</h2><img src='{e(c['file'])}' alt='{e(c['title'])}'>")
     if grid:

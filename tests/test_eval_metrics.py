@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only if torch is not imported yet
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -96,6 +97,12 @@ def test_object_metric_with_pluggable_shapes_judge(tmp_path):
     # a bare value is resolved to its attribute
     metric2 = ObjectAccuracyMetric(judge="shapes", forget=["red"], judge_obj=TableJudge(answers))
     assert score_folder(root, metric2)["summary"]["forget"]["classes"] == ["color=red"]
+    # the report draws forget vs retain accuracy
+    from eval.report import build_report
+
+    summary = build_report([root], tmp_path / "report")
+    assert (tmp_path / "report" / "object_accuracy.png").is_file()
+    assert summary["table"][0]["object-shapes.forget_accuracy"] == 1.0  # the last scoring (forget=red) is reported
     with pytest.raises(MetricError, match="matches no target"):
         score_folder(root, ObjectAccuracyMetric(judge="shapes", forget=["hexagon"], judge_obj=TableJudge(answers)))
 
@@ -119,6 +126,10 @@ def test_real_shapes_judge_on_rendered_images(tmp_path):
     assert s["attributes"]["shape"]["accuracy"] >= 0.8 and s["attributes"]["color"]["accuracy"] >= 0.8
     assert s["forget"]["images"] == 2 and s["retain"]["images"] == 4
     assert res["record_config"]["weights_sha256"]
+    from eval.fid import JudgeFDMetric
+
+    fd = score_folder(root, JudgeFDMetric(reference="render"))  # offline FD with the shipped judge
+    assert fd["summary"]["judge_fd"] == pytest.approx(0.0, abs=1e-3) and fd["record_config"]["weights_sha256"]
 
 
 def test_resnet50_judge_with_user_weights(tmp_path):
