@@ -38,11 +38,18 @@ def load_clip(arch: str, weights: str | None = None, pretrained: str | None = No
     import open_clip
 
     if config:
-        with open(config, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-        open_clip.factory._MODEL_CONFIGS[arch] = cfg  # noqa: SLF001 - open_clip has no public per-model API
+        if not os.path.isfile(config):
+            raise MetricError(f"CLIP model config not found: {config}")
+        try:
+            with open(config, encoding="utf-8") as fh:
+                json.load(fh)
+        except (OSError, json.JSONDecodeError) as err:
+            raise MetricError(f"{config} is not a JSON open_clip model config: {err}") from err
+        if os.path.splitext(os.path.basename(config))[0] != arch:
+            raise MetricError(f"open_clip names a config file's model after the file: rename {config} to {arch}.json")
+        open_clip.add_model_config(config)
     if arch not in open_clip.list_models():
-        raise MetricError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
+        raise MetricError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models(), or pass --clip-config)")
     if weights:
         if not os.path.isfile(weights):
             raise MetricError(f"CLIP weights file not found: {weights}")

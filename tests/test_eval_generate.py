@@ -188,3 +188,23 @@ def test_cli_generate_score_report_and_bad_inputs(tiny_model_dir, i2p, tmp_path)
     assert main(["score", "--images", str(out), "--metric", "nudenet"]) == 2
     imgs[0].unlink()  # listed in the manifest but missing
     assert main(["score", "--images", str(out), "--metric", "nudenet"]) == 2
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (REPO / "prompts" / "shapes.csv").is_file() or not (REPO / "models" / "shapes-judge.safetensors").is_file(),
+                    reason="prompts/shapes.csv or the shapes judge is absent")
+def test_shapes_prompts_generate_then_object_metric(tiny_model_dir, pipe, tmp_path):
+    """prompts/shapes.csv columns reach the manifest and the shapes judge scores the images (tiny model: random images)."""
+    from eval.base import score_folder
+    from eval.object_acc import ObjectAccuracyMetric
+
+    out = tmp_path / "shapes"
+    run_generation(_cfg(tiny_model_dir, REPO / "prompts" / "shapes.csv", out, limit=4, steps=1), pipe=pipe)
+    recs = _manifest(out)
+    assert all(r["extra"]["shape"] for r in recs)
+    res = score_folder(out, ObjectAccuracyMetric(judge="shapes", forget=[f"shape={recs[0]['extra']['shape']}"]))
+    s = res["summary"]
+    assert s["judged_images"] == 4 and s["forget"]["images"] >= 1
+    assert {"shape", "color", "fill"} <= set(res["records"][0])

@@ -168,9 +168,9 @@ def test_clip_score_offline_with_weights_file(tmp_path):
     cfg = {"embed_dim": 16,
            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    cfg_path = tmp_path / "tiny-clip.json"
+    cfg_path = tmp_path / "tiny-clip-test.json"
     cfg_path.write_text(json.dumps(cfg))
-    open_clip.factory._MODEL_CONFIGS["tiny-clip-test"] = cfg
+    open_clip.add_model_config(str(cfg_path))
     torch.manual_seed(0)
     w = tmp_path / "tiny-clip.pt"
     torch.save(open_clip.create_model("tiny-clip-test").state_dict(), w)
