@@ -208,3 +208,33 @@ def test_shapes_prompts_generate_then_object_metric(tiny_model_dir, pipe, tmp_pa
     s = res["summary"]
     assert s["judged_images"] == 4 and s["forget"]["images"] >= 1
     assert {"shape", "color", "fill"} <= set(res["records"][0])
+
+
+def test_erased_run_dir_is_generated_and_labelled(tiny_model_dir, i2p, pipe, tmp_path):
+    """--run loads the run's base model plus its UNet weights; the manifest and report carry the run id."""
+    import torch
+
+    from erasure.io import atomic_save_safetensors, atomic_write_json
+    from erasure.runs import RUN_FORMAT
+
+    run = tmp_path / "runs" / "nudity-salun"
+    run.mkdir(parents=True)
+    name = "conv_out.weight"
+    w = pipe.unet.state_dict()[name].clone()
+    atomic_save_safetensors({name: w + 0.5 * torch.randn_like(w)}, run / "weights.safetensors")
+    atomic_write_json(run / "run.json", {"format": RUN_FORMAT, "method": "salun", "base_model": str(tiny_model_dir),
+                                         "concepts": [{"name": "nudity"}], "seed": 0})
+    (run / "log.jsonl").write_text("")
+    orig, erased = tmp_path / "orig", tmp_path / "erased"
+    run_generation(_cfg(tiny_model_dir, i2p, orig, limit=2, steps=1), pipe=pipe)
+    res = run_generation(GenerateConfig(run=str(run), prompts=str(i2p), out=str(erased), limit=2, steps=1, height=SIZE,
+                                        width=SIZE, device="cpu"))
+    assert res["generated"] == 2
+    recs = _manifest(erased)
+    assert {r["run_id"] for r in recs} == {"nudity-salun"}
+    gen = json.loads((erased / "generation.json").read_text())
+    assert gen["method"] == "salun" and gen["run_dir"] == str(run.resolve())
+    assert np.abs(_pixels(orig / recs[0]["file"]) - _pixels(erased / recs[0]["file"])).max() > 0
+    from eval.cli import main
+
+    assert main(["generate", "--run", str(tmp_path / "nope"), "--prompts", str(i2p), "--out", str(tmp_path / "x")]) == 2
