@@ -215,6 +215,8 @@ def score_folder(
     (root / "scores").mkdir(parents=True, exist_ok=True)
     if hasattr(metric, "bind"):
         metric.bind(root / "scores")
+    if hasattr(metric, "set_generation"):
+        metric.set_generation(gen)
     todo = [it for it in items if cached.get(it["file"], {}).get("sha256") != hashes[it["file"]]]
     logger.info("%s on %s: %d images, %d cached, %d to score", metric.name, root, len(items),
                 len(items) - len(todo), len(todo))

@@ -279,7 +279,14 @@ class ObjectAccuracyMetric:
         self.judge_name = judge
         self.judge = JUDGES[judge](judge=judge_obj, **kwargs) if judge == "shapes" else JUDGES[judge](**kwargs)
         self.forget_specs = list(forget or [])
+        self.run_concepts: list[str] = []
         self.cache_key = f"object-{judge}"
+
+    def set_generation(self, gen: dict[str, Any] | None) -> None:
+        """Without ``--forget``, the erased classes are the run's concept names that name a class of the prompt set."""
+        concepts = (gen or {}).get("concepts") or []
+        self.run_concepts = [c.get("name") if isinstance(c, dict) else str(c) for c in concepts]
+        self.run_concepts = [c for c in self.run_concepts if c]
 
     def record_config(self) -> dict[str, Any]:
         return self.judge.record_config()
@@ -293,6 +300,14 @@ class ObjectAccuracyMetric:
     def _forget_pairs(self, items: Sequence[dict[str, Any]], targets: list[dict[str, Any]]) -> list[tuple[str, Any]]:
         pairs = []
         attrs = self.judge.attributes
+        if not self.forget_specs and self.run_concepts:
+            known = {str(v) for t in targets for v in t.values()}
+            if self.judge_name == "resnet50":
+                known |= {self.judge.categories[int(v)].lower() for t in targets for v in t.values()}
+            specs = [c for c in self.run_concepts if c.lower() in {k.lower() for k in known}]
+            if specs:
+                logger.info("forget classes from the run's concepts: %s", ", ".join(specs))
+                self.forget_specs = specs
         for spec in self.forget_specs:
             if "=" in spec:
                 a, v = (s.strip() for s in spec.split("=", 1))

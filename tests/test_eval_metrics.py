@@ -97,6 +97,11 @@ def test_object_metric_with_pluggable_shapes_judge(tmp_path):
     # a bare value is resolved to its attribute
     metric2 = ObjectAccuracyMetric(judge="shapes", forget=["red"], judge_obj=TableJudge(answers))
     assert score_folder(root, metric2)["summary"]["forget"]["classes"] == ["color=red"]
+    # without --forget, the run's concept names that name a class are the forget classes
+    metric3 = ObjectAccuracyMetric(judge="shapes", judge_obj=TableJudge(answers))
+    metric3.set_generation({"concepts": [{"name": "circle"}, {"name": "nudity"}]})
+    targets = [metric3.judge.targets({"extra": {"shape": s, "color": c, "fill": f}}) for s, c, f in SPECS]
+    assert metric3._forget_pairs([], targets) == [("shape", "circle")]
     # the report draws forget vs retain accuracy
     from eval.report import build_report
 
