@@ -266,7 +266,8 @@ def score_folder(
     if gen is None:
         logger.info("%s: %d images scored; no generation.json, so completeness is unknown", metric.name, len(items))
     elif not coverage["complete"]:
-        logger.warning("%s covers %d of %d planned images: the result is PARTIAL", metric.name, len(items), planned)
+        logger.warning("%s covers %d of %d planned images: the result is PARTIAL (if every shard has finished, re-run "
+                       "the generate command once to refresh the manifest)", metric.name, len(items), planned)
     result["cache_key"] = key
     atomic_write_json(root / "scores" / f"{key}.summary.json", {k: v for k, v in result.items() if k != "records"})
     if out is not None:

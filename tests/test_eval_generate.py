@@ -142,6 +142,32 @@ def test_two_shards_cover_every_row_once_and_merge(tiny_model_dir, i2p, pipe, tm
     assert sorted(r["row_index"] for r in _manifest(out)) == [0, 1, 2, 3, 4]
 
 
+def test_accelerate_processes_shard_rows_and_main_merges(tiny_model_dir, i2p, pipe, tmp_path, monkeypatch):
+    """Under `accelerate launch` (WORLD_SIZE > 1) the shard comes from PartialState; the main process merges."""
+    import accelerate
+
+    calls = []
+
+    class FakeState:
+        def __init__(self, index, cpu=False):
+            self.num_processes, self.process_index, self.device = 2, index, "cpu"
+            self.is_main_process = index == 0
+
+        def wait_for_everyone(self):
+            calls.append(self.process_index)
+
+    out = tmp_path / "g"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = _cfg(tiny_model_dir, i2p, out, limit=3, steps=1)
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu=False: FakeState(1, cpu))
+    res1 = run_generation(cfg, pipe=pipe)
+    assert (res1["num_shards"], res1["shard_index"], res1["generated"], res1["manifest"]) == (2, 1, 1, None)
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu=False: FakeState(0, cpu))
+    res0 = run_generation(cfg, pipe=pipe)
+    assert res0["generated"] == 2 and res0["manifest"] == {"planned": 3, "written": 3, "complete": True}
+    assert calls == [1, 0]
+
+
 def test_cli_generate_score_report_and_bad_inputs(tiny_model_dir, i2p, tmp_path):
     from eval.cli import main
 
