@@ -11,7 +11,7 @@ is downloaded). torchvision's ImageNet ``inception_v3_google-*.pth`` is accepted
 model; it runs offline with the shipped judge. The reference is a folder of images or ``render``: the
 renderer's drawing of each prompt row's own shape/colour/fill with the row's seed.
 
-Features are cached per image (by content hash) in ``DIR/scores/<metric>-features.safetensors`` and the
+Features are cached per image (by content hash) in ``DIR/scores/<metric>-features/*.safetensors`` and the
 reference statistics in ``DIR/scores/<metric>-ref-<hash>.safetensors``, so adding images costs only them.
 """
 
@@ -236,31 +236,40 @@ class _FrechetBase:
     def bind(self, workdir: Path) -> None:
         self.workdir = workdir
 
-    def _feat_store(self) -> Path:
+    def _feat_dir(self) -> Path:
         assert self.workdir is not None
-        return self.workdir / f"{self.name}-features.safetensors"
+        return self.workdir / f"{self.name}-features"
+
+    def _conf_tag(self) -> str:
+        return repr(sorted(self.record_config().items()))
 
     def _load_store(self) -> dict[str, np.ndarray]:
+        """Features by image hash, from every chunk file made with this record config."""
         from erasure.io import CorruptFileError, load_safetensors
 
-        p = self._feat_store()
-        if not p.is_file():
-            return {}
-        try:
-            tensors, meta = load_safetensors(p)
-        except CorruptFileError:
-            return {}
-        if meta.get("record_config") != repr(sorted(self.record_config().items())):
-            return {}
-        return {k: v.numpy() for k, v in tensors.items()}
+        out: dict[str, np.ndarray] = {}
+        d = self._feat_dir()
+        if not d.is_dir():
+            return out
+        tag = self._conf_tag()
+        for p in sorted(d.glob("*.safetensors")):
+            try:
+                tensors, meta = load_safetensors(p)
+            except CorruptFileError:
+                continue
+            if meta.get("record_config") == tag:
+                out.update({k: v.numpy() for k, v in tensors.items()})
+        return out
 
-    def _save_store(self, feats: dict[str, np.ndarray]) -> None:
+    def _save_chunk(self, feats: dict[str, np.ndarray]) -> None:
+        """One file per scored batch (appending, never rewriting: 30k images stay linear in I/O)."""
         import torch
 
         from erasure.io import atomic_save_safetensors
 
+        name = hashlib.sha256("".join(sorted(feats)).encode()).hexdigest()[:20]
         atomic_save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feats.items()},
-                                self._feat_store(), {"record_config": repr(sorted(self.record_config().items()))})
+                                self._feat_dir() / f"{name}.safetensors", {"record_config": self._conf_tag()})
 
     def _features(self, images: list) -> np.ndarray:
         out = []
@@ -271,10 +280,7 @@ class _FrechetBase:
 
     def score_images(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         feats = self._features([load_rgb(it["path"]) for it in items])
-        store = self._load_store()
-        for it, f in zip(items, feats):
-            store[it["sha256"]] = f.astype(np.float32)
-        self._save_store(store)
+        self._save_chunk({it["sha256"]: f.astype(np.float32) for it, f in zip(items, feats)})
         return [{"feature": it["sha256"]} for it in items]
 
     def _reference_paths(self) -> list[Path]:
