@@ -62,6 +62,16 @@ def test_registry_lists_metrics_and_rejects_duplicates():
         get_metric("nope")
 
 
+def test_python_dash_m_eval_lists_metrics():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "eval", "metrics"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert {"nudenet", "object", "clip", "fid", "judge_fd"} <= {line.split()[0] for line in out.stdout.splitlines()}
+
+
 def test_accuracy_tables_forget_and_retain():
     from eval.object_acc import accuracy_tables
 
