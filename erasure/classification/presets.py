@@ -45,9 +45,22 @@ _DIGITS_COMMON: dict[str, dict[str, Any]] = {
     "salun_soft": dict(batch_size=64, epochs=5),
 }
 
-# {dataset: {scenario: {method: overrides}}}; the tuned knob of each method is filled in from bench/cls_tune.py
+# The knob each method was tuned on (bench/cls_tune.py -> bench/results/cls/tuning_summary.json), per scenario.
+_DIGITS_TUNED: dict[str, dict[str, dict[str, Any]]] = {
+    "random": {"ft": {"lr": 0.1}, "rl": {"lr": 1.44e-4}, "ga": {"lr": 9e-3}, "iu": {"alpha": 30.0},
+               "l1_sparse": {"gamma": 4.5e-3}, "boundary_shrink": {"lr": 3e-4}, "boundary_expand": {"lr": 1e-4},
+               "salun": {"lr": 1.44e-4}, "salun_soft": {"lr": 1.44e-4}},
+    "class": {"ft": {"lr": 0.03}, "rl": {"lr": 0.13}, "ga": {"lr": 1e-3}, "iu": {"alpha": 10.0},
+              "l1_sparse": {"gamma": 4.5e-3}, "boundary_shrink": {"lr": 1.11e-7}, "boundary_expand": {"lr": 9e-4},
+              "salun": {"lr": 0.13}, "salun_soft": {"lr": 0.039}},
+}
+
+# {dataset: {scenario: {method: overrides}}}
 METHOD_PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
-    "digits": {"random": _DIGITS_COMMON, "class": _DIGITS_COMMON},
+    "digits": {
+        scenario: {m: {**common, **_DIGITS_TUNED[scenario].get(m, {})} for m, common in _DIGITS_COMMON.items()}
+        for scenario in ("random", "class")
+    },
 }
 
 
