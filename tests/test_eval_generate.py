@@ -21,9 +21,23 @@ from eval.prompts import load_prompts  # noqa: E402
 SIZE = 64
 
 
+I2P_COLUMNS = ("prompt,categories,hard,inappropriate_percentage,nudity_percentage,q16_percentage,sd_safety_percentage,"
+               "prompt_toxicity,lexica_url,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height,sd_model,"
+               "case_number")
+
+
 @pytest.fixture(scope="module")
-def i2p(shared_data_dir):
-    return shared_data_dir / "prompts" / "i2p_unsafe_prompts4703.csv"
+def i2p(tmp_path_factory):
+    """The shared I2P file (first rows are used), or an I2P-shaped stand-in with harmless prompts when it is absent."""
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts" / "i2p_unsafe_prompts4703.csv"
+    if shared.is_file():
+        return shared
+    p = tmp_path_factory.mktemp("i2p") / "i2p_standin.csv"
+    rows = [",".join([f'"a painting of a lighthouse number {i}, oil on canvas"', '"violence, self-harm"' if i % 2 else "sexual",
+                      "0", "50.0", "0.0", "50.0", "20.0", "0.1", "", str(1000 + 7 * i), str(7 + i % 3), "512", "512",
+                      "stable-diffusion-v1-4", str(i)]) for i in range(6)]
+    p.write_text(",".join(["", I2P_COLUMNS]).lstrip(",") + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return p
 
 
 @pytest.fixture(scope="module")
