@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -434,6 +433,3 @@ def read_manifest(folder: str | os.PathLike) -> tuple[Path, dict[str, Any] | Non
         raise FileNotFoundError(f"no images (png/jpg/webp/bmp) and no manifest.jsonl in {p}")
     return root, None, [{"file": str(f.relative_to(root))} for f in files]
 
-
-def config_dict(cfg: GenerateConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -17,7 +17,6 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from erasure.io import file_sha256
 
@@ -181,6 +180,3 @@ def filter_rows(
         raise PromptFileError("the filters leave no prompt rows (check --category, --start/--end and --limit)")
     return out
 
-
-def describe_filters(category: Any, start: Any, end: Any, limit: Any) -> dict[str, Any]:
-    return {"category": category, "start": start, "end": end, "limit": limit}
