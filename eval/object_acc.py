@@ -278,7 +278,8 @@ class ObjectAccuracyMetric:
             raise MetricError(f"unknown judge {judge!r}; registered: {', '.join(sorted(JUDGES))}")
         self.judge_name = judge
         self.judge = JUDGES[judge](judge=judge_obj, **kwargs) if judge == "shapes" else JUDGES[judge](**kwargs)
-        self.forget_specs = list(forget or [])
+        # plain strings, or concept dicts with a "name" (as in a run's config)
+        self.forget_specs = [f["name"] if isinstance(f, dict) else str(f) for f in (forget or [])]
         self.run_concepts: list[str] = []
         self.cache_key = f"object-{judge}"
 
