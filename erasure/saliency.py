@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from erasure.io import CorruptFileError, atomic_save_safetensors, load_safetensors
@@ -102,11 +103,6 @@ def accumulate_gradients(
     return scores
 
 
-def _bits(chunk: torch.Tensor) -> torch.Tensor:
-    # non-negative float32 values compare like their int32 bit patterns
-    return chunk.detach().float().abs().contiguous().view(torch.int32)
-
-
 def _chunks(t: torch.Tensor) -> Iterable[torch.Tensor]:
     flat = t.reshape(-1)
     for i in range(0, flat.numel(), _CHUNK):
@@ -121,25 +117,44 @@ def _select_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return idx, above
 
 
-def _kth_largest_histogram(scores: Mapping[str, torch.Tensor], k: int) -> tuple[float, int]:
+def _halves(chunk: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """High and low 16-bit halves of float32 values, as strided numpy views (no copy for CPU float32)."""
+    c = chunk.detach()
+    if c.device.type != "cpu" or c.dtype != torch.float32:
+        c = c.to("cpu", torch.float32)
+    u16 = c.contiguous().numpy().view(np.uint16)  # little-endian: [low, high] per value
+    return u16[1::2], u16[0::2]
+
+
+def _kth_largest_histogram(scores: Mapping[str, torch.Tensor], k: int) -> tuple[float, int, int]:
     """Exact k-th largest value by two histogram passes over float bit patterns.
 
-    Returns (tau, count of scores > tau, count of scores == tau)."""
-    dev = next(iter(scores.values())).device
-    hist_hi = torch.zeros(1 << 15, dtype=torch.int64, device=dev)
+    Non-negative float32 values order like their bit patterns, so a histogram of the high 16 bits picks the
+    bucket holding the k-th largest value and a histogram of the low 16 bits inside that bucket pins it down.
+    Negative, infinite and NaN scores show up in the first histogram (high half >= 0x7F80) and are rejected.
+
+    Returns (tau, count of scores > tau, count of scores == tau).
+    """
+    hist_hi = np.zeros(1 << 16, dtype=np.int64)
     for s in scores.values():
         for c in _chunks(s):
-            hist_hi += torch.bincount(_bits(c) >> 16, minlength=1 << 15)[: 1 << 15]
-    hi, above_hi = _select_bucket(hist_hi, k)
-    hist_lo = torch.zeros(1 << 16, dtype=torch.int64, device=dev)
+            hist_hi += np.bincount(_halves(c)[0], minlength=1 << 16)
+    bad = int(hist_hi[0x7F80:].sum())
+    if bad:
+        raise ValueError(
+            f"{bad} saliency scores are negative, infinite or NaN; scores must be finite magnitudes "
+            "(a NaN usually means the forget loss diverged)"
+        )
+    hi, above_hi = _select_bucket(torch.from_numpy(hist_hi), k)
+    hist_lo = np.zeros(1 << 16, dtype=np.int64)
     for s in scores.values():
         for c in _chunks(s):
-            b = _bits(c)
-            sel = b[(b >> 16) == hi] & 0xFFFF
-            if sel.numel():
-                hist_lo += torch.bincount(sel, minlength=1 << 16)
-    lo, above_lo = _select_bucket(hist_lo, k - above_hi)
-    tau = torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item()
+            h, lo_half = _halves(c)
+            sel = lo_half[h == hi]
+            if sel.size:
+                hist_lo += np.bincount(sel, minlength=1 << 16)
+    lo, above_lo = _select_bucket(torch.from_numpy(hist_lo), k - above_hi)
+    tau = float(np.array([(hi << 16) | lo], dtype=np.uint32).view(np.float32)[0])
     return tau, above_hi + above_lo, int(hist_lo[lo])
 
 
@@ -162,12 +177,6 @@ def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str
     k = max(1, int(round(float(ratio) * total)))
     if k >= total:
         return {n: torch.ones(s.shape, dtype=torch.bool, device=s.device) for n, s in scores.items()}
-    for n, s in scores.items():
-        lowest = float(s.min()) if s.numel() else 0.0  # min propagates NaN: one pass checks both
-        if math.isnan(lowest):
-            raise ValueError(f"saliency scores of {n} contain NaN; the forget loss diverged")
-        if lowest < 0:
-            raise ValueError(f"saliency scores must be non-negative ({n} has negative values)")
     tau, n_greater, n_equal = _kth_largest_histogram(scores, k)
     ties_needed = k - n_greater  # >= 1 by construction
     masks: dict[str, torch.Tensor] = {}

@@ -62,9 +62,10 @@ def test_ratio_out_of_range(ratio):
         threshold_mask(_scores(), ratio)
 
 
-def test_nan_scores_rejected():
-    with pytest.raises(ValueError, match="NaN"):
-        threshold_mask({"a": torch.tensor([1.0, float("nan")])}, 0.5)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_nonfinite_or_negative_scores_rejected(bad):
+    with pytest.raises(ValueError, match="negative, infinite or NaN"):
+        threshold_mask({"a": torch.tensor([1.0, 2.0, bad, 0.5])}, 0.5)
 
 
 def test_accumulate_is_abs_of_sum():
