@@ -426,6 +426,11 @@ def read_manifest(folder: str | os.PathLike) -> tuple[Path, dict[str, Any] | Non
             except json.JSONDecodeError as err:
                 raise ValueError(f"{root}/manifest.jsonl line {n} is not JSON ({err})") from err
         return root, gen, records
+    if (root / "generation.json").is_file() or (p.name == "images" and (p.parent / "generation.json").is_file()):
+        raise FileNotFoundError(
+            f"{root} was made by `erasure-eval generate` but has no manifest.jsonl yet (interrupted run?): "
+            "re-run the same generate command to finish it and write the manifest"
+        )
     img_dir = p / "images" if (p / "images").is_dir() else p
     exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
     files = sorted(f for f in img_dir.iterdir() if f.suffix.lower() in exts and not f.name.startswith("."))

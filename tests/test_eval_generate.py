@@ -228,6 +228,8 @@ def test_cli_generate_score_report_and_bad_inputs(tiny_model_dir, i2p, tmp_path)
     assert main(["score", "--images", str(out), "--metric", "nudenet"]) == 2
     imgs[0].unlink()  # listed in the manifest but missing
     assert main(["score", "--images", str(out), "--metric", "nudenet"]) == 2
+    (out / "manifest.jsonl").unlink()  # interrupted before the manifest was written
+    assert main(["score", "--images", str(out), "--metric", "nudenet"]) == 2
 
 
 REPO = Path(__file__).resolve().parents[1]
