@@ -90,6 +90,51 @@ def bench_end_to_end(model: str, label: str, prompts: str, rows: int, steps: int
     }
 
 
+def build_shapes_shaped(out: Path) -> Path:
+    """A pipeline with the embedded shapes model's architecture and random weights (speed only)."""
+    from diffusers import StableDiffusionPipeline
+
+    from erasure.shapes.train_model import (
+        ShapesModelConfig,
+        build_scheduler,
+        build_text_encoder,
+        build_unet,
+        build_vae,
+    )
+    from erasure.tokenizer import build_clip_tokenizer
+
+    cfg = ShapesModelConfig()
+    pipe = StableDiffusionPipeline(
+        vae=build_vae(cfg), text_encoder=build_text_encoder(cfg), tokenizer=build_clip_tokenizer(out / "tokenizer"),
+        unet=build_unet(cfg), scheduler=build_scheduler(cfg, "ddim"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def bench_shapes_object(model: str, label: str, rows: int, steps: int, batch: int, tmp: Path) -> dict:
+    """generate prompts/shapes.csv rows, then score them with the shapes judge (object metric)."""
+    from eval.base import score_folder
+    from eval.generate import GenerateConfig, run_generation
+    from eval.object_acc import ObjectAccuracyMetric
+
+    out = tmp / f"shapes-{label}"
+    cfg = GenerateConfig(model=model, prompts=str(REPO / "prompts" / "shapes.csv"), out=str(out), limit=rows,
+                         steps=steps, batch_size=batch, device="cpu")
+    t0 = time.perf_counter()
+    run_generation(cfg)
+    t1 = time.perf_counter()
+    res = score_folder(out, ObjectAccuracyMetric(judge="shapes", forget=["shape=circle"]))
+    t2 = time.perf_counter()
+    gen = json.loads((out / "generation.json").read_text())
+    return {"model": label, "prompts": "prompts/shapes.csv", "rows": rows, "steps": steps, "batch_size": batch,
+            "resolution": f"{gen['width']}x{gen['height']}", "generate_s": round(t1 - t0, 2),
+            "score_object_s": round(t2 - t1, 2), "generate_rows_per_s": round(rows / (t1 - t0), 3),
+            "end_to_end_rows_per_s": round(rows / (t2 - t0), 3),
+            "shape_accuracy": res["summary"]["attributes"]["shape"]["accuracy"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=64)
@@ -119,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         if (shapes / "model_index.json").is_file():
             e2e.append(bench_end_to_end(str(shapes), "shapes-sd", args.prompts, args.rows, args.steps,
                                         args.batch_size, tmp))
+            logger.info("end-to-end: %s", e2e[-1])
+        if (REPO / "prompts" / "shapes.csv").is_file() and (REPO / "models" / "shapes-judge.safetensors").is_file():
+            if (shapes / "model_index.json").is_file():
+                e2e.append(bench_shapes_object(str(shapes), "shapes-sd", args.rows, args.steps, args.batch_size, tmp))
+            else:  # the trained model is not there yet: same architecture, random weights (speed only)
+                arch = build_shapes_shaped(tmp / "shapes-arch")
+                e2e.append(bench_shapes_object(str(arch), "shapes-arch-random-weights", args.rows, args.steps,
+                                               args.batch_size, tmp))
             logger.info("end-to-end: %s", e2e[-1])
         result["end_to_end"] = e2e
     result["machine"]["load_avg_end"] = os.getloadavg()
