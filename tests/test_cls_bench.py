@@ -53,6 +53,8 @@ def test_bench_records_tables_and_resume(tmp_path):
     assert "| SalUn |" in (out / "table.md").read_text()
     assert summary["rows"]["retrain"]["Avg_Gap"] == 0.0
     assert len(summary["rows"]["salun"]["MIA_efficacy_per_seed"]) == 2
+    assert main(["table", str(out), "--no-plot"]) == 0
+    assert main(["methods"]) == 0
     # resume: nothing is rerun
     stamp = [r["RTE_s"] for r in recs]
     run_bench(cfg, ws=ws)

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("erasure.saliency").setLevel(logging.WARNING)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         logger.error("%s", err)
         return 2
 

@@ -6,6 +6,9 @@
 2. Random Labeling restricted to the salient weights, through :class:`erasure.masked.MaskedUpdate`:
    every weight outside the mask stays bit-identical, even with momentum and weight decay.
 Paper recipe on CIFAR-10: 10 epochs, learning rate 0.013, mask ratio 0.5.
+
+Bit-identical means every *parameter* outside the mask. BatchNorm running statistics are buffers, not
+weights: as in the reference, the model trains in ``train()`` mode and they follow the RL batches.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from erasure.classification.data import as_input
 from erasure.classification.methods.base import IterativeConfig, UnlearnContext, field, relabel_batches, run_optim
 from erasure.classification.methods.rl import ORDERS
+from erasure.classification.registry import register_method
 from erasure.saliency import compute_mask, load_mask, mask_stats, save_mask
 
 logger = logging.getLogger(__name__)
@@ -83,7 +87,5 @@ def salun(model: nn.Module, ctx: UnlearnContext, cfg: SalUnConfig) -> nn.Module:
               lambda m, x, y: F.cross_entropy(m(x), y), mask=mask)
     return model
 
-
-from erasure.classification.registry import register_method  # noqa: E402
 
 register_method("salun", SalUnConfig, salun, paper="https://arxiv.org/abs/2310.12508")
