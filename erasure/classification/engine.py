@@ -75,7 +75,8 @@ def train_loop(
 
     Args:
         model (`nn.Module`): trained in place (``train()`` mode).
-        epoch_batches (`Callable[[int], list[(x, y)]]`): the batches of one epoch (may differ per epoch).
+        epoch_batches (`Callable[[int], list[(x, y)]]`): the batches of one epoch, called once per epoch in order
+            (the schedule assumes the same number of batches every epoch).
         loss_fn (`Callable`): ``loss_fn(model, x, y) -> scalar``.
         epochs (`int`), lr (`float`), momentum (`float`), weight_decay (`float`), optimizer (`str`),
         schedule (`str`): optimisation settings.
@@ -95,11 +96,12 @@ def train_loop(
         mask = {k: mask[k] for k in named}
     opt, decoupled = make_optimizer(optimizer, named.values(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     upd = MaskedUpdate(named, mask, weight_decay=weight_decay, decoupled_weight_decay=decoupled)
-    plan = [epoch_batches(e) for e in range(epochs)] if epochs else []
-    total = sum(len(b) for b in plan)
+    first = epoch_batches(0) if epochs else []  # epochs are built lazily (CIFAR: 150 MB each)
+    total = len(first) * epochs
     step, last = 0, float("nan")
     model.train()
-    for epoch, batches in enumerate(plan):
+    for epoch in range(epochs):
+        batches = first if epoch == 0 else epoch_batches(epoch)
         losses = []
         for x, y in batches:
             cur = lr_at(lr, schedule, step, total, epoch, epochs)

@@ -97,6 +97,7 @@ def iu(model: nn.Module, ctx: UnlearnContext, cfg: IUConfig) -> nn.Module:
         n = min(1000, len(ctx.retain), fit)
         if n < 1:
             raise ValueError(f"IU: one per-sample gradient ({n_params} weights) exceeds max_memory_gb")
+        logger.info("IU: Fisher from %d retain samples (n_samples unset; max_memory_gb=%g)", n, cfg.max_memory_gb)
     else:
         n = min(cfg.n_samples, len(ctx.retain))
         if n > fit:
