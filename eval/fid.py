@@ -37,21 +37,23 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """``||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrt(S1 S2))`` (Heusel et al.; pytorch-fid's formula).
 
     ``Tr(sqrt(S1 S2))`` is computed as the sum of the square roots of the eigenvalues of the symmetric PSD matrix
-    ``sqrt(S1) S2 sqrt(S1)`` (similar to ``S1 S2``), with scipy's symmetric eigensolver: the same value as
-    ``scipy.linalg.sqrtm(S1 @ S2)``'s trace, without its complex round-off, and about 20x faster at 2048-d.
+    ``sqrt(S1) S2 sqrt(S1)`` (similar to ``S1 S2``) with torch's float64 symmetric eigensolver: the same value as
+    the trace of ``scipy.linalg.sqrtm(S1 @ S2)`` without its complex round-off. At 2048-d it takes about 3 s here,
+    where scipy's ``sqrtm`` and ``eigh`` took tens of seconds (20-36 s for one ``eigh``) on the same shared 2-core machine.
     """
-    from scipy import linalg
+    import torch
 
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise MetricError("the two feature sets have different dimensions")
     diff = mu1 - mu2
-    w, v = linalg.eigh((sigma1 + sigma1.T) / 2)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root1 @ sigma2 @ root1
-    ev = linalg.eigvalsh((m + m.T) / 2)
-    tr_covmean = float(np.sqrt(np.clip(ev, 0, None)).sum())
+    s1, s2 = torch.from_numpy(sigma1), torch.from_numpy(sigma2)
+    w, v = torch.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = root1 @ s2 @ root1
+    ev = torch.linalg.eigvalsh((m + m.T) / 2)
+    tr_covmean = float(ev.clamp(min=0).sqrt().sum())
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
