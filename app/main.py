@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-size", type=int, default=2, help="Loaded models kept in memory (default 2).")
     p.add_argument("--data-cache-dir", default=None, help="Cache of generated Df/Dr images (default ~/.cache/salun-erasure).")
     p.add_argument("--judge", default="auto", choices=["auto", "shapes", "nudenet", "none"],
-                   help="What scores generated images: auto = shapes judge for the embedded model, NudeNet otherwise.")
+                   help="What scores generated images: auto = shapes judge for the embedded model, NudeNet otherwise "
+                        "(shapes also selects the shapes presets, for a shapes model in another folder).")
     p.add_argument("--gen-concurrency", type=int, default=None,
                    help="Generation requests served at once (default 1 on CPU, 2 on GPU); the rest queue.")
     p.add_argument("--max-queue", type=int, default=64, help="Most requests waiting in the queue.")

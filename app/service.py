@@ -246,7 +246,7 @@ class AppService:
         self.gen_batch_size = gen_batch_size
         if judge not in ("auto", "shapes", "nudenet", "none"):
             raise AppError(f"judge must be auto, shapes, nudenet or none, got {judge!r}")
-        self.model_kind = "shapes" if self._is_shapes_model() else "sd"
+        self.model_kind = "shapes" if judge == "shapes" or self._is_shapes_model() else "sd"
         self.judge_kind = ("shapes" if self.model_kind == "shapes" else "nudenet") if judge == "auto" else judge
         self.cache = PipelineCache(self._load_pipeline, capacity=cache_size)
         self._erase_lock = threading.Lock()
