@@ -76,9 +76,13 @@ def app_url(tmp_path_factory):
 
 
 def _fill(page, selector: str, value) -> None:
-    el = page.locator(selector)
+    from playwright.sync_api import expect
+
+    el = page.locator(selector).first
+    el.wait_for(state="visible")
     el.fill(str(value))
     el.blur()
+    expect(el).to_have_value(str(value))
 
 
 def test_erase_and_compare_in_the_browser(app_url):
@@ -102,6 +106,7 @@ def test_erase_and_compare_in_the_browser(app_url):
             _fill(page, "#erase-retain textarea", "a car")
             _fill(page, "#erase-steps input", 3)
             page.get_by_text("Advanced", exact=True).click()
+            page.wait_for_timeout(500)  # the accordion opens
             _fill(page, "#erase-fipp input", 2)
             _fill(page, "#erase-ripp input", 2)
             _fill(page, "#erase-data-steps input", 2)
@@ -109,6 +114,8 @@ def test_erase_and_compare_in_the_browser(app_url):
             page.locator("#erase-button").click()
             run_box = page.locator("#erase-run-id textarea, #erase-run-id input").first
             expect(run_box).to_have_value("browser-apple", timeout=180_000)
+            expect(page.locator("#erase-summary")).to_contain_text("trained on 4 forget and 2 retain images")
+            page.wait_for_timeout(1500)  # let the loss chart and the status line render
             page.screenshot(path=str(ARTIFACTS / "erase.png"), full_page=True)
 
             # compare: original (left) vs the new run (right, selected after the erasure)

@@ -12,7 +12,9 @@ CUSTOM = "custom"
 
 
 def _loss_frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["step", "series", "value"])
+    """Loss rows as a frame with numeric step/value columns even when empty (the plot reads the dtypes)."""
+    frame = pd.DataFrame(rows, columns=["step", "series", "value"])
+    return frame.astype({"step": "int64", "series": "str", "value": "float64"})
 
 
 def build(service: AppService, ctx: UIContext) -> None:
@@ -61,7 +63,7 @@ def build(service: AppService, ctx: UIContext) -> None:
     status = gr.Markdown(service.status_text(), elem_id="erase-status")
     with gr.Row():
         run_id = gr.Textbox(label="Saved run", interactive=False, elem_id="erase-run-id")
-        summary = gr.Markdown("")
+        summary = gr.Markdown("", elem_id="erase-summary")
     loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series", title="Training loss",
                             label="Training loss", height=260)
 
@@ -119,9 +121,11 @@ def build(service: AppService, ctx: UIContext) -> None:
         info = service.read_run(rid)
         t = info.get("timing_s", {})
         mask = info.get("mask") or {}
+        data = info.get("data") or {}
         md = (f"**{rid}**: erased *{', '.join(info.get('concepts', []))}* with {info.get('method')} in "
               f"{t.get('total', 0):.0f} s; final loss {(info.get('final') or {}).get('loss')}"
-              + (f"; mask keeps {mask['ratio']:.1%} of weights" if "ratio" in mask else ""))
+              + (f"; mask keeps {mask['ratio']:.1%} of weights" if "ratio" in mask else "")
+              + f"; trained on {data.get('forget_images', '?')} forget and {data.get('retain_images', '?')} retain images")
         return rid, md, _loss_frame(service.loss_curve(rid))
 
     @ui_errors

@@ -7,6 +7,12 @@ import pandas as pd
 
 from app.service import AppService
 from app.tabs.common import UIContext, ui_errors
+from app.tabs.erase import _loss_frame
+
+
+def _mask_frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=["layer", "kept", "weights"])
+    return frame.astype({"layer": "str", "kept": "float64", "weights": "int64"})
 
 
 def build(service: AppService, ctx: UIContext) -> None:
@@ -15,10 +21,10 @@ def build(service: AppService, ctx: UIContext) -> None:
         run = ctx.add_run_dropdown(gr.Dropdown(runs, value=runs[0] if runs else None, label="Run",
                                                allow_custom_value=True, elem_id="inspect-run"))
         show = gr.Button("Show", variant="primary", scale=0)
-    mask_plot = gr.BarPlot(pd.DataFrame(columns=["layer", "kept", "weights"]), x="layer", y="kept",
+    mask_plot = gr.BarPlot(_mask_frame([]), x="layer", y="kept",
                            title="Saliency mask: fraction of weights kept per UNet block", x_label_angle=-45,
                            height=360, label="Mask sparsity", sort=None)
-    loss_plot = gr.LinePlot(pd.DataFrame(columns=["step", "series", "value"]), x="step", y="value", color="series",
+    loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series",
                             title="Training loss", height=280, label="Loss curve")
     info = gr.JSON(label="run.json")
 
@@ -26,11 +32,11 @@ def build(service: AppService, ctx: UIContext) -> None:
     def inspect_run(run_id):
         meta = service.read_run(run_id)
         try:
-            mask = pd.DataFrame(service.mask_sparsity(run_id), columns=["layer", "kept", "weights"])
+            mask = _mask_frame(service.mask_sparsity(run_id))
         except ValueError as err:  # unmasked method: show the rest
             gr.Info(str(err))
-            mask = pd.DataFrame(columns=["layer", "kept", "weights"])
-        loss = pd.DataFrame(service.loss_curve(run_id), columns=["step", "series", "value"])
+            mask = _mask_frame([])
+        loss = _loss_frame(service.loss_curve(run_id))
         return gr.BarPlot(mask, sort=list(mask["layer"]) or None), loss, meta
 
     show.click(inspect_run, run, [mask_plot, loss_plot, info], api_name="inspect", concurrency_limit=4)
