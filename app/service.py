@@ -782,8 +782,9 @@ class AppService:
     @staticmethod
     def _i2p_path() -> Path | None:
         repo = Path(__file__).resolve().parents[1]
+        shared = repo.parent / "shared" / "data" / "prompts"
         cands = [os.environ.get("SALUN_I2P_CSV", ""), repo / "prompts" / "i2p.csv", repo / "prompts" / "i2p_benchmark.csv",
-                 repo.parent / "shared" / "data" / "prompts" / "i2p.csv"]
+                 shared / "i2p_unsafe_prompts4703.csv", shared / "i2p.csv"]
         for c in cands:
             if c and Path(c).is_file():
                 return Path(c)
