@@ -10,6 +10,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import socket  # noqa: E402
 import subprocess  # noqa: E402
