@@ -767,7 +767,7 @@ class AppService:
                 raise AppError("upload a CSV file with a 'prompt' column")
             path = Path(csv_path)
         elif source == "i2p":
-            path = self._i2p_path()
+            path = self.i2p_path()
             if path is None:
                 raise AppError("the I2P prompt file is not present (set SALUN_I2P_CSV or put it in prompts/i2p.csv)")
         elif source == "model":
@@ -780,7 +780,7 @@ class AppService:
         return path
 
     @staticmethod
-    def _i2p_path() -> Path | None:
+    def i2p_path() -> Path | None:
         repo = Path(__file__).resolve().parents[1]
         shared = repo.parent / "shared" / "data" / "prompts"
         cands = [os.environ.get("SALUN_I2P_CSV", ""), repo / "prompts" / "i2p.csv", repo / "prompts" / "i2p_benchmark.csv",
