@@ -165,7 +165,7 @@ def test_erase_shape_on_embedded_model_and_judge(tmp_path):
     preset = load_preset("shape_circle")
     c, conf = preset.concept, preset.config
     steps = int(os.environ.get("APP_TEST_CIRCLE_STEPS", min(int(conf.get("steps", 40)), 40)))
-    lr = float(os.environ.get("APP_TEST_CIRCLE_LR", conf.get("lr", 1e-4)))
+    lr = float(os.environ.get("APP_TEST_CIRCLE_LR", conf.get("lr", 1e-3)))
     n = min(4, len(c.forget_prompts))
     anchors = c.anchor_prompts[:n] if len(c.anchor_prompts) > 1 else c.anchor_prompts
     proc, url = start_app(["--runs-dir", str(tmp_path / "runs"), "--data-cache-dir", str(tmp_path / "cache")],
