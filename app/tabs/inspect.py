@@ -40,4 +40,9 @@ def build(service: AppService, ctx: UIContext) -> None:
         return gr.BarPlot(mask, sort=list(mask["layer"]) or None), loss, meta
 
     show.click(inspect_run, run, [mask_plot, loss_plot, info], api_name="inspect", concurrency_limit=4)
-    run.change(inspect_run, run, [mask_plot, loss_plot, info], api_visibility="private", concurrency_limit=4)
+    def on_change(run_id):
+        if not run_id:  # no run yet (the dropdown is refreshed on page load): nothing to show, no error
+            return _mask_frame([]), _loss_frame([]), None
+        return inspect_run(run_id)
+
+    run.change(on_change, run, [mask_plot, loss_plot, info], api_visibility="private", concurrency_limit=4)
