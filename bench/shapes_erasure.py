@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from erasure import erase, generate, load_erased_pipeline, load_pipeline, read_run  # noqa: E402
 from erasure.presets import config_from_preset, load_preset  # noqa: E402
-from erasure.shapes import concept_kind, load_judge  # noqa: E402
+from erasure.shapes import all_captions, concept_kind, load_judge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("shapes_erasure")
@@ -76,9 +76,10 @@ def main() -> None:
     ap.add_argument("--preset", default="shape_circle")
     ap.add_argument("--methods", nargs="+", default=["salun", "rl", "esd-x"])
     ap.add_argument("--forget-seeds", type=int, default=64)
-    ap.add_argument("--retain-seeds", type=int, default=16)
+    ap.add_argument("--retain-seeds", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--override", default="{}", help="JSON of EraseConfig overrides applied to every method.")
+    ap.add_argument("--model", default="default", help="Base model (default: the embedded shapes model).")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--out", default=None, help="JSON results (default bench/results/shapes_erasure_<preset>.json).")
     ap.add_argument("--keep-cache", action="store_true", help="Reuse Df/Dr images (time then excludes generation).")
@@ -91,11 +92,13 @@ def main() -> None:
     with open(ROOT / "prompts" / "shapes.csv", encoding="utf-8") as fh:
         retain_rows = [r for r in csv.DictReader(fh) if r[kind] != concept]
     judge = load_judge()
-    forget_prompts = pr.concept.forget_prompts
+    # every template naming only the concept, plus a spread of the preset's combined prompts
+    only = all_captions(**{"shape": None, "color": None, "fill": None, kind: concept})
+    forget_prompts = only + [p for p in pr.concept.forget_prompts[::3] if p not in only]
     results = {"preset": args.preset, "concept": concept, "kind": kind, "forget_seeds": args.forget_seeds,
                "retain_seeds": args.retain_seeds, "load_avg_start": os.getloadavg(), "models": {}}
     t = time.time()
-    base = load_pipeline("default")
+    base = load_pipeline(args.model)
     results["models"]["original"] = evaluate(base, judge, concept, kind, forget_prompts, retain_rows,
                                              args.forget_seeds, args.retain_seeds, args.batch)
     results["models"]["original"]["eval_s"] = round(time.time() - t, 1)
@@ -106,7 +109,7 @@ def main() -> None:
         cache = Path(args.runs_dir) / f"cache-{args.preset}-{method}"
         if not args.keep_cache:
             shutil.rmtree(cache, ignore_errors=True)
-        cfg = config_from_preset(args.preset, method=method, cache_dir=str(cache), **overrides)
+        cfg = config_from_preset(args.preset, method=method, cache_dir=str(cache), model=args.model, **overrides)
         erase(cfg, run_dir, overwrite=True)
         info = read_run(run_dir)
         pipe = load_erased_pipeline(run_dir)
