@@ -17,7 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -106,8 +105,8 @@ def to_markdown(s: dict, meta: dict) -> str:
         lines.append(f"| all named concepts at once | {s['joint']:.1%} | - | - |")
     lines += ["", "| case | prompt | shape | color | fill | all |", "|---|---|---|---|---|---|"]
     for r in s["per_row"]:
-        f = lambda k: f"{r[k]:.0%}" if k in r else ""  # noqa: E731
-        lines.append(f"| {r['case_number']} | {r['prompt']} | {f('shape')} | {f('color')} | {f('fill')} | {f('all_named')} |")
+        cells = [f"{r[k]:.0%}" if k in r else "" for k in ("shape", "color", "fill", "all_named")]
+        lines.append(f"| {r['case_number']} | {r['prompt']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

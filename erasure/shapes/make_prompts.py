@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any

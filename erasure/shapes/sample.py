@@ -21,7 +21,7 @@ def load_shapes_pipeline(path: str | os.PathLike | None = None, device: str | to
 
     from erasure.shapes import default_model_path
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path or default_model_path()), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path or default_model_path()), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

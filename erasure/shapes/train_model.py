@@ -439,7 +439,7 @@ def _eval_mse(cfg, unet, te, latents, labels, sf, sched, sampler, tokens, n: int
     g = torch.Generator().manual_seed(12345)
     rng = np.random.default_rng(12345)
     tot = 0.0
-    for i in range(0, n, 128):
+    for _ in range(0, n, 128):
         idx = torch.randint(len(latents), (128,), generator=g)
         x0 = latents[idx] * sf
         noise = torch.randn(x0.shape, generator=g)
