@@ -165,7 +165,8 @@ def test_erase_shape_on_embedded_model_and_judge(tmp_path):
     preset = load_preset("shape_circle")
     c, conf = preset.concept, preset.config
     steps = int(os.environ.get("APP_TEST_CIRCLE_STEPS", min(int(conf.get("steps", 40)), 40)))
-    lr = float(os.environ.get("APP_TEST_CIRCLE_LR", conf.get("lr", 1e-3)))
+    # the short test run needs a larger step than the preset's 100-step recipe (same as tests/test_erase_shapes.py)
+    lr = float(os.environ.get("APP_TEST_CIRCLE_LR", 1e-3))
     n = min(4, len(c.forget_prompts))
     anchors = c.anchor_prompts[:n] if len(c.anchor_prompts) > 1 else c.anchor_prompts
     proc, url = start_app(["--runs-dir", str(tmp_path / "runs"), "--data-cache-dir", str(tmp_path / "cache")],
@@ -176,7 +177,7 @@ def test_erase_shape_on_embedded_model_and_judge(tmp_path):
             preset="shape_circle", concept=c.name, forget="\n".join(c.forget_prompts[:n]), anchor="\n".join(anchors),
             retain="\n".join(c.retain_prompts[::5]), method="salun", mask_ratio=conf.get("mask_ratio", 0.5),
             steps=steps, lr=lr, alpha=conf.get("alpha", 0.5), forget_images_per_prompt=4, retain_images_per_prompt=2,
-            data_steps=10, batch_size=4, seed=0, run_name="circle-test", api_name="/erase",
+            data_steps=10, batch_size=8, seed=0, run_name="circle-test", api_name="/erase",
         )
         assert rid == "circle-test"
         gal_a, gal_b, table = cl.predict(prompt="a circle", seeds="0, 1, 2, 3", steps=20, guidance=7.5,
