@@ -135,7 +135,7 @@ def table(res: dict) -> str:
         f"retain: prompts/shapes.csv rows without it x {res['retain_seeds']} seeds. Judge = models/shapes-judge.",
         "",
         f"| model | sees {res['concept']} on forget prompts | worst forget prompt | retain {kind} acc | "
-        + " | ".join(f"retain {o} acc" for o in others) + " | erase time (data / mask / train / total s) | changed weights |",
+        + " | ".join(f"retain {o} acc" for o in others) + " | erase time (data / mask / train / total s) | weights in saved tensors (SalUn trains the 50% in its mask) |",
         "|---|---|---|---|" + "---|" * len(others) + "---|---|",
     ]
     for name, r in res["models"].items():
