@@ -63,18 +63,15 @@ def row_categories(value: str | None) -> list[str]:
 
 
 def _int_or_none(v: str | None, what: str, line: int, path: str) -> int | None:
-    if v is None or str(v).strip() == "":
+    f = _float_or_none(v, what, line, path, finite_msg="is not a non-negative integer")
+    if f is None:
         return None
-    try:
-        f = float(v)
-    except ValueError as err:
-        raise PromptFileError(f"{path} line {line}: {what} {v!r} is not a number") from err
-    if not math.isfinite(f) or f != int(f) or f < 0:
+    if f != int(f) or f < 0:
         raise PromptFileError(f"{path} line {line}: {what} {v!r} is not a non-negative integer")
     return int(f)
 
 
-def _float_or_none(v: str | None, what: str, line: int, path: str) -> float | None:
+def _float_or_none(v: str | None, what: str, line: int, path: str, finite_msg: str = "is not finite") -> float | None:
     if v is None or str(v).strip() == "":
         return None
     try:
@@ -82,7 +79,7 @@ def _float_or_none(v: str | None, what: str, line: int, path: str) -> float | No
     except ValueError as err:
         raise PromptFileError(f"{path} line {line}: {what} {v!r} is not a number") from err
     if not math.isfinite(f):
-        raise PromptFileError(f"{path} line {line}: {what} {v!r} is not finite")
+        raise PromptFileError(f"{path} line {line}: {what} {v!r} {finite_msg}")
     return f
 
 
