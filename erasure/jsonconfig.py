@@ -113,6 +113,17 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """argparse type of dict fields: a JSON object such as '{"square": 2}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', got {text!r}")
+    return value
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add one ``--flag`` per dataclass field of ``cls`` (``snake_case`` -> ``--snake-case``)."""
     hints = typing.get_type_hints(cls)
@@ -133,7 +144,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         lit = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
         if lit:
             choices = list(lit)
-        if tp is bool:
+        if typing.get_origin(tp) is dict:
+            parser.add_argument(flag, type=_json_object, default=argparse.SUPPRESS, help=help_text + " (JSON object)")
+        elif tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif is_list:
             parser.add_argument(

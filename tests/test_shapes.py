@@ -238,3 +238,28 @@ def test_train_model_smoke_and_resume(tmp_path):
     assert not list(tmp_path.glob(".out.*"))  # temp folders of the atomic rename are gone
     with pytest.raises(ValueError, match="vae_channels"):
         ShapesModelConfig(vae_channels=[8, 8])
+
+
+def test_shape_weights_oversample_named_shapes_and_parse_from_the_command_line():
+    import argparse
+
+    from erasure.jsonconfig import add_config_arguments, config_from_args
+    from erasure.shapes.train_model import ShapesModelConfig, shape_sampling_weights
+
+    labels = torch.tensor([[i % len(SHAPES), 0, 0] for i in range(600)])
+    assert shape_sampling_weights(labels, {}) is None
+    w = shape_sampling_weights(labels, {"square": 3.0})
+    idx = torch.multinomial(w, 20000, replacement=True, generator=torch.Generator().manual_seed(0))
+    share = (labels[idx, 0] == SHAPES.index("square")).float().mean().item()
+    assert abs(share - 3 / 8) < 0.02  # 3 / (3 + 5 * 1)
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ShapesModelConfig)
+    cfg = config_from_args(ShapesModelConfig, parser.parse_args(["--shape-weights", '{"heart": 1.5}']))
+    assert cfg.shape_weights == {"heart": 1.5}
+    assert ShapesModelConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="unknown shape 'blob'"):
+        ShapesModelConfig(shape_weights={"blob": 2.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        ShapesModelConfig(shape_weights={"square": 0.0})
+    with pytest.raises(SystemExit):  # not a JSON object: argparse error, exit code 2
+        parser.parse_args(["--shape-weights", "[1, 2]"])

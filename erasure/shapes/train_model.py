@@ -97,6 +97,10 @@ class ShapesModelConfig(JsonConfig):
     p_drop_color: float = field(0.25, help="probability the colour word is dropped")
     p_drop_fill: float = field(0.4, help="probability the fill word is dropped")
     p_color_first: float = field(0.2, help="probability of '[color] [fill] noun' word order")
+    shape_weights: dict[str, float] = field(
+        default_factory=dict,
+        help="diffusion sampling weight per shape, e.g. {\"square\": 2}; unnamed shapes weigh 1 (empty = uniform)",
+    )
     checkpoint_every: int = field(250, help="checkpoint interval (steps) of both training stages")
     log_every: int = field(25, help="log interval (steps)")
 
@@ -122,6 +126,11 @@ class ShapesModelConfig(JsonConfig):
             raise ValueError("warmup_steps, snr_gamma and vae_kl_weight must be >= 0")
         if self.beta_schedule not in ("linear", "scaled_linear"):
             raise ValueError(f"beta_schedule must be 'linear' or 'scaled_linear', got {self.beta_schedule!r}")
+        for name, w in self.shape_weights.items():
+            if name not in SHAPES:
+                raise ValueError(f"shape_weights: unknown shape {name!r}; choose from {list(SHAPES)}")
+            if not w > 0:
+                raise ValueError(f"shape_weights[{name!r}] must be > 0, got {w}")
         CaptionSampler(self.p_drop_shape, self.p_drop_color, self.p_drop_fill, self.p_color_first, self.p_empty)
 
 
@@ -345,6 +354,17 @@ class _TokenCache:
         return torch.stack([self.cache[c] for c in captions])
 
 
+def shape_sampling_weights(labels: torch.Tensor, shape_weights: dict[str, float]) -> torch.Tensor | None:
+    """Per-image sampling weights from the shape label (column 0 of ``labels``); ``None`` means uniform.
+
+    Uniform sampling keeps the original ``randint`` draw, so runs without ``shape_weights`` are bit-identical.
+    """
+    if not shape_weights:
+        return None
+    per_shape = torch.tensor([float(shape_weights.get(s, 1.0)) for s in SHAPES])
+    return per_shape[labels[:, 0].long()]
+
+
 def train_diffusion(
     cfg: ShapesModelConfig, latents: torch.Tensor, labels: torch.Tensor, sf: float, tokenizer, work: Path
 ) -> tuple[Any, Any, dict[str, float]]:
@@ -369,6 +389,7 @@ def train_diffusion(
     log = _JsonlLog(work / "train_log.jsonl")
     t0 = time.time() - float(state["seconds"])
     n = len(latents)
+    sample_w = shape_sampling_weights(labels, cfg.shape_weights)
     run_loss, run_n = 0.0, 0
     last: dict[str, Any] = {}
     unet_keys = [(f"u.{k}", v) for k, v in unet.state_dict().items()]
@@ -379,7 +400,10 @@ def train_diffusion(
     for step in range(start, cfg.steps):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 + step)
         rng = np.random.default_rng([cfg.seed, step, 11])
-        idx = torch.randint(n, (cfg.batch_size,), generator=g)
+        if sample_w is None:
+            idx = torch.randint(n, (cfg.batch_size,), generator=g)
+        else:
+            idx = torch.multinomial(sample_w, cfg.batch_size, replacement=True, generator=g)
         x0 = latents[idx] * sf
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
