@@ -100,6 +100,11 @@ class EraseConfig(MaskConfig):
     batch_size: int = field(4, help="Forget (and retain) images per step.")
     lr: float = field(1e-5, help="Learning rate.")
     alpha: float = field(0.5, help="Weight of the retain denoising loss (reference: 0.5 objects, 0.1 nudity).")
+    retain_loss: Literal["denoise", "distill"] = field(
+        "denoise",
+        help="Retain term on Dr: denoise (the paper's MSE to the added noise) or distill (MSE to the frozen "
+        "original UNet's prediction; lower-variance, keeps a second UNet in memory).",
+    )
     trainable: Literal["full", "xattn", "noxattn"] = field(
         "full", help="UNet parameters that may train: full, xattn (cross-attention only), noxattn (all but cross-attention)."
     )
@@ -151,6 +156,8 @@ class EraseConfig(MaskConfig):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.trainable not in ("full", "xattn", "noxattn"):
             raise ValueError(f"trainable must be full, xattn or noxattn, got {self.trainable!r}")
+        if self.retain_loss not in ("denoise", "distill"):
+            raise ValueError(f"retain loss must be denoise or distill, got {self.retain_loss!r}")
         if self.optimizer not in ("adam", "adamw", "sgd", "adam8bit"):
             raise ValueError(f"optimizer must be adam, adamw, sgd or adam8bit, got {self.optimizer!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):

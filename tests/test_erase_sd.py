@@ -112,6 +112,19 @@ def test_baselines(method, tiny_model_dir, tmp_path):
         assert info["changed_params"] == info["unet_params"]
 
 
+def test_distill_retain_loss_starts_at_zero_and_pulls_toward_the_original(tiny_model_dir, tmp_path):
+    """retain_loss="distill": the target is the frozen original UNet, so the term is exactly 0 before the first
+    update and positive once the weights moved; the paper's denoising term is not 0 at the start."""
+    logs = {}
+    for kind in ("distill", "denoise"):
+        run = erase(_cfg(tiny_model_dir, tmp_path / kind, steps=3, retain_loss=kind), tmp_path / kind / "run")
+        logs[kind] = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        assert read_run(run)["config"]["retain_loss"] == kind
+    assert logs["distill"][0]["retain_loss"] == 0.0
+    assert logs["distill"][-1]["retain_loss"] > 0.0
+    assert logs["denoise"][0]["retain_loss"] > 0.0
+
+
 def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, tmp_path, steps=4, checkpoint_every=2)
     full = erase(cfg, tmp_path / "full")
@@ -175,6 +188,7 @@ def test_existing_run_refused_unless_overwrite(salun_run, tiny_model_dir, tmp_pa
         (dict(method="nope"), "unknown method"),
         (dict(steps=0), "steps"),
         (dict(lr=-1.0), "learning rate"),
+        (dict(retain_loss="l2"), "retain loss"),
     ],
 )
 def test_config_rejects_bad_values(kw, match, tmp_path):

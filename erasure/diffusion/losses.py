@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["StepBatch", "add_noise", "unet_eps", "mask_loss", "remap_loss", "denoise_loss", "esd_loss"]
+__all__ = ["StepBatch", "add_noise", "unet_eps", "mask_loss", "remap_loss", "denoise_loss", "distill_loss", "esd_loss"]
 
 
 @dataclass
@@ -65,6 +65,17 @@ def remap_loss(unet, b: StepBatch) -> torch.Tensor:
 def denoise_loss(unet, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     """Standard epsilon-prediction denoising MSE."""
     return F.mse_loss(unet_eps(unet, x, t, cond).float(), noise.float())
+
+
+def distill_loss(unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Retain distillation: MSE(eps_theta(x_t, c), stopgrad eps*(x_t, c)) with the frozen original eps*.
+
+    Zero at the start of training; unlike :func:`denoise_loss` its target carries no sampling noise, so small
+    retain batches at a high learning rate do not random-walk the weights away from the original model.
+    """
+    with torch.no_grad():
+        target = unet_eps(frozen_unet, x, t, cond)
+    return F.mse_loss(unet_eps(unet, x, t, cond).float(), target.float())
 
 
 def esd_loss(unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, eta: float) -> torch.Tensor:

@@ -333,7 +333,7 @@ def _erase(cfg, out, part, method, trainable_mode, resume, accelerator, device, 
         if n not in trainable:
             p.requires_grad_(False)
     frozen = None
-    if method.needs_frozen_unet:
+    if method.needs_frozen_unet or (method.uses_retain and cfg.alpha > 0 and cfg.retain_loss == "distill"):
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -6,17 +6,21 @@ denoising loss on Dr.
 
 from __future__ import annotations
 
-from erasure.diffusion.losses import denoise_loss, remap_loss
+from erasure.diffusion.losses import denoise_loss, distill_loss, remap_loss
 from erasure.methods import MethodSpec, register_method
 
 
 def remap_with_retain(ctx, b) -> dict:
-    """Shared by SalUn and RL: remap loss on Df + alpha * denoising loss on Dr."""
+    """Shared by SalUn and RL: remap loss on Df + alpha * retain loss on Dr (denoising, or distillation from the
+    frozen original UNet when ``config.retain_loss == "distill"``)."""
     forget = remap_loss(ctx.unet, b)
     out = {"forget_loss": forget}
     loss = forget
     if b.retain_x is not None and ctx.config.alpha > 0:
-        retain = denoise_loss(ctx.unet, b.retain_x, b.retain_t, b.retain_noise, b.retain_cond)
+        if ctx.config.retain_loss == "distill":
+            retain = distill_loss(ctx.unet, ctx.frozen_unet, b.retain_x, b.retain_t, b.retain_cond)
+        else:
+            retain = denoise_loss(ctx.unet, b.retain_x, b.retain_t, b.retain_noise, b.retain_cond)
         out["retain_loss"] = retain
         loss = loss + ctx.config.alpha * retain
     out["loss"] = loss
