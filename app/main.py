@@ -4,7 +4,8 @@
     python -m app --model ./sd-v1-4 --port 7861 --auth alice:secret
 
 Named API endpoints (for ``gradio_client``): ``/erase``, ``/compare``, ``/inspect``, ``/evaluate``,
-``/rename_run``, ``/delete_run``, ``/download_run``, ``/export_run``.
+``/rename_run``, ``/delete_run``, ``/download_run``, ``/export_run``, ``/list_interrupted``, ``/resume_run``,
+``/delete_interrupted``.
 """
 
 from __future__ import annotations
@@ -61,15 +62,21 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
                 inspect_tab.build(service, ctx)
             with gr.Tab("Evaluate", id="evaluate"):
                 evaluate_tab.build(service, ctx)
-            with gr.Tab("Runs", id="runs"):
+            with gr.Tab("Runs", id="runs") as runs_page:
                 runs_tab.build(service, ctx)
+        # opening the Runs tab shows runs that finished or were interrupted meanwhile
+        ctx.runs_changed.append(runs_page.select(lambda: None, None, None, api_visibility="private", queue=False))
 
         dropdowns = [dd for dd, _, _ in ctx.run_dropdowns]
-        outputs = dropdowns + ([ctx.runs_table] if ctx.runs_table is not None else [])
+        extra_inputs = [c for ins, _, _ in ctx.refreshers for c in ins]
+        inputs = dropdowns + extra_inputs
+        outputs = (dropdowns + ([ctx.runs_table] if ctx.runs_table is not None else [])
+                   + [c for _, outs, _ in ctx.refreshers for c in outs])
 
         def refresh(*current, new_run: str | None = None):
             runs = service.run_ids()
             ups: list[Any] = []
+            rest = list(current[len(dropdowns):])
             for (_, with_original, follow), value in zip(ctx.run_dropdowns, current):
                 choices = ([ORIGINAL] if with_original else []) + runs
                 if follow and new_run in runs:
@@ -81,16 +88,19 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
                 ups.append(gr.Dropdown(choices=choices, value=keep))
             if ctx.runs_table is not None:
                 ups.append(ctx.list_table())
+            for ins, _, fn in ctx.refreshers:
+                ups.extend(fn(*rest[:len(ins)]))
+                rest = rest[len(ins):]
             return ups
 
         def refresh_new(new_run, *current):
             return refresh(*current, new_run=new_run)
 
         for ev in ctx.runs_changed:
-            ev.then(refresh, dropdowns, outputs, api_visibility="private", queue=False)
+            ev.then(refresh, inputs, outputs, api_visibility="private", queue=False)
         for ev, comp in ctx.new_run:
-            ev.then(refresh_new, [comp] + dropdowns, outputs, api_visibility="private", queue=False)
-        demo.load(refresh, dropdowns, outputs, api_visibility="private", queue=False)
+            ev.then(refresh_new, [comp] + inputs, outputs, api_visibility="private", queue=False)
+        demo.load(refresh, inputs, outputs, api_visibility="private", queue=False)
     return demo
 
 

@@ -2,7 +2,9 @@
 
 It owns the base model id, the runs folder, a bounded LRU cache of loaded pipelines, the single erasure
 slot (one erasure trains at a time; a second waits on the lock), the cancel event of the running erasure
-and the judges (the shapes judge for the embedded model, NudeNet for Stable Diffusion models).
+and the judges (the shapes judge for the embedded model, NudeNet for Stable Diffusion models). A cancelled
+erasure stays on disk as an interrupted run (``RUN.partial``): :meth:`AppService.list_interrupted` lists them,
+:meth:`AppService.resume_run` continues one from its checkpoint and :meth:`AppService.delete_run` removes one.
 
 Every user-facing failure is an :class:`AppError` (a ``ValueError``) with a readable message; the UI shows
 it with ``gr.Error``.
@@ -424,9 +426,13 @@ class AppService:
 
         return read_run(self.run_dir(run_id))
 
+    def _busy_locked(self, run_id: str) -> bool:
+        """Whether an erasure writing ``run_id`` is training or waiting (the caller holds ``_state_lock``)."""
+        return any(j.run_id == run_id for j in ([self._job] if self._job else []) + self._waiting)
+
     def _busy_with(self, run_id: str) -> bool:
         with self._state_lock:
-            return any(j.run_id == run_id for j in ([self._job] if self._job else []) + self._waiting)
+            return self._busy_locked(run_id)
 
     def rename_run(self, run_id: str, new_id: str) -> str:
         src = self.run_dir(run_id)
@@ -440,15 +446,163 @@ class AppService:
         self.cache.invalidate(run_id)
         return new_id
 
-    def delete_run(self, run_id: str) -> str:
-        d = self.run_dir(run_id)
-        if self._busy_with(run_id):
-            raise AppError("that run is being written by an erasure; cancel it first")
+    def delete_run(self, run_id: str, interrupted: bool | None = None) -> str:
+        """Delete a saved run or an interrupted one (``RUN.partial``, named without ``.partial``).
+
+        ``interrupted=None`` deletes the saved run when there is one, else the interrupted one; ``True`` only
+        the interrupted one, ``False`` only the saved one. A run that an erasure is writing is refused.
+        """
+        run_id = self.check_run_id(run_id)
+        if interrupted is None:
+            interrupted = not (self.runs_dir / run_id).exists() and self.partial_dir(run_id).is_dir()
+        if interrupted:
+            d, what = self.partial_dir(run_id), "interrupted run"
+            if not d.is_dir():
+                raise AppError(f"no interrupted run named {run_id!r} (see Interrupted runs in the Runs tab)")
+        else:
+            d, what = self.run_dir(run_id), "run"
+        trash = d.with_name(f".{run_id}.deleting-{os.getpid()}-{time.time_ns()}")
+        with self._state_lock:  # no erasure can start writing it between the check and the move
+            if self._busy_locked(run_id):
+                raise AppError("that run is being written by an erasure; cancel it first")
+            os.replace(d, trash)
         self.cache.invalidate(run_id)
-        trash = d.with_name(f".{d.name}.deleting-{os.getpid()}-{time.time_ns()}")
-        os.replace(d, trash)
         shutil.rmtree(trash, ignore_errors=True)
-        return f"deleted run {run_id!r}"
+        logger.info("deleted %s %s", what, run_id)
+        return f"deleted {what} {run_id!r}"
+
+    # ------------------------------------------------------------------ interrupted runs
+    def partial_dir(self, run_id: str) -> Path:
+        """``runs_dir/RUN.partial``: where an erasure writes ``run_id`` until it is complete."""
+        run_id = self.check_run_id(run_id)
+        d = self.runs_dir / f"{run_id}.partial"
+        if d.resolve().parent != self.runs_dir:
+            raise AppError(f"invalid run id {run_id!r}")
+        return d
+
+    @staticmethod
+    def _checkpoint_state(part: Path) -> tuple[dict[str, Any] | None, str]:
+        """``(state.json of the latest checkpoint in part or None, why it cannot be resumed or "")``."""
+        latest = part / "latest_checkpoint"
+        if not latest.is_file():
+            return None, "no checkpoint (stopped before the first one)"
+        try:
+            name = latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            return None, f"unreadable latest_checkpoint ({err})"
+        ck = part / name
+        if not name.startswith("checkpoint-") or Path(name).name != name or not ck.is_dir():
+            return None, f"checkpoint {name[:60]!r} named in latest_checkpoint is missing"
+        missing = [f for f in ("params.safetensors", "optimizer.safetensors") if not (ck / f).is_file()]
+        try:
+            state = json.loads((ck / "state.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return None, f"unreadable {name}/state.json ({err})"
+        if not isinstance(state, dict):
+            return None, f"{name}/state.json is not a JSON object"
+        return state, f"{name} lacks {', '.join(missing)}" if missing else ""
+
+    def list_interrupted(self) -> list[dict[str, Any]]:
+        """Interrupted runs (``RUN.partial`` folders no erasure is writing now), newest first.
+
+        Each is ``{"run", "concepts", "method", "step", "steps", "modified", "resumable", "note"}``: ``step``
+        is the step of the latest checkpoint (0 without one), ``steps`` the total (None when unknown) and
+        ``note`` says why a run cannot be resumed. Unreadable files only leave fields empty.
+        """
+        if not self.runs_dir.is_dir():
+            return []
+        out = []
+        for part in self.runs_dir.iterdir():
+            name = part.name[: -len(".partial")]
+            if not part.name.endswith(".partial") or not part.is_dir() or not name or name.startswith("."):
+                continue
+            if not RUN_ID_RE.match(name) or self._busy_with(name):
+                continue
+            try:
+                state, note = self._checkpoint_state(part)
+                mtime = max([part.stat().st_mtime] + [f.stat().st_mtime for f in part.iterdir()])
+            except OSError as err:  # deleted or renamed while listing
+                logger.debug("skipping %s: %s", part, err)
+                continue
+            state = state or {}
+            key = state.get("resume_key") if isinstance(state.get("resume_key"), dict) else {}
+            step = state.get("step")
+            steps = key.get("steps")
+            concepts = key.get("concepts") if isinstance(key.get("concepts"), list) else []
+            resumable = not note and bool(key) and isinstance(step, int)
+            if not resumable and not note:
+                note = "the checkpoint does not record its step and settings"
+            if resumable:
+                try:
+                    self._resume_config(name, state)
+                except AppError as err:
+                    resumable, note = False, str(err)
+            out.append({
+                "run": name,
+                "concepts": ", ".join(str(c.get("name", "?")) for c in concepts if isinstance(c, dict)),
+                "method": str(key.get("method", "")),
+                "step": step if isinstance(step, int) and not isinstance(step, bool) else 0,
+                "steps": steps if isinstance(steps, int) and not isinstance(steps, bool) else None,
+                "modified": datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M:%S"),
+                "resumable": resumable,
+                "note": note,
+                "_mtime": mtime,
+            })
+        out.sort(key=lambda r: r.pop("_mtime"), reverse=True)
+        return out
+
+    def _resume_config(self, run_id: str, state: dict[str, Any]):
+        """The :class:`~erasure.EraseConfig` an interrupted run was started with (this service's device and cache)."""
+        from erasure import EraseConfig
+
+        key = state.get("resume_key")
+        if not isinstance(key, dict) or not key:
+            raise AppError(f"interrupted run {run_id!r} cannot be resumed: its checkpoint does not record its settings; "
+                           "delete it under Interrupted runs in the Runs tab and start the erasure again")
+        if key.get("model") != self.model:
+            raise AppError(f"interrupted run {run_id!r} was started on base model {key.get('model')!r}, but this app "
+                           f"serves {self.model!r}; start the app with that --model to resume it, or delete it")
+        data = dict(key, device=self.device)
+        if self.data_cache_dir:
+            data["cache_dir"] = self.data_cache_dir
+        try:
+            cfg = EraseConfig.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise AppError(f"the settings of interrupted run {run_id!r} cannot be rebuilt ({err}); delete it under "
+                           "Interrupted runs in the Runs tab and start the erasure again") from err
+        rebuilt = cfg.to_dict()
+        changed = sorted(k for k, v in key.items() if rebuilt.get(k) != v)
+        if changed:
+            raise AppError(f"the settings of interrupted run {run_id!r} do not rebuild to the same config "
+                           f"({', '.join(changed)} differ); delete it and start the erasure again")
+        return cfg
+
+    def resume_run(
+        self,
+        run_id: str,
+        progress: Callable[[str, int, int, dict], None] | None = None,
+        owner: str | None = None,
+        wait: bool = True,
+    ) -> str:
+        """Continue an interrupted run from its latest checkpoint into the same run id, through :meth:`erase`.
+
+        The config is rebuilt from the checkpoint (with this service's device and data cache), so training
+        goes on exactly where it stopped; the single erasure slot, progress and cancel work as for
+        :meth:`erase`. Returns the run id.
+        """
+        part = self.partial_dir(run_id)
+        run_id = part.name[: -len(".partial")]
+        if self._busy_with(run_id):
+            raise AppError(f"an erasure named {run_id!r} is already training or waiting")
+        if not part.is_dir():
+            raise AppError(f"no interrupted run named {run_id!r} (see Interrupted runs in the Runs tab)")
+        state, why = self._checkpoint_state(part)
+        if state is None or why:
+            raise AppError(f"interrupted run {run_id!r} cannot be resumed: {why}. Delete it under Interrupted runs "
+                           "in the Runs tab and start the erasure again")
+        cfg = self._resume_config(run_id, state)
+        logger.info("resuming run %s from step %s", run_id, state.get("step"))
+        return self.erase(cfg, run_id, progress=progress, owner=owner, wait=wait)
 
     def run_zip(self, run_id: str, out_dir: str | os.PathLike) -> Path:
         """A zip of the run folder (run.json, weights, mask, log), for download."""
@@ -542,7 +696,9 @@ class AppService:
 
         run_id = self.check_new_run(run_id, cfg)
         job = EraseJob(run_id=run_id, owner=owner, concept=cfg.concepts[0].name, method=cfg.method)
-        with self._state_lock:
+        with self._state_lock:  # checked again with the lock held: two requests for one name, or a delete
+            if self._busy_locked(run_id):
+                raise AppError(f"an erasure named {run_id!r} is already training or waiting")
             self._waiting.append(job)
         try:
             if not self._erase_lock.acquire(blocking=wait):
@@ -573,9 +729,19 @@ class AppService:
             try:
                 erase(cfg, self.runs_dir / run_id, progress=on_progress, cancel=job.cancel)
             except EraseCancelled as err:
-                self._last = f"run '{run_id}' cancelled at step {job.done}; start it again with the same name to resume."
-                raise AppError(f"erasure cancelled: {err} (use the same run name to resume)") from err
-            except (NonFiniteLossError, RunExistsError, ValueError) as err:
+                where = f"at step {job.done}/{job.total}" if job.stage == "fine-tuning" else f"during {job.stage}"
+                self._last = (f"run '{run_id}' cancelled {where}; it is listed under Interrupted runs in the Runs tab, "
+                              "where it can be resumed or deleted.")
+                raise AppError(f"erasure cancelled {where}: run '{run_id}' is listed under Interrupted runs in the Runs "
+                               "tab, where it can be resumed or deleted") from err
+            except RunExistsError as err:
+                if self.partial_dir(run_id).is_dir():
+                    self._last = f"run '{run_id}' not started: an interrupted run with other settings has that name"
+                    raise AppError(f"an interrupted run named {run_id!r} with other settings exists; resume or delete "
+                                   "it under Interrupted runs in the Runs tab, or choose another name") from err
+                self._last = f"run '{run_id}' failed: {err}"
+                raise AppError(f"erasure failed: {err}") from err
+            except (NonFiniteLossError, ValueError) as err:
                 self._last = f"run '{run_id}' failed: {err}"
                 raise AppError(f"erasure failed: {err}") from err
             except Exception as err:
@@ -588,6 +754,19 @@ class AppService:
             with self._state_lock:
                 self._job = None
             self._erase_lock.release()
+
+    def wait_stopped(self, owner: str | None = None, timeout: float = 120.0) -> bool:
+        """Wait until no erasure of ``owner`` (of anyone, if None) is training or waiting; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._state_lock:
+                jobs = ([self._job] if self._job else []) + self._waiting
+                busy = any(owner is None or j.owner == owner for j in jobs)
+            if not busy:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
     def cancel(self, owner: str | None = None) -> str:
         """Cancel the erasure started by ``owner`` (running or waiting); ``owner=None`` cancels the running one."""

@@ -86,6 +86,22 @@ def _fill(page, selector: str, value) -> None:
     expect(el).to_have_value(str(value))
 
 
+def _start_erasure(page, steps: int, run_name: str) -> None:
+    """Fill the Erase tab with typed prompts and a tiny data config, then click Erase."""
+    _fill(page, "#erase-concept textarea, #erase-concept input", "apple")
+    _fill(page, "#erase-forget textarea", "an apple\na photo of an apple")
+    _fill(page, "#erase-anchor textarea", "a pear")
+    _fill(page, "#erase-retain textarea", "a car")
+    _fill(page, "#erase-steps input", steps)
+    page.get_by_text("Advanced", exact=True).click()
+    page.wait_for_timeout(500)  # the accordion opens
+    _fill(page, "#erase-fipp input", 2)
+    _fill(page, "#erase-ripp input", 2)
+    _fill(page, "#erase-data-steps input", 2)
+    _fill(page, "#erase-run-name textarea, #erase-run-name input", run_name)
+    page.locator("#erase-button").click()
+
+
 def test_erase_and_compare_in_the_browser(app_url):
     from playwright.sync_api import expect, sync_playwright
 
@@ -101,18 +117,7 @@ def test_erase_and_compare_in_the_browser(app_url):
             page.wait_for_selector("#erase-button", timeout=60_000)
 
             # erase: typed prompts, a tiny config
-            _fill(page, "#erase-concept textarea, #erase-concept input", "apple")
-            _fill(page, "#erase-forget textarea", "an apple\na photo of an apple")
-            _fill(page, "#erase-anchor textarea", "a pear")
-            _fill(page, "#erase-retain textarea", "a car")
-            _fill(page, "#erase-steps input", 3)
-            page.get_by_text("Advanced", exact=True).click()
-            page.wait_for_timeout(500)  # the accordion opens
-            _fill(page, "#erase-fipp input", 2)
-            _fill(page, "#erase-ripp input", 2)
-            _fill(page, "#erase-data-steps input", 2)
-            _fill(page, "#erase-run-name textarea, #erase-run-name input", "browser-apple")
-            page.locator("#erase-button").click()
+            _start_erasure(page, steps=3, run_name="browser-apple")
             run_box = page.locator("#erase-run-id textarea, #erase-run-id input").first
             expect(run_box).to_have_value("browser-apple", timeout=180_000)
             expect(page.locator("#erase-summary")).to_contain_text("trained on 4 forget and 2 retain images")
@@ -147,3 +152,53 @@ def test_erase_and_compare_in_the_browser(app_url):
     assert abs(ga["y"] - gb["y"]) < 4 and ga["x"] + ga["width"] <= gb["x"] + 1, (ga, gb)
     assert a["width"] > 50 and b["width"] > 50
     assert not outside, f"requests left the machine: {outside}"
+
+
+def test_cancel_lists_the_run_under_interrupted_runs_then_resume_and_delete(app_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url)
+            page.wait_for_selector("#erase-button", timeout=60_000)
+            _start_erasure(page, steps=5000, run_name="browser-cancel")  # long enough to cancel
+            expect(page.locator("#erase-status")).to_contain_text("fine-tuning", timeout=120_000)
+            page.locator("#cancel-button").click()
+
+            # once it has stopped, the Runs tab lists it under Interrupted runs (refreshed after the cancel)
+            page.get_by_role("tab", name="Runs").click()
+            table = page.locator("#interrupted-table")
+            expect(table).to_contain_text("browser-cancel", timeout=120_000)
+            expect(page.locator("#erase-status")).to_contain_text("listed under Interrupted runs", timeout=10_000)
+            expect(page.locator("#interrupted-run input").first).to_have_value("browser-cancel")
+            first = _interrupted_step(table, "browser-cancel")
+            assert first >= 1
+
+            # resume it, cancel again from the Runs tab: listed again with a later step; then delete it
+            page.locator("#resume-button").click()
+            page.wait_for_timeout(3000)
+            page.locator("#resume-cancel-button").click()
+            expect(page.locator("#interrupted-message")).to_contain_text("Cancelling 'browser-cancel'", timeout=30_000)
+            expect(page.locator("#erase-status")).to_contain_text("No erasure is training", timeout=120_000)
+            page.wait_for_function(
+                "([sel, n]) => { const m = document.querySelector(sel).innerText.match(/browser-cancel\\s+apple\\s+salun"
+                "\\s+(\\d+)/); return m && Number(m[1]) > n; }", arg=["#interrupted-table", first], timeout=30_000)
+            page.get_by_label("Yes, delete this interrupted run").check()
+            page.get_by_role("button", name="Delete interrupted run").click()
+            expect(page.locator("#interrupted-message")).to_contain_text("deleted interrupted run 'browser-cancel'",
+                                                                          timeout=30_000)
+            expect(table).not_to_contain_text("browser-cancel", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "interrupted.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def _interrupted_step(table, run: str) -> int:
+    """The step column of ``run``'s row in the Interrupted runs table."""
+    import re
+
+    m = re.search(rf"{re.escape(run)}\s+apple\s+salun\s+(\d+)", table.inner_text())
+    assert m, table.inner_text()
+    return int(m.group(1))

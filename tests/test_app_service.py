@@ -21,19 +21,17 @@ FAST = dict(steps=2, forget_images_per_prompt=2, retain_images_per_prompt=2, dat
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from erasure.diffusion.tiny import build_tiny_pipeline
-
-    d = tmp_path_factory.mktemp("tiny") / "pipe"
-    build_tiny_pipeline(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory):
+def service(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
-    return AppService(model=str(tiny_model), runs_dir=root / "runs", device="cpu", data_cache_dir=str(root / "cache"),
-                      judge="none")
+    return AppService(model=str(tiny_model_dir), runs_dir=root / "runs", device="cpu",
+                      data_cache_dir=str(root / "cache"), judge="none")
+
+
+@pytest.fixture
+def fresh(service, tmp_path):
+    """A service with its own (empty) runs folder, sharing the module's model and data cache."""
+    return AppService(model=service.model_arg, runs_dir=tmp_path / "runs", device="cpu",
+                      data_cache_dir=service.data_cache_dir, judge="none")
 
 
 def _cfg(service, concept="apple", **kw):
@@ -176,15 +174,120 @@ def test_one_erasure_at_a_time_and_cancel(service):
         service.erase(_cfg(service, concept="other"), "other-run", wait=False)
     with pytest.raises(AppError, match="already training"):
         service.check_new_run("slow-run", _cfg(service))
-    with pytest.raises(AppError):
-        service.delete_run("slow-run")  # not a saved run yet
+    with pytest.raises(AppError, match="being written"):
+        service.delete_run("slow-run")  # its .partial is being written
+    with pytest.raises(AppError, match="already training"):
+        service.resume_run("slow-run")
+    assert "slow-run" not in [r["run"] for r in service.list_interrupted()]  # not while it is being written
     assert "Nothing to cancel" in service.cancel(owner="bob")
     assert "slow-run" in service.cancel(owner="alice")
     release.set()
+    assert service.wait_stopped(owner="alice", timeout=120)
     t.join(120)
-    assert "cancelled" in result.get("error", "") and "run" not in result
+    assert "cancelled" in result.get("error", "") and "Interrupted runs" in result["error"] and "run" not in result
     assert not service.erase_status()["running"]
     assert "slow-run" not in service.run_ids()
+    assert "'slow-run' cancelled at step" in service.status_text() and "Interrupted runs in the Runs tab" in \
+        service.status_text()
+    assert "slow-run" in [r["run"] for r in service.list_interrupted()]
+    service.delete_run("slow-run")
+    assert not (service.runs_dir / "slow-run.partial").exists()
+
+
+def _cancel_at(service, step):
+    def progress(stage, done, total, info):
+        if stage == "fine-tuning" and done == step:
+            service.cancel()
+    return progress
+
+
+def test_interrupted_run_is_listed_resumed_and_bit_identical(fresh):
+    import dataclasses
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = dataclasses.replace(_cfg(fresh, concept="plum", steps=3), checkpoint_every=1)
+    assert fresh.erase(cfg, "plum-ref") == "plum-ref"  # uninterrupted
+    with pytest.raises(AppError, match="cancelled at step 1/3.*Interrupted runs"):
+        fresh.erase(cfg, "plum-run", progress=_cancel_at(fresh, 1))
+    assert fresh.run_ids() == ["plum-ref"]
+    [row] = fresh.list_interrupted()
+    assert row["run"] == "plum-run" and row["step"] == 1 and row["steps"] == 3 and row["resumable"]
+    assert row["concepts"] == "plum" and row["method"] == "salun" and row["modified"] and not row["note"]
+    with pytest.raises(AppError, match="interrupted run named 'plum-run' with other settings"):
+        fresh.erase(dataclasses.replace(cfg, lr=2e-5), "plum-run")  # the Erase tab with its name, other settings
+
+    # an interrupted run that has the name of a saved run is listed but not resumed over it; deleting it
+    # by its name with interrupted=True keeps the saved run
+    shutil.copytree(fresh.runs_dir / "plum-run.partial", fresh.runs_dir / "plum-ref.partial")
+    assert {r["run"] for r in fresh.list_interrupted()} == {"plum-run", "plum-ref"}
+    with pytest.raises(AppError, match="already exists"):
+        fresh.resume_run("plum-ref")
+    fresh.delete_run("plum-ref", interrupted=True)
+    assert "plum-ref" in fresh.run_ids() and not (fresh.runs_dir / "plum-ref.partial").exists()
+
+    stages = []
+    assert fresh.resume_run("plum-run", progress=lambda st, d, t, i: stages.append((st, d))) == "plum-run"
+    assert ("fine-tuning", 1) not in stages and ("fine-tuning", 3) in stages  # went on from the checkpoint
+    assert fresh.list_interrupted() == [] and set(fresh.run_ids()) == {"plum-ref", "plum-run"}
+    assert fresh.read_run("plum-run")["resumed_from_step"] == 1
+    for f in ("weights.safetensors", "mask.safetensors"):
+        a, b = (load_file(fresh.runs_dir / r / f) for r in ("plum-run", "plum-ref"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    with pytest.raises(AppError, match="no interrupted run"):
+        fresh.resume_run("plum-run")
+
+
+def test_interrupted_run_without_checkpoint_or_with_bad_files(fresh):
+    import json
+
+    runs = fresh.runs_dir
+    (runs / "early.partial").mkdir(parents=True)
+    (runs / "early.partial" / "mask.safetensors").write_bytes(b"")
+    junk = runs / "junk.partial" / "checkpoint-2"
+    junk.mkdir(parents=True)
+    (junk / "state.json").write_text("{not json")
+    (junk.parent / "latest_checkpoint").write_text("checkpoint-2")
+    bad = runs / "bad.partial" / "checkpoint-1"
+    bad.mkdir(parents=True)
+    for f in ("params.safetensors", "optimizer.safetensors"):
+        (bad / f).write_bytes(b"")
+    (bad / "state.json").write_text(json.dumps({"step": 1, "resume_key": {"model": fresh.model, "method": "nope"}}))
+    (bad.parent / "latest_checkpoint").write_text("checkpoint-1")
+    (runs / "empty.partial").mkdir()
+    (runs / "not-a-folder.partial").write_text("")
+
+    rows = {r["run"]: r for r in fresh.list_interrupted()}
+    assert set(rows) == {"early", "junk", "bad", "empty"}
+    assert rows["early"]["step"] == 0 and rows["early"]["steps"] is None and not rows["early"]["resumable"]
+    assert "no checkpoint" in rows["early"]["note"] and "state.json" in rows["junk"]["note"]
+    assert rows["bad"]["step"] == 1 and rows["bad"]["method"] == "nope" and not rows["bad"]["resumable"]
+    assert "cannot be rebuilt" in rows["bad"]["note"]
+    for name in ("early", "empty"):
+        with pytest.raises(AppError, match="no checkpoint.*Delete it"):
+            fresh.resume_run(name)
+    with pytest.raises(AppError, match="cannot be resumed: unreadable checkpoint-2/state.json"):
+        fresh.resume_run("junk")
+    with pytest.raises(AppError, match="cannot be rebuilt"):
+        fresh.resume_run("bad")
+    (bad / "state.json").write_text(json.dumps({"step": 1, "resume_key": {"model": "/elsewhere", "method": "salun"}}))
+    with pytest.raises(AppError, match="started on base model '/elsewhere'"):
+        fresh.resume_run("bad")
+    with pytest.raises(AppError, match="no interrupted run"):
+        fresh.resume_run("missing")
+    with pytest.raises(AppError, match="invalid"):
+        fresh.resume_run("../early")
+
+    assert fresh.delete_run("early") == "deleted interrupted run 'early'"
+    assert not (runs / "early.partial").exists()
+    with pytest.raises(AppError, match="no interrupted run"):
+        fresh.delete_run("early", interrupted=True)
+    with pytest.raises(AppError, match="no saved run"):
+        fresh.delete_run("early")
+    assert {r["run"] for r in fresh.list_interrupted()} == {"junk", "bad", "empty"}
+    assert not [p for p in runs.iterdir() if ".deleting-" in p.name]
 
 
 def test_prompt_csv(tmp_path, service):
@@ -201,8 +304,8 @@ def test_prompt_csv(tmp_path, service):
         service.eval_prompt_file("csv", None)
 
 
-def test_evaluate_with_the_harness(tmp_path, tiny_model, run_id, service):
-    nude = AppService(model=str(tiny_model), runs_dir=service.runs_dir, device="cpu", judge="nudenet")
+def test_evaluate_with_the_harness(tmp_path, tiny_model_dir, run_id, service):
+    nude = AppService(model=str(tiny_model_dir), runs_dir=service.runs_dir, device="cpu", judge="nudenet")
     f = tmp_path / "p.csv"
     f.write_text("prompt,evaluation_seed\nan apple,0\na car,1\n")
     stages = []
@@ -229,9 +332,12 @@ def test_create_demo_builds_with_named_endpoints(service):
     demo = create_demo(service)
     assert isinstance(demo, gr.Blocks)
     fns = {d.api_name: d for d in demo.fns.values()}
-    assert {"erase", "compare", "inspect", "evaluate", "rename_run", "delete_run"} <= set(fns)
-    # one erasure trains at a time; generation requests share one queue slot group
+    assert {"erase", "compare", "inspect", "evaluate", "rename_run", "delete_run", "list_interrupted", "resume_run",
+            "delete_interrupted"} <= set(fns)
+    # one erasure trains at a time (a resumed one too); generation requests share one queue slot group
     assert fns["erase"].concurrency_limit == 1 and fns["erase"].concurrency_id == "erase"
+    assert fns["resume_run"].concurrency_limit == 1 and fns["resume_run"].concurrency_id == "erase"
+    assert list(fns["list_interrupted"].fn().columns)[:2] == ["run", "concepts"]
     assert fns["compare"].concurrency_id == fns["evaluate"].concurrency_id == "generate"
     kw = launch_kwargs(parse_args(["--port", "7999", "--auth", "u:p:w", "--host", "0.0.0.0"]))
     assert kw["server_port"] == 7999 and kw["server_name"] == "0.0.0.0" and kw["auth"] == [("u", "p:w")]

@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from app.service import AppError
+from app.service import AppError, AppService
 
 
 def ui_errors(fn: Callable) -> Callable:
@@ -41,8 +41,48 @@ class UIContext:
     gen_concurrency: int = 1
     runs_table: Any = None
     list_table: Callable[[], Any] | None = None
+    # (inputs, outputs, fn(*input values) -> one update per output): more views refreshed with the run dropdowns
+    refreshers: list[tuple[list[Any], list[Any], Callable[..., list[Any]]]] = field(default_factory=list)
 
     def add_run_dropdown(self, dd: Any, with_original: bool = False, follow_new: bool = True) -> Any:
         """Register a dropdown of runs; ``follow_new`` ones switch to a run when an erasure creates it."""
         self.run_dropdowns.append((dd, with_original, follow_new))
         return dd
+
+    def add_refresher(self, fn: Callable[..., list[Any]], inputs: list[Any], outputs: list[Any]) -> None:
+        """Refresh ``outputs`` with ``fn(*inputs)`` wherever the runs tables and dropdowns are refreshed."""
+        self.refreshers.append((list(inputs), list(outputs), fn))
+
+
+def erase_progress(progress: Any) -> Callable[[str, int, int, dict], None]:
+    """The service's ``progress(stage, done, total, info)`` callback shown on a ``gr.Progress`` bar."""
+
+    def on_progress(stage: str, done: int, total: int, info: dict) -> None:
+        desc = stage
+        if "loss" in info:
+            desc += f" (loss {info['loss']:.4g})"
+        progress((done, total) if total else 0, desc=desc)
+
+    return on_progress
+
+
+def wire_cancel(service: AppService, ctx: UIContext, button: Any, output: Any, event: Any) -> None:
+    """``button`` cancels this browser session's erasure (running, or waiting in the service or as ``event``).
+
+    Once the erasure has stopped (after its current step, with a checkpoint), the runs views are refreshed,
+    so it shows under Interrupted runs.
+    """
+
+    @ui_errors
+    def cancel(request: gr.Request):
+        msg = service.cancel(owner=session_id(request))
+        gr.Info(msg)
+        return msg
+
+    def wait_stopped(request: gr.Request):
+        service.wait_stopped(owner=session_id(request))
+
+    ev = button.click(cancel, None, output, api_visibility="private", concurrency_limit=None, cancels=[event],
+                      show_progress="hidden")
+    ctx.runs_changed.append(ev.then(wait_stopped, None, None, api_visibility="private", concurrency_limit=None,
+                                    show_progress="hidden"))

@@ -6,7 +6,7 @@ import gradio as gr
 import pandas as pd
 
 from app.service import METHOD_LABELS, AppService
-from app.tabs.common import UIContext, session_id, ui_errors
+from app.tabs.common import UIContext, erase_progress, session_id, ui_errors, wire_cancel
 
 CUSTOM = "custom"
 
@@ -110,14 +110,7 @@ def build(service: AppService, ctx: UIContext) -> None:
         cfg = _config(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha,
                       forget_images_per_prompt, retain_images_per_prompt, data_steps, batch_size, seed)
         progress(0, desc="starting")
-
-        def on_progress(stage: str, done: int, total: int, info: dict) -> None:
-            desc = stage
-            if "loss" in info:
-                desc += f" (loss {info['loss']:.4g})"
-            progress((done, total) if total else 0, desc=desc)
-
-        rid = service.erase(cfg, run_name or None, progress=on_progress, owner=session_id(request))
+        rid = service.erase(cfg, run_name or None, progress=erase_progress(progress), owner=session_id(request))
         info = service.read_run(rid)
         t = info.get("timing_s", {})
         mask = info.get("mask") or {}
@@ -128,11 +121,6 @@ def build(service: AppService, ctx: UIContext) -> None:
               + f"; trained on {data.get('forget_images', '?')} forget and {data.get('retain_images', '?')} retain images")
         return rid, md, _loss_frame(service.loss_curve(rid))
 
-    @ui_errors
-    def cancel(request: gr.Request):
-        msg = service.cancel(owner=session_id(request))
-        gr.Info(msg)
-        return msg
 
     # the precheck is queued (so its warning reaches the page) but never waits: no concurrency limit
     ev = erase_btn.click(precheck, inputs, status, api_visibility="private", concurrency_limit=None,
@@ -140,8 +128,7 @@ def build(service: AppService, ctx: UIContext) -> None:
     erase_ev = ev.success(run_erase, inputs, [run_id, summary, loss_plot], api_name="erase",
                           concurrency_limit=1, concurrency_id="erase")
     ctx.new_run.append((erase_ev, run_id))
-    cancel_btn.click(cancel, None, status, api_visibility="private", concurrency_limit=None, cancels=[erase_ev],
-                     show_progress="hidden")
+    wire_cancel(service, ctx, cancel_btn, status, erase_ev)
 
     timer = gr.Timer(2.0)
     timer.tick(service.status_text, None, status, api_visibility="private", queue=False, show_progress="hidden")
