@@ -67,12 +67,19 @@ def denoise_loss(unet, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, co
     return F.mse_loss(unet_eps(unet, x, t, cond).float(), noise.float())
 
 
-def distill_loss(unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+def distill_loss(
+    unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None
+) -> torch.Tensor:
     """Retain distillation: MSE(eps_theta(x_t, c), stopgrad eps*(x_t, c)) with the frozen original eps*.
 
-    Zero at the start of training; unlike :func:`denoise_loss` its target carries no sampling noise, so small
-    retain batches at a high learning rate do not random-walk the weights away from the original model.
+    With ``uncond`` the "" prediction on the same x_t is distilled too (one batched call): classifier-free
+    guidance multiplies any drift of eps(x_t, "") by the guidance scale in every generation, not only the
+    retain prompts'. Zero at the start of training; unlike :func:`denoise_loss` the target carries no sampling
+    noise, so small retain batches at a high learning rate do not random-walk the weights away.
     """
+    if uncond is not None:
+        n = x.shape[0]
+        x, t, cond = torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond.expand(n, -1, -1)])
     with torch.no_grad():
         target = unet_eps(frozen_unet, x, t, cond)
     return F.mse_loss(unet_eps(unet, x, t, cond).float(), target.float())

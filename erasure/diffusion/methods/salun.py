@@ -18,7 +18,7 @@ def remap_with_retain(ctx, b) -> dict:
     loss = forget
     if b.retain_x is not None and ctx.config.alpha > 0:
         if ctx.config.retain_loss == "distill":
-            retain = distill_loss(ctx.unet, ctx.frozen_unet, b.retain_x, b.retain_t, b.retain_cond)
+            retain = distill_loss(ctx.unet, ctx.frozen_unet, b.retain_x, b.retain_t, b.retain_cond, b.uncond)
         else:
             retain = denoise_loss(ctx.unet, b.retain_x, b.retain_t, b.retain_noise, b.retain_cond)
         out["retain_loss"] = retain
