@@ -102,6 +102,19 @@ def test_preset_files_pair_forget_and_anchor_prompts():
     assert gen["forget_prompts"] == saved["forget_prompts"] and gen["anchor_prompts"] == saved["anchor_prompts"]
 
 
+def test_committed_presets_are_what_make_prompts_writes():
+    """`python -m erasure.shapes.make_prompts` reproduces the committed presets (prompts and tuned settings)."""
+    from erasure.shapes.make_prompts import preset
+
+    for fname, name in (("shape_circle", "circle"), ("color_red", "red"), ("fill_striped", "striped")):
+        saved = json.loads((ROOT / "prompts" / "presets" / f"{fname}.json").read_text())
+        assert saved == preset(name), fname
+        retain = " ".join(saved["concept"]["retain_prompts"]).split()
+        # the retain set shows every other value of every kind next to the kept concepts
+        for values in (SHAPES, COLORS):
+            assert all(v in retain for v in values if v != name), (fname, values)
+
+
 def test_evaluation_prompt_csv_names_its_concepts():
     with open(ROOT / "prompts" / "shapes.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

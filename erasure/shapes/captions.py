@@ -210,9 +210,13 @@ def concept_prompts(name: str, anchor: str | None = None) -> dict[str, list[str]
             if f not in forget:
                 forget.append(f)
                 anchors.append(a)
+    # every other value of the kind, each with every second partner; the offset j makes neighbouring values take
+    # the other half, so across the retain set every colour, fill and shape appears beside the kept concepts
     retain = []
+    step = 2
     for j, v in enumerate(x for x in others[kind] if x != name):
-        for part in partners[:: max(1, len(partners) // 6)]:
+        for k in range((len(partners) + step - 1) // step):
+            part = partners[(j + k * step) % len(partners)]
             r = make_caption(**with_(v, **part), template=(j + len(retain)) % len(TEMPLATES))
             if r not in retain:
                 retain.append(r)

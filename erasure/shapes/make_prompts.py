@@ -55,6 +55,13 @@ def evaluation_rows() -> list[dict[str, Any]]:
     return rows
 
 
+#: Erase settings of the shapes presets, tuned on the shipped model with ``bench/shapes_erasure.py``.
+PRESET_CONFIG: dict[str, Any] = {
+    "alpha": 3.0, "mask_ratio": 0.5, "steps": 100, "batch_size": 8, "lr": 2.5e-4, "retain_loss": "distill",
+    "forget_images_per_prompt": 4, "retain_images_per_prompt": 2,
+}
+
+
 def preset(name: str, anchor: str | None = None) -> dict[str, Any]:
     """Preset JSON for erasing concept ``name`` (a shape, color or fill) by remapping it to ``anchor``."""
     kind = concept_kind(name)
@@ -69,7 +76,7 @@ def preset(name: str, anchor: str | None = None) -> dict[str, Any]:
     }[kind]
     return {
         "concept": {"name": name, **lists},
-        "config": {"alpha": 0.5, "mask_ratio": 0.5},
+        "config": dict(PRESET_CONFIG),
         "description": desc,
         "kind": {"shape": "object", "color": "color", "fill": "fill"}[kind],
         "model": "shapes",
