@@ -33,8 +33,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AppError", "BusyError", "AppService", "EraseJob", "PipelineCache", "ORIGINAL", "RUN_ID_RE", "parse_seeds",
-           "parse_prompts"]
+__all__ = ["AppError", "BusyError", "AppService", "EraseJob", "PipelineCache", "ORIGINAL", "RETAIN_LOSSES",
+           "RUN_ID_RE", "parse_seeds", "parse_prompts", "retain_label"]
 
 ORIGINAL = "original"
 """The model choice that means the base model without any run applied."""
@@ -60,6 +60,8 @@ METHOD_LABELS = {
     "esd-x": "ESD-x (cross-attention)",
     "esd-u": "ESD-u (all but cross-attention)",
 }
+RETAIN_LOSSES = ("denoise", "distill")
+"""The retain-term choices of :attr:`erasure.EraseConfig.retain_loss` the erase form offers."""
 
 
 class AppError(ValueError):
@@ -132,6 +134,16 @@ def parse_seeds(text: str | int | Sequence[int] | None) -> list[int]:
     if not lo <= len(items) <= hi:
         raise AppError(f"give between {lo} and {hi} seeds (comma separated), got {len(items)}")
     return [int(_num("seed", s, *LIMITS["seed"], integer=True)) for s in items]
+
+
+def retain_label(cfg: dict[str, Any]) -> str:
+    """A saved config's retain term for the runs table: "denoise"/"distill", or "none" when Dr is not trained on."""
+    from erasure.methods import METHODS
+
+    method = METHODS.get(str(cfg.get("method", "")))
+    if (method is not None and not method.uses_retain) or not cfg.get("alpha", 1):
+        return "none"
+    return str(cfg.get("retain_loss") or "denoise")  # runs saved before the option existed used denoise
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -300,8 +312,8 @@ class AppService:
         except ValueError as err:
             raise AppError(str(err)) from err
         d = {f: EraseConfig.__dataclass_fields__[f].default for f in (
-            "method", "mask_ratio", "steps", "lr", "alpha", "forget_images_per_prompt", "retain_images_per_prompt",
-            "data_steps", "batch_size", "seed")}
+            "method", "mask_ratio", "steps", "lr", "alpha", "retain_loss", "forget_images_per_prompt",
+            "retain_images_per_prompt", "data_steps", "batch_size", "seed")}
         d.update({k: v for k, v in p.config.items() if k in d})
         d.update(name=p.concept.name, forget="\n".join(p.concept.forget_prompts),
                  anchor="\n".join(p.concept.anchor_prompts), retain="\n".join(p.concept.retain_prompts),
@@ -325,8 +337,12 @@ class AppService:
         data_steps: int | None = None,
         batch_size: int | None = None,
         seed: int | None = None,
+        retain_loss: str | None = None,
     ):
-        """Validate the form and build an :class:`~erasure.EraseConfig` (a preset's other settings are kept)."""
+        """Validate the form and build an :class:`~erasure.EraseConfig` (a preset's other settings are kept).
+
+        ``retain_loss`` None keeps the preset's retain loss (or the config default without a preset).
+        """
         from erasure import ConceptSpec, EraseConfig
         from erasure.methods import METHODS
         from erasure.presets import load_preset
@@ -343,6 +359,10 @@ class AppService:
         concept = (concept or "").strip() or forget_l[0]
         if method not in METHODS:
             raise AppError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+        if retain_loss is not None and not (isinstance(retain_loss, str) and not retain_loss.strip()):
+            if retain_loss not in RETAIN_LOSSES:
+                raise AppError(f"unknown retain loss {retain_loss!r}; choose one of {', '.join(RETAIN_LOSSES)}")
+            base["retain_loss"] = retain_loss
         base.update(
             method=method,
             mask_ratio=float(_num("mask ratio", mask_ratio, 1e-6, 1.0)),
@@ -411,6 +431,7 @@ class AppService:
                 "concepts": ", ".join(info.get("concepts", [])),
                 "method": info.get("method", ""),
                 "steps": cfg.get("steps"),
+                "retain loss": retain_label(cfg),
                 "mask kept": round(mask["ratio"], 4) if "ratio" in mask else None,
                 "final loss": (info.get("final") or {}).get("loss"),
                 "created": info.get("created", ""),

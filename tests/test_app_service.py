@@ -80,10 +80,24 @@ def test_config_keeps_preset_settings(service):
         service.preset_form("no-such-preset")
 
 
+def test_retain_loss_in_form_and_config(service):
+    assert service.preset_form("shape_circle")["retain_loss"] == "distill"
+    assert service.preset_form("nudity")["retain_loss"] == "denoise"  # no setting in the preset: the config default
+    assert _cfg(service).retain_loss == "denoise"  # typed prompts, no preset
+    assert _cfg(service, retain_loss="distill").retain_loss == "distill"
+    assert _cfg(service, retain_loss="").retain_loss == "denoise"  # an empty form field is "not given"
+    circle = ("circle", "a circle", "a square", "a red square")
+    assert service.make_config(*circle, preset="shape_circle", **FAST).retain_loss == "distill"  # the preset's
+    assert service.make_config(*circle, preset="shape_circle", retain_loss="denoise", **FAST).retain_loss == "denoise"
+    for bad in ("mse", "Distill", 1):
+        with pytest.raises(AppError, match="retain loss .*denoise, distill"):
+            _cfg(service, retain_loss=bad)
+
+
 def test_erase_lists_inspects_and_compares(service, run_id):
     runs = service.list_runs()
     assert [r["run"] for r in runs] == [run_id]
-    assert runs[0]["method"] == "salun" and runs[0]["steps"] == 2
+    assert runs[0]["method"] == "salun" and runs[0]["steps"] == 2 and runs[0]["retain loss"] == "denoise"
     curve = service.loss_curve(run_id)
     assert {r["series"] for r in curve} >= {"loss", "forget_loss", "retain_loss"} and max(r["step"] for r in curve) == 2
     sparsity = service.mask_sparsity(run_id)
@@ -339,6 +353,13 @@ def test_create_demo_builds_with_named_endpoints(service):
     assert fns["resume_run"].concurrency_limit == 1 and fns["resume_run"].concurrency_id == "erase"
     assert list(fns["list_interrupted"].fn().columns)[:2] == ["run", "concepts"]
     assert fns["compare"].concurrency_id == fns["evaluate"].concurrency_id == "generate"
+    # retain_loss is the last /erase parameter and optional, so callers that predate it keep working
+    params = demo.get_api_info()["named_endpoints"]["/erase"]["parameters"]
+    assert [p["parameter_name"] for p in params][-2:] == ["run_name", "retain_loss"]
+    assert params[-1]["parameter_has_default"] and params[-1]["parameter_default"] == "denoise"  # the sd presets
+    fill = next(d for d in demo.fns.values() if d.name == "fill_preset")  # picking a preset fills the form
+    filled = dict(zip([o.label for o in fill.outputs], fill.fn("shape_circle"), strict=True))
+    assert filled["Retain loss"] == "distill"
     kw = launch_kwargs(parse_args(["--port", "7999", "--auth", "u:p:w", "--host", "0.0.0.0"]))
     assert kw["server_port"] == 7999 and kw["server_name"] == "0.0.0.0" and kw["auth"] == [("u", "p:w")]
     assert kw["share"] is False

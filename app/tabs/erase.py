@@ -5,10 +5,14 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from app.service import METHOD_LABELS, AppService
+from app.service import METHOD_LABELS, RETAIN_LOSSES, AppService, retain_label
 from app.tabs.common import UIContext, erase_progress, session_id, ui_errors, wire_cancel
 
 CUSTOM = "custom"
+RETAIN_LABELS = {"denoise": "denoise (paper)", "distill": "distill (keep the original)"}
+RETAIN_INFO = ("**denoise**: the SalUn paper's denoising loss on the retain images (Dr).\n\n"
+               "**distill**: match the frozen original model's predictions on Dr; keeps more of the model intact "
+               "(holds a second UNet in memory).")
 
 
 def _loss_frame(rows: list[dict]) -> pd.DataFrame:
@@ -47,6 +51,9 @@ def build(service: AppService, ctx: UIContext) -> None:
             steps = gr.Number(form.get("steps", 100), label="Steps", precision=0, minimum=1, elem_id="erase-steps")
             lr = gr.Number(form.get("lr", 1e-5), label="Learning rate", minimum=0)
             alpha = gr.Number(form.get("alpha", 0.5), label="Alpha (retain loss weight)", minimum=0)
+            retain_loss = gr.Radio([(RETAIN_LABELS.get(r, r), r) for r in RETAIN_LOSSES],
+                                   value=form.get("retain_loss", "denoise"), label="Retain loss", info=RETAIN_INFO,
+                                   elem_id="erase-retain-loss")
             with gr.Accordion("Advanced", open=False):
                 fipp = gr.Number(form.get("forget_images_per_prompt", 8), label="Forget images per prompt",
                                  precision=0, elem_id="erase-fipp")
@@ -67,34 +74,37 @@ def build(service: AppService, ctx: UIContext) -> None:
     loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series", title="Training loss",
                             label="Training loss", height=260)
 
+    # retain_loss comes last, after run_name: API callers that predate it (by position or keyword) still work, and
+    # gradio_client fills it with the form's initial value (the first preset's retain loss) when it is left out
     inputs = [preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha, fipp, ripp, data_steps,
-              batch_size, seed, run_name]
+              batch_size, seed, run_name, retain_loss]
 
     @ui_errors
     def fill_preset(name: str):
         if not name or name == CUSTOM:
-            return ["Type your own forget, anchor and retain prompts."] + [gr.update()] * 13
+            return ["Type your own forget, anchor and retain prompts."] + [gr.update()] * 14
         f = service.preset_form(name)
         return [f["description"], f["name"], f["forget"], f["anchor"], f["retain"], f["method"], f["mask_ratio"],
-                f["steps"], f["lr"], f["alpha"], f["forget_images_per_prompt"], f["retain_images_per_prompt"],
-                f["data_steps"], f["batch_size"]]
+                f["steps"], f["lr"], f["alpha"], f["retain_loss"], f["forget_images_per_prompt"],
+                f["retain_images_per_prompt"], f["data_steps"], f["batch_size"]]
 
     preset.change(fill_preset, preset, [description, concept, forget, anchor, retain, method, mask_ratio, steps, lr,
-                                        alpha, fipp, ripp, data_steps, batch_size], api_visibility="private",
-                  queue=False)
+                                        alpha, retain_loss, fipp, ripp, data_steps, batch_size],
+                  api_visibility="private", queue=False)
 
     def _config(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha, fipp, ripp, data_steps,
-                batch_size, seed):
+                batch_size, seed, retain_loss=None):
         return service.make_config(
             concept, forget, anchor, retain, method=method, mask_ratio=mask_ratio, steps=steps, lr=lr, alpha=alpha,
             preset=None if preset in (None, "", CUSTOM) else preset, forget_images_per_prompt=fipp,
             retain_images_per_prompt=ripp, data_steps=data_steps, batch_size=batch_size, seed=seed,
+            retain_loss=retain_loss,
         )
 
     @ui_errors
     def precheck(*values):
-        *cfg_values, name = values
-        cfg = _config(*cfg_values)
+        *cfg_values, name, retain_loss = values
+        cfg = _config(*cfg_values, retain_loss=retain_loss)
         service.check_new_run(name, cfg)
         st = service.erase_status()
         if st["running"]:
@@ -105,17 +115,22 @@ def build(service: AppService, ctx: UIContext) -> None:
     @ui_errors
     def run_erase(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha,
                   forget_images_per_prompt, retain_images_per_prompt, data_steps, batch_size, seed, run_name,
-                  request: gr.Request, progress=gr.Progress()):
-        """Erase a concept into a new saved run; returns (run id, summary, loss curve)."""
+                  retain_loss, request: gr.Request, progress=gr.Progress()):
+        """Erase a concept into a new saved run; returns (run id, summary, loss curve).
+
+        ``retain_loss`` is "denoise" or "distill"; left out, the client sends the form's initial value.
+        """
         cfg = _config(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha,
-                      forget_images_per_prompt, retain_images_per_prompt, data_steps, batch_size, seed)
+                      forget_images_per_prompt, retain_images_per_prompt, data_steps, batch_size, seed, retain_loss)
         progress(0, desc="starting")
         rid = service.erase(cfg, run_name or None, progress=erase_progress(progress), owner=session_id(request))
         info = service.read_run(rid)
         t = info.get("timing_s", {})
         mask = info.get("mask") or {}
         data = info.get("data") or {}
-        md = (f"**{rid}**: erased *{', '.join(info.get('concepts', []))}* with {info.get('method')} in "
+        retain_kind = retain_label(info.get("config") or {})
+        retain_note = f" ({retain_kind} retain loss)" if retain_kind != "none" else ""
+        md = (f"**{rid}**: erased *{', '.join(info.get('concepts', []))}* with {info.get('method')}{retain_note} in "
               f"{t.get('total', 0):.0f} s; final loss {(info.get('final') or {}).get('loss')}"
               + (f"; mask keeps {mask['ratio']:.1%} of weights" if "ratio" in mask else "")
               + f"; trained on {data.get('forget_images', '?')} forget and {data.get('retain_images', '?')} retain images")
