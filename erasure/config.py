@@ -99,7 +99,7 @@ class EraseConfig(MaskConfig):
     steps: int = field(100, help="Optimizer steps.")
     batch_size: int = field(4, help="Forget (and retain) images per step.")
     lr: float = field(1e-5, help="Learning rate.")
-    alpha: float = field(0.5, help="Weight of the retain denoising loss (reference: 0.5 objects, 0.1 nudity).")
+    alpha: float = field(0.5, help="Weight of the retain loss on Dr (reference: 0.5 objects, 0.1 nudity).")
     retain_loss: Literal["denoise", "distill"] = field(
         "denoise",
         help="Retain term on Dr: denoise (the paper's MSE to the added noise) or distill (MSE to the frozen "
