@@ -61,6 +61,9 @@ PRESET_CONFIG: dict[str, Any] = {
     "forget_images_per_prompt": 4, "retain_images_per_prompt": 2,
 }
 
+#: Per-kind changes: the striped-fill erasure forgets fully at a lower learning rate and keeps more of the rest.
+PRESET_CONFIG_BY_KIND: dict[str, dict[str, Any]] = {"fill": {"lr": 1.5e-4}}
+
 
 def preset(name: str, anchor: str | None = None) -> dict[str, Any]:
     """Preset JSON for erasing concept ``name`` (a shape, color or fill) by remapping it to ``anchor``."""
@@ -76,7 +79,7 @@ def preset(name: str, anchor: str | None = None) -> dict[str, Any]:
     }[kind]
     return {
         "concept": {"name": name, **lists},
-        "config": dict(PRESET_CONFIG),
+        "config": {**PRESET_CONFIG, **PRESET_CONFIG_BY_KIND.get(kind, {})},
         "description": desc,
         "kind": {"shape": "object", "color": "color", "fill": "fill"}[kind],
         "model": "shapes",
