@@ -106,7 +106,7 @@ def test_committed_presets_are_what_make_prompts_writes():
     """`python -m erasure.shapes.make_prompts` reproduces the committed presets (prompts and tuned settings)."""
     from erasure.shapes.make_prompts import preset
 
-    for fname, name in (("shape_circle", "circle"), ("color_red", "red"), ("fill_striped", "striped")):
+    for fname, name in (("shape_circle", "circle"), ("color_red", "red"), ("color_green", "green"), ("fill_striped", "striped")):
         saved = json.loads((ROOT / "prompts" / "presets" / f"{fname}.json").read_text())
         assert saved == preset(name), fname
         retain = " ".join(saved["concept"]["retain_prompts"]).split()

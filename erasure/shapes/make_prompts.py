@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["evaluation_rows", "preset", "write_all", "PRESETS"]
 
-PRESETS: tuple[str, ...] = ("circle", "red", "striped")
+PRESETS: tuple[str, ...] = ("circle", "red", "green", "striped")
 SEED_STRIDE = 1000  # row i uses seeds evaluation_seed .. evaluation_seed + n - 1; rows never share seeds
 
 
