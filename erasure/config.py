@@ -103,7 +103,8 @@ class EraseConfig(MaskConfig):
     retain_loss: Literal["denoise", "distill"] = field(
         "denoise",
         help="Retain term on Dr: denoise (the paper's MSE to the added noise) or distill (MSE to the frozen "
-        "original UNet's prediction; lower-variance, keeps a second UNet in memory).",
+        "original UNet's conditional and unconditional predictions on Dr; lower-variance, keeps a second UNet "
+        "in memory).",
     )
     trainable: Literal["full", "xattn", "noxattn"] = field(
         "full", help="UNet parameters that may train: full, xattn (cross-attention only), noxattn (all but cross-attention)."

@@ -332,8 +332,9 @@ def _erase(cfg, out, part, method, trainable_mode, resume, accelerator, device, 
     for n, p in named.items():
         if n not in trainable:
             p.requires_grad_(False)
+    with_retain = method.uses_retain and cfg.alpha > 0
     frozen = None
-    if method.needs_frozen_unet or (method.uses_retain and cfg.alpha > 0 and cfg.retain_loss == "distill"):
+    if method.needs_frozen_unet or (with_retain and cfg.retain_loss == "distill"):
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -363,7 +364,6 @@ def _erase(cfg, out, part, method, trainable_mode, resume, accelerator, device, 
     model_dp.train()
     ctx = _Ctx(unet=model_dp, frozen_unet=frozen, scheduler_config=pipe.scheduler.config, config=cfg,
                generator=torch.Generator())
-    with_retain = method.uses_retain and cfg.alpha > 0
     last = {}
     with open(log_path, "a", encoding="utf-8") as log:
         for step in range(start, cfg.steps):

@@ -1,7 +1,7 @@
 """SalUn for diffusion models (Fan et al., ICLR 2024, https://arxiv.org/abs/2310.12508).
 
 Fine-tune only the salient UNet weights with the concept-remapping loss on Df plus ``alpha`` times the
-denoising loss on Dr.
+retain loss on Dr (the paper's denoising loss, or distillation from the frozen original UNet).
 """
 
 from __future__ import annotations
