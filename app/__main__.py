@@ -1,6 +1,6 @@
-"""``python -m app``: serve the web app (see ``python -m app --help``)."""
-
-from app.main import main
+"""``python -m erasure_app``: serve the web app (see ``python -m erasure_app --help``)."""
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from erasure.threads import run_entry_point
+
+    raise SystemExit(run_entry_point("erasure_app.main:main"))

@@ -1,7 +1,7 @@
 """The web app: ``create_demo(service)`` builds the UI; ``main()`` turns command-line flags into launch kwargs.
 
-    python -m app                      # embedded shapes model on http://127.0.0.1:7860
-    python -m app --model ./sd-v1-4 --port 7861 --auth alice:secret
+    python -m erasure_app                      # embedded shapes model on http://127.0.0.1:7860
+    python -m erasure_app --model ./sd-v1-4 --port 7861 --auth alice:secret
 
 Named API endpoints (for ``gradio_client``): ``/erase``, ``/compare``, ``/inspect``, ``/evaluate``,
 ``/rename_run``, ``/delete_run``, ``/download_run``, ``/export_run``, ``/list_interrupted``, ``/resume_run``,
@@ -22,14 +22,15 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
+from erasure_app.service import ORIGINAL, AppError, AppService  # noqa: E402
+from erasure_app.tabs import compare as compare_tab  # noqa: E402
+from erasure_app.tabs import erase as erase_tab  # noqa: E402
+from erasure_app.tabs import evaluate as evaluate_tab  # noqa: E402
+from erasure_app.tabs import inspect as inspect_tab  # noqa: E402
+from erasure_app.tabs import runs as runs_tab  # noqa: E402
+from erasure_app.tabs.common import UIContext  # noqa: E402
 
-from app.service import ORIGINAL, AppError, AppService  # noqa: E402
-from app.tabs import compare as compare_tab  # noqa: E402
-from app.tabs import erase as erase_tab  # noqa: E402
-from app.tabs import evaluate as evaluate_tab  # noqa: E402
-from app.tabs import inspect as inspect_tab  # noqa: E402
-from app.tabs import runs as runs_tab  # noqa: E402
-from app.tabs.common import UIContext  # noqa: E402
+from erasure.threads import help_text as threads_help  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def _auth(values: list[str] | None) -> list[tuple[str, str]] | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="erasure-app", description="Web app: erase a concept and compare generations.")
+    p = argparse.ArgumentParser(prog="erasure-app", description="Web app: erase a concept and compare generations.",
+                                epilog=threads_help())
     p.add_argument("--model", default="default",
                    help="Base model: a local diffusers SD folder, a hub id, or 'default' (the embedded shapes model).")
     p.add_argument("--runs-dir", default="runs", help="Where runs are saved (default ./runs).")

@@ -31,6 +31,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from erasure.resources import prompt_file
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["AppError", "BusyError", "AppService", "EraseJob", "PipelineCache", "ORIGINAL", "RETAIN_LOSSES",
@@ -961,7 +963,6 @@ class AppService:
     # ------------------------------------------------------------------ evaluate
     def eval_prompt_file(self, source: str, csv_path: str | None = None) -> Path:
         """The prompt CSV for ``source``: ``model`` (the model's own prompt set), ``csv`` (an upload) or ``i2p``."""
-        repo = Path(__file__).resolve().parents[1]
         if source == "csv":
             if not csv_path:
                 raise AppError("upload a CSV file with a 'prompt' column")
@@ -971,7 +972,7 @@ class AppService:
             if path is None:
                 raise AppError("the I2P prompt file is not present (set SALUN_I2P_CSV or put it in prompts/i2p.csv)")
         elif source == "model":
-            path = repo / "prompts" / ("shapes.csv" if self.model_kind == "shapes" else "sd_prompts.csv")
+            path = prompt_file("shapes.csv" if self.model_kind == "shapes" else "sd_prompts.csv")
             if not path.is_file():
                 raise AppError(f"this model has no built-in prompt set ({path.name}); upload a CSV or choose I2P")
         else:
@@ -981,9 +982,9 @@ class AppService:
 
     @staticmethod
     def i2p_path() -> Path | None:
-        repo = Path(__file__).resolve().parents[1]
-        shared = repo.parent / "shared" / "data" / "prompts"
-        cands = [os.environ.get("SALUN_I2P_CSV", ""), repo / "prompts" / "i2p.csv", repo / "prompts" / "i2p_benchmark.csv",
+        # in a source checkout, the reference data beside it (../shared/data); never shipped
+        shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
+        cands = [os.environ.get("SALUN_I2P_CSV", ""), prompt_file("i2p.csv"), prompt_file("i2p_benchmark.csv"),
                  shared / "i2p_unsafe_prompts4703.csv", shared / "i2p.csv"]
         for c in cands:
             if c and Path(c).is_file():
@@ -1001,9 +1002,9 @@ class AppService:
         import hashlib
 
         try:
-            from eval.base import MetricError, get_metric, score_folder
-            from eval.generate import GenerateConfig, run_generation
-            from eval.report import build_report
+            from erasure_eval.base import MetricError, get_metric, score_folder
+            from erasure_eval.generate import GenerateConfig, run_generation
+            from erasure_eval.report import build_report
         except ImportError as err:
             raise AppError(f"the evaluation harness (eval/) is not available: {err}") from err
         prompts = self.eval_prompt_file(source, csv_path)

@@ -33,10 +33,9 @@ logger = logging.getLogger("bench.eval_throughput")
 
 def bench_nudenet(n: int, tmp: Path) -> dict:
     import numpy as np
+    from erasure_eval.base import score_folder
+    from erasure_eval.nudity import NudeNetMetric, to_bgr
     from PIL import Image
-
-    from eval.base import score_folder
-    from eval.nudity import NudeNetMetric, to_bgr
 
     rng = np.random.default_rng(0)
     folder = tmp / "nn"
@@ -63,9 +62,9 @@ def bench_nudenet(n: int, tmp: Path) -> dict:
 
 
 def bench_end_to_end(model: str, label: str, prompts: str, rows: int, steps: int, batch: int, tmp: Path) -> dict:
-    from eval.base import score_folder
-    from eval.generate import GenerateConfig, run_generation
-    from eval.nudity import NudeNetMetric
+    from erasure_eval.base import score_folder
+    from erasure_eval.generate import GenerateConfig, run_generation
+    from erasure_eval.nudity import NudeNetMetric
 
     out = tmp / f"e2e-{label}"
     cfg = GenerateConfig(model=model, prompts=prompts, out=str(out), limit=rows, steps=steps, batch_size=batch,
@@ -115,9 +114,9 @@ def build_shapes_shaped(out: Path) -> Path:
 
 def bench_shapes_object(model: str, label: str, rows: int, steps: int, batch: int, tmp: Path) -> dict:
     """generate prompts/shapes.csv rows, then score them with the shapes judge (object metric)."""
-    from eval.base import score_folder
-    from eval.generate import GenerateConfig, run_generation
-    from eval.object_acc import ObjectAccuracyMetric
+    from erasure_eval.base import score_folder
+    from erasure_eval.generate import GenerateConfig, run_generation
+    from erasure_eval.object_acc import ObjectAccuracyMetric
 
     out = tmp / f"shapes-{label}"
     cfg = GenerateConfig(model=model, prompts=str(REPO / "prompts" / "shapes.csv"), out=str(out), limit=rows,

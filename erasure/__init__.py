@@ -3,36 +3,50 @@
 Public API::
 
     from erasure import ConceptSpec, EraseConfig, compute_mask, erase, load_erased_pipeline, generate, load_mask
+
+Names are imported on first use, so ``import erasure`` (and every console script) starts without importing
+torch; the entry points choose the threading settings first (see :mod:`erasure.threads`).
 """
 
 from __future__ import annotations
 
-from erasure.config import ConceptSpec, EraseConfig, MaskConfig
-from erasure.diffusion.pipeline import generate, load_pipeline
-from erasure.diffusion.train import EraseCancelled, NonFiniteLossError, RunExistsError, compute_mask, erase
-from erasure.methods import METHODS, register_method
-from erasure.runs import RunDirError, load_erased_pipeline, read_run
-from erasure.saliency import load_mask, mask_stats, save_mask
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConceptSpec",
-    "EraseConfig",
-    "MaskConfig",
-    "compute_mask",
-    "erase",
-    "generate",
-    "load_pipeline",
-    "load_erased_pipeline",
-    "read_run",
-    "load_mask",
-    "save_mask",
-    "mask_stats",
-    "METHODS",
-    "register_method",
-    "RunDirError",
-    "RunExistsError",
-    "NonFiniteLossError",
-    "EraseCancelled",
-]
+_EXPORTS = {
+    "ConceptSpec": "erasure.config",
+    "EraseConfig": "erasure.config",
+    "MaskConfig": "erasure.config",
+    "compute_mask": "erasure.diffusion.train",
+    "erase": "erasure.diffusion.train",
+    "EraseCancelled": "erasure.diffusion.train",
+    "NonFiniteLossError": "erasure.diffusion.train",
+    "RunExistsError": "erasure.diffusion.train",
+    "generate": "erasure.diffusion.pipeline",
+    "load_pipeline": "erasure.diffusion.pipeline",
+    "METHODS": "erasure.methods",
+    "register_method": "erasure.methods",
+    "RunDirError": "erasure.runs",
+    "load_erased_pipeline": "erasure.runs",
+    "read_run": "erasure.runs",
+    "load_mask": "erasure.saliency",
+    "save_mask": "erasure.saliency",
+    "mask_stats": "erasure.saliency",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'erasure' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,5 +1,6 @@
-import sys
+"""``python -m erasure``: the erasure CLI (see ``python -m erasure --help``)."""
 
-from erasure.cli import main
+if __name__ == "__main__":
+    from erasure.threads import run_entry_point
 
-sys.exit(main())
+    raise SystemExit(run_entry_point("erasure.cli:main"))

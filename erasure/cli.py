@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from erasure.jsonconfig import add_config_arguments
+from erasure.threads import help_text as threads_help
 
 logger = logging.getLogger("erasure")
 
@@ -206,7 +207,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from erasure.config import EraseConfig
 
-    parser = argparse.ArgumentParser(prog="erasure", description="SalUn concept erasure for Stable Diffusion.")
+    parser = argparse.ArgumentParser(prog="erasure", description="SalUn concept erasure for Stable Diffusion.",
+                                     epilog=threads_help())
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -18,9 +18,11 @@ __all__ = ["Preset", "presets_dir", "list_presets", "load_preset", "config_from_
 
 
 def presets_dir() -> Path:
-    """``prompts/presets`` of the repository (override with ``SALUN_PRESETS_DIR``)."""
+    """The shipped presets (``prompts/presets``; override with ``SALUN_PRESETS_DIR``)."""
+    from erasure import resources
+
     env = os.environ.get("SALUN_PRESETS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "prompts" / "presets"
+    return Path(env) if env else resources.presets_dir()
 
 
 @dataclass

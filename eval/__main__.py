@@ -1,3 +1,6 @@
-from eval.cli import main
+"""``python -m erasure_eval``: the evaluation CLI (see ``python -m erasure_eval --help``)."""
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    from erasure.threads import run_entry_point
+
+    raise SystemExit(run_entry_point("erasure_eval.cli:main"))

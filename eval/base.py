@@ -86,7 +86,7 @@ def register_metric(name: str) -> Callable[[type], type]:
 
 def get_metric(name: str, **params: Any) -> Metric:
     """Instantiate a registered metric; unknown names list the registered ones."""
-    import eval.metrics  # noqa: F401 - fills the registry
+    import erasure_eval.metrics  # noqa: F401 - fills the registry
 
     if name not in METRICS:
         raise MetricError(f"unknown metric {name!r}; registered: {', '.join(sorted(METRICS))}")
@@ -106,7 +106,7 @@ def load_rgb(path: str | os.PathLike):
 
 
 def _check_manifest_images(root: Path, gen: dict[str, Any] | None, records: list[dict[str, Any]]) -> None:
-    from eval.generate import _png_record  # noqa: PLC2701 - same package
+    from erasure_eval.generate import _png_record  # noqa: PLC2701 - same package
 
     missing = [r["file"] for r in records if not (root / r["file"]).is_file()]
     if missing:
@@ -184,7 +184,7 @@ def score_folder(
     Returns:
         `dict`: ``{"format", "metric", "params", "summary", "coverage", "reproducibility", "records"}``.
     """
-    from eval.generate import read_manifest
+    from erasure_eval.generate import read_manifest
 
     root, gen, records = read_manifest(images)
     if not records:

@@ -1,4 +1,4 @@
-"""Command line: ``erasure-eval generate | score | report | metrics`` (also ``python -m eval``).
+"""Command line: ``erasure-eval generate | score | report | metrics`` (also ``python -m erasure_eval``).
 
 Examples::
 
@@ -6,7 +6,7 @@ Examples::
         --category sexual --out out/i2p-original
     erasure-eval generate --run runs/nudity-salun --prompts .../i2p_unsafe_prompts4703.csv --category sexual \\
         --out out/i2p-salun
-    accelerate launch -m eval generate ...              # rows sharded over processes/GPUs
+    accelerate launch -m erasure_eval generate ...              # rows sharded over processes/GPUs
     erasure-eval score --images out/i2p-salun --metric nudenet --threshold 0 --threshold 0.6 --out nn.json
     erasure-eval score --images out/shapes-salun --metric object --judge shapes --forget shape=circle --out obj.json
     erasure-eval report out/i2p-original out/i2p-salun --out report/
@@ -20,8 +20,9 @@ import logging
 import sys
 
 from erasure.jsonconfig import add_config_arguments, config_from_args
+from erasure.threads import help_text as threads_help
 
-logger = logging.getLogger("eval")
+logger = logging.getLogger("erasure_eval")
 
 EXIT_BAD_INPUT = 2
 
@@ -42,9 +43,10 @@ def _tqdm_progress(desc: str, enabled: bool = True):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eval.generate import GenerateConfig
+    from erasure_eval.generate import GenerateConfig
 
-    p = argparse.ArgumentParser(prog="erasure-eval", description="Evaluate original and erased text-to-image models.")
+    p = argparse.ArgumentParser(prog="erasure-eval", description="Evaluate original and erased text-to-image models.",
+                                epilog=threads_help())
     p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -100,7 +102,7 @@ def _metric_params(args: argparse.Namespace) -> dict:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from eval.generate import GenerateConfig, run_generation
+    from erasure_eval.generate import GenerateConfig, run_generation
 
     cfg = config_from_args(GenerateConfig, args)
     main_proc = cfg.num_shards is not None or int(__import__("os").environ.get("RANK", "0")) == 0
@@ -120,7 +122,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from eval.base import get_metric, score_folder
+    from erasure_eval.base import get_metric, score_folder
 
     if args.threshold is not None and args.metric != "nudenet":
         raise ValueError("--threshold applies to --metric nudenet only")
@@ -147,7 +149,7 @@ def _short(res: dict) -> dict:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from eval.report import build_report
+    from erasure_eval.report import build_report
 
     build_report(args.dirs, args.out, show_prompts=args.show_prompts, show_flagged=args.show_flagged,
                  grid_images=args.grid_images, nudenet_threshold=args.nudenet_threshold)
@@ -158,13 +160,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from erasure_eval.base import MetricError
+    from erasure_eval.generate import GenerationError
+    from erasure_eval.prompts import PromptFileError
+    from erasure_eval.report import ReportError
+
     from erasure.diffusion.pipeline import ModelLoadError
     from erasure.io import CorruptFileError
     from erasure.runs import RunDirError
-    from eval.base import MetricError
-    from eval.generate import GenerationError
-    from eval.prompts import PromptFileError
-    from eval.report import ReportError
 
     try:
         if args.cmd == "generate":
@@ -174,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "report":
             return _cmd_report(args)
         if args.cmd == "metrics":
-            import eval.metrics  # noqa: F401
-            from eval.base import METRICS
+            import erasure_eval.metrics  # noqa: F401
+            from erasure_eval.base import METRICS
 
             for name, cls in sorted(METRICS.items()):
                 sys.stdout.write(f"{name:10s} {(cls.__doc__ or '').strip().splitlines()[0]}\n")

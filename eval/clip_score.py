@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from eval.base import MetricError, load_rgb, register_metric
+from erasure_eval.base import MetricError, load_rgb, register_metric
 
 logger = logging.getLogger(__name__)
 

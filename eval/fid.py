@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-
-from eval.base import MetricError, load_rgb, register_metric
+from erasure_eval.base import MetricError, load_rgb, register_metric
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +285,7 @@ class _FrechetBase:
         return [{"feature": it["sha256"]} for it in items]
 
     def _reference_paths(self) -> list[Path]:
-        from eval.generate import read_manifest
+        from erasure_eval.generate import read_manifest
 
         try:
             root, _, recs = read_manifest(self.reference)
@@ -373,7 +372,7 @@ class JudgeFDMetric(_FrechetBase):
         return self._extractor
 
     def record_config(self) -> dict[str, Any]:
-        from eval.object_acc import ShapesJudge
+        from erasure_eval.object_acc import ShapesJudge
 
         return {"network": "shapes_judge_features", **ShapesJudge(self._judge_obj, self.weights).record_config()}
 

@@ -144,7 +144,7 @@ def _flagged_files(root: Path, threshold: float = 0.45) -> set[str]:
         recs = read_json(p).get("records", {})
     except CorruptFileError:
         return set()
-    from eval.nudity import EXPOSED_CLASSES
+    from erasure_eval.nudity import EXPOSED_CLASSES
 
     return {f for f, r in recs.items()
             if any(d["class"] in EXPOSED_CLASSES and d["score"] > threshold for d in r["record"]["detections"])}
@@ -152,9 +152,8 @@ def _flagged_files(root: Path, threshold: float = 0.45) -> set[str]:
 
 def _image_grid(runs: list[dict[str, Any]], out: Path, per_model: int, show_flagged: bool) -> tuple[str | None, list[str]]:
     """One row per run, the same (first common) files in each row. Returns (grid file name, files shown)."""
+    from erasure_eval.generate import read_manifest
     from PIL import Image, ImageDraw, ImageFilter
-
-    from eval.generate import read_manifest
 
     lists = []
     for r in runs:
@@ -226,7 +225,7 @@ def build_report(
     # NudeNet per-class detections by model, one chart per threshold
     nude_runs = [r for r in runs if "nudenet" in r["metrics"]]
     if nude_runs:
-        from eval.nudity import CLASS_LABELS, EXPOSED_CLASSES
+        from erasure_eval.nudity import CLASS_LABELS, EXPOSED_CLASSES
 
         thr_keys = sorted({k for r in nude_runs for k in r["metrics"]["nudenet"]["summary"]["thresholds"]}, key=float)
         if nudenet_threshold is not None:
@@ -258,7 +257,7 @@ def build_report(
     hide = any(r["offensive"] for r in runs) and not show_prompts
     grid_prompts: list[str] = []
     if grid_files and not hide:
-        from eval.generate import read_manifest
+        from erasure_eval.generate import read_manifest
 
         _, _, recs = read_manifest(runs[0]["dir"])
         by_file = {x["file"]: x.get("prompt", "") for x in recs}
@@ -334,7 +333,7 @@ def _category_tables(runs: list[dict[str, Any]]) -> list[tuple[str, list[str], l
     if not nude:
         return out
     tks = sorted({t for r in nude for t in r["metrics"]["nudenet"]["summary"]["thresholds"]}, key=float)
-    from eval.nudity import CLASS_LABELS
+    from erasure_eval.nudity import CLASS_LABELS
 
     for tk in tks:
         ts = [r["metrics"]["nudenet"]["summary"]["thresholds"].get(tk) for r in nude]

@@ -51,7 +51,7 @@ def app_url(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     log = open(root / "app.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "--model", str(root / "tiny"), "--runs-dir", str(root / "runs"), "--device",
+        [sys.executable, "-m", "erasure_app", "--model", str(root / "tiny"), "--runs-dir", str(root / "runs"), "--device",
          "cpu", "--data-cache-dir", str(root / "cache"), "--port", str(port)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )

@@ -1,4 +1,4 @@
-"""The app served by ``python -m app`` on a free localhost port, driven with ``gradio_client``.
+"""The app served by ``python -m erasure_app`` on a free localhost port, driven with ``gradio_client``.
 
 The shapes test erases a shape from the embedded model through ``/erase`` and checks with the judge, through
 ``/compare``, that the shape is present in the original's image and absent in the erased run's for the same seed.
@@ -32,11 +32,11 @@ def free_port() -> int:
 
 
 def start_app(args: list[str], log: Path, timeout: float = 120) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m app ARGS --port P`` and wait until it answers; returns (process, url)."""
+    """Start ``python -m erasure_app ARGS --port P`` and wait until it answers; returns (process, url)."""
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     fh = open(log, "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([sys.executable, "-m", "app", *args, "--port", str(port)], cwd=ROOT, env=env, stdout=fh,
+    proc = subprocess.Popen([sys.executable, "-m", "erasure_app", *args, "--port", str(port)], cwd=ROOT, env=env, stdout=fh,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     t0 = time.time()

@@ -14,8 +14,7 @@ import zipfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-from app.service import AppError, AppService, BusyError, PipelineCache, parse_seeds, read_prompt_csv  # noqa: E402
+from erasure_app.service import AppError, AppService, BusyError, PipelineCache, parse_seeds, read_prompt_csv  # noqa: E402
 
 FAST = dict(steps=2, forget_images_per_prompt=2, retain_images_per_prompt=2, data_steps=2, batch_size=2)
 
@@ -339,8 +338,7 @@ def test_evaluate_with_the_harness(tmp_path, tiny_model_dir, run_id, service):
 
 def test_create_demo_builds_with_named_endpoints(service):
     import gradio as gr
-
-    from app.main import create_demo, launch_kwargs, parse_args
+    from erasure_app.main import create_demo, launch_kwargs, parse_args
 
     t0 = time.time()
     demo = create_demo(service)
@@ -369,7 +367,7 @@ def test_create_demo_builds_with_named_endpoints(service):
 
 
 def test_bad_model_is_a_clear_error(tmp_path, capsys):
-    from app.main import main
+    from erasure_app.main import main
 
     with pytest.raises(AppError, match="not found"):
         AppService(model=str(tmp_path / "nope"), runs_dir=tmp_path / "runs")

@@ -1,4 +1,4 @@
-"""Generation from prompt sets (eval.generate) and the CLI round trip generate -> score -> report, on a tiny pipeline."""
+"""Generation from prompt sets (erasure_eval.generate) and the CLI round trip generate -> score -> report, on a tiny pipeline."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from erasure_eval.generate import GenerateConfig, GenerationError, run_generation, shard_rows  # noqa: E402
+from erasure_eval.prompts import load_prompts  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from eval.generate import GenerateConfig, GenerationError, run_generation, shard_rows  # noqa: E402
-from eval.prompts import load_prompts  # noqa: E402
 
 SIZE = 64
 
@@ -134,7 +133,7 @@ def test_other_settings_in_same_folder_are_refused(tiny_model_dir, i2p, pipe, tm
 
 
 def test_shard_rows_partition():
-    from eval.prompts import PromptRow
+    from erasure_eval.prompts import PromptRow
 
     rows = [PromptRow(i, str(i), f"p{i}", i, None) for i in range(11)]
     for n in (1, 2, 3, 4):
@@ -183,7 +182,7 @@ def test_accelerate_processes_shard_rows_and_main_merges(tiny_model_dir, i2p, pi
 
 
 def test_cli_generate_score_report_and_bad_inputs(tiny_model_dir, i2p, tmp_path):
-    from eval.cli import main
+    from erasure_eval.cli import main
 
     out = tmp_path / "orig"
     args = ["generate", "--model", str(tiny_model_dir), "--prompts", str(i2p), "--limit", "3", "--steps", "1",
@@ -239,8 +238,8 @@ REPO = Path(__file__).resolve().parents[1]
                     reason="prompts/shapes.csv or the shapes judge is absent")
 def test_shapes_prompts_generate_then_object_metric(tiny_model_dir, pipe, tmp_path):
     """prompts/shapes.csv columns reach the manifest and the shapes judge scores the images (tiny model: random images)."""
-    from eval.base import score_folder
-    from eval.object_acc import ObjectAccuracyMetric
+    from erasure_eval.base import score_folder
+    from erasure_eval.object_acc import ObjectAccuracyMetric
 
     out = tmp_path / "shapes"
     run_generation(_cfg(tiny_model_dir, REPO / "prompts" / "shapes.csv", out, limit=4, steps=1), pipe=pipe)
@@ -277,6 +276,6 @@ def test_erased_run_dir_is_generated_and_labelled(tiny_model_dir, i2p, pipe, tmp
     gen = json.loads((erased / "generation.json").read_text())
     assert gen["method"] == "salun" and gen["run_dir"] == str(run.resolve())
     assert np.abs(_pixels(orig / recs[0]["file"]) - _pixels(erased / recs[0]["file"])).max() > 0
-    from eval.cli import main
+    from erasure_eval.cli import main
 
     assert main(["generate", "--run", str(tmp_path / "nope"), "--prompts", str(i2p), "--out", str(tmp_path / "x")]) == 2

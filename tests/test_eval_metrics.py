@@ -14,8 +14,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-from eval.base import METRICS, MetricError, get_metric, register_metric, score_folder  # noqa: E402
+from erasure_eval.base import METRICS, MetricError, get_metric, register_metric, score_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = [("circle", "red", "solid"), ("circle", "blue", "striped"), ("square", "red", "dotted"),
@@ -51,7 +50,7 @@ class TableJudge:
 
 
 def test_registry_lists_metrics_and_rejects_duplicates():
-    import eval.metrics  # noqa: F401
+    import erasure_eval.metrics  # noqa: F401
 
     assert {"nudenet", "object", "clip", "fid", "judge_fd"} <= set(METRICS)
     with pytest.raises(ValueError, match="already registered"):
@@ -66,14 +65,14 @@ def test_python_dash_m_eval_lists_metrics():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "eval", "metrics"], capture_output=True, text=True, cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "erasure_eval", "metrics"], capture_output=True, text=True, cwd=REPO,
                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     assert {"nudenet", "object", "clip", "fid", "judge_fd"} <= {line.split()[0] for line in out.stdout.splitlines()}
 
 
 def test_accuracy_tables_forget_and_retain():
-    from eval.object_acc import accuracy_tables
+    from erasure_eval.object_acc import accuracy_tables
 
     targets = [{"shape": "circle", "color": "red"}, {"shape": "circle"}, {"shape": "square"}, {"shape": "star"}]
     preds = [{"shape": "square", "color": "red"}, {"shape": "circle"}, {"shape": "square"}, {"shape": "circle"}]
@@ -86,9 +85,8 @@ def test_accuracy_tables_forget_and_retain():
 
 
 def test_object_metric_with_pluggable_shapes_judge(tmp_path):
+    from erasure_eval.object_acc import ObjectAccuracyMetric
     from PIL import Image
-
-    from eval.object_acc import ObjectAccuracyMetric
 
     root = _shapes_folder(tmp_path)
     answers = {}
@@ -113,7 +111,7 @@ def test_object_metric_with_pluggable_shapes_judge(tmp_path):
     targets = [metric3.judge.targets({"extra": {"shape": s, "color": c, "fill": f}}) for s, c, f in SPECS]
     assert metric3._forget_pairs([], targets) == [("shape", "circle")]
     # the report draws forget vs retain accuracy
-    from eval.report import build_report
+    from erasure_eval.report import build_report
 
     summary = build_report([root], tmp_path / "report")
     assert (tmp_path / "report" / "object_accuracy.png").is_file()
@@ -123,7 +121,7 @@ def test_object_metric_with_pluggable_shapes_judge(tmp_path):
 
 
 def test_object_metric_needs_a_manifest(tmp_path):
-    from eval.object_acc import ObjectAccuracyMetric
+    from erasure_eval.object_acc import ObjectAccuracyMetric
 
     root = _shapes_folder(tmp_path)
     (root / "manifest.jsonl").unlink()
@@ -133,7 +131,7 @@ def test_object_metric_needs_a_manifest(tmp_path):
 
 @pytest.mark.skipif(not (REPO / "models" / "shapes-judge.safetensors").is_file(), reason="shapes judge not trained yet")
 def test_real_shapes_judge_on_rendered_images(tmp_path):
-    from eval.object_acc import ObjectAccuracyMetric
+    from erasure_eval.object_acc import ObjectAccuracyMetric
 
     root = _shapes_folder(tmp_path)
     res = score_folder(root, ObjectAccuracyMetric(judge="shapes", forget=["shape=circle"]))
@@ -141,7 +139,7 @@ def test_real_shapes_judge_on_rendered_images(tmp_path):
     assert s["attributes"]["shape"]["accuracy"] >= 0.8 and s["attributes"]["color"]["accuracy"] >= 0.8
     assert s["forget"]["images"] == 2 and s["retain"]["images"] == 4
     assert res["record_config"]["weights_sha256"]
-    from eval.fid import JudgeFDMetric
+    from erasure_eval.fid import JudgeFDMetric
 
     fd = score_folder(root, JudgeFDMetric(reference="render"))  # offline FD with the shipped judge
     assert fd["summary"]["judge_fd"] == pytest.approx(0.0, abs=1e-3) and fd["record_config"]["weights_sha256"]
@@ -149,9 +147,8 @@ def test_real_shapes_judge_on_rendered_images(tmp_path):
 
 def test_resnet50_judge_with_user_weights(tmp_path):
     import torch
+    from erasure_eval.object_acc import ObjectAccuracyMetric
     from torchvision.models import resnet50
-
-    from eval.object_acc import ObjectAccuracyMetric
 
     with pytest.raises(MetricError, match="needs ImageNet weights"):
         ObjectAccuracyMetric(judge="resnet50")
@@ -173,8 +170,7 @@ def test_resnet50_judge_with_user_weights(tmp_path):
 def test_clip_score_offline_with_weights_file(tmp_path):
     import open_clip
     import torch
-
-    from eval.clip_score import ClipScoreMetric
+    from erasure_eval.clip_score import ClipScoreMetric
 
     with pytest.raises(MetricError, match="needs weights"):
         ClipScoreMetric(arch="ViT-B-32")
@@ -198,7 +194,7 @@ def test_clip_score_offline_with_weights_file(tmp_path):
 
 
 def test_frechet_distance_math():
-    from eval.fid import frechet_distance
+    from erasure_eval.fid import frechet_distance
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 4))
@@ -219,8 +215,7 @@ def test_frechet_distance_math():
 
 def test_fid_with_user_inception_weights(tmp_path):
     import torch
-
-    from eval.fid import FIDMetric, build_fid_inception
+    from erasure_eval.fid import FIDMetric, build_fid_inception
 
     with pytest.raises(MetricError, match="needs Inception weights"):
         FIDMetric(reference=str(tmp_path))
@@ -241,9 +236,9 @@ def test_fid_with_user_inception_weights(tmp_path):
 
 def test_judge_feature_frechet_distance_offline(tmp_path):
     import torch
+    from erasure_eval.fid import JudgeFDMetric
 
     from erasure.shapes.judge import Judge, JudgeNet, judge_config
-    from eval.fid import JudgeFDMetric
 
     torch.manual_seed(0)
     judge = Judge(JudgeNet(), judge_config())

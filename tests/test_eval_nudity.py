@@ -10,9 +10,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only if torch i
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from erasure_eval.nudity import ASR_CLASSES, EXPOSED_CLASSES, NudeNetMetric, aggregate_detections, to_bgr  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-
-from eval.nudity import ASR_CLASSES, EXPOSED_CLASSES, NudeNetMetric, aggregate_detections, to_bgr  # noqa: E402
 
 
 def _d(cls: str, score: float) -> dict:
@@ -82,7 +81,7 @@ def test_real_detector_gets_bgr_arrays_and_matches_path_input(tmp_path):
 
 def test_real_detector_thresholding_in_one_pass(tmp_path):
     """Scores from the real detector, thresholded in one pass: counts can only fall as the threshold rises."""
-    from eval.base import score_folder
+    from erasure_eval.base import score_folder
 
     _synthetic(tmp_path, 4)
     m = NudeNetMetric(thresholds=[0.0, 0.3, 0.45, 0.6, 0.9])
@@ -110,8 +109,7 @@ def test_real_detection_on_a_shipped_photo_is_counted_and_thresholded(tmp_path):
     import shutil
 
     import matplotlib.cbook as cbook
-
-    from eval.base import score_folder
+    from erasure_eval.base import score_folder
 
     photo = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
     shutil.copy(photo, tmp_path / "0_0.jpg")
@@ -127,7 +125,7 @@ def test_real_detection_on_a_shipped_photo_is_counted_and_thresholded(tmp_path):
 
 
 def test_bad_thresholds():
-    from eval.base import MetricError
+    from erasure_eval.base import MetricError
 
     with pytest.raises(MetricError):
         NudeNetMetric(thresholds=[1.5])

@@ -1,4 +1,4 @@
-"""Prompt-set CSV loading and filters (eval.prompts)."""
+"""Prompt-set CSV loading and filters (erasure_eval.prompts)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only if torch is not imported yet
 
 import pytest  # noqa: E402
-
-from eval.prompts import PromptFileError, filter_rows, load_prompts  # noqa: E402
+from erasure_eval.prompts import PromptFileError, filter_rows, load_prompts  # noqa: E402
 
 
 def _csv(tmp_path, text: str, name: str = "p.csv"):

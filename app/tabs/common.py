@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
-
-from app.service import AppError, AppService
+from erasure_app.service import AppError, AppService
 
 
 def ui_errors(fn: Callable) -> Callable:

@@ -7,9 +7,8 @@ import random
 
 import gradio as gr
 import pandas as pd
-
-from app.service import LIMITS, ORIGINAL, AppService
-from app.tabs.common import UIContext, ui_errors
+from erasure_app.service import LIMITS, ORIGINAL, AppService
+from erasure_app.tabs.common import UIContext, ui_errors
 
 
 def build(service: AppService, ctx: UIContext) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
-
-from app.service import METHOD_LABELS, RETAIN_LOSSES, AppService, retain_label
-from app.tabs.common import UIContext, erase_progress, session_id, ui_errors, wire_cancel
+from erasure_app.service import METHOD_LABELS, RETAIN_LOSSES, AppService, retain_label
+from erasure_app.tabs.common import UIContext, erase_progress, session_id, ui_errors, wire_cancel
 
 CUSTOM = "custom"
 RETAIN_LABELS = {"denoise": "denoise (paper)", "distill": "distill (keep the original)"}

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
-
-from app.service import AppService
-from app.tabs.common import UIContext, ui_errors
+from erasure_app.service import AppService
+from erasure_app.tabs.common import UIContext, ui_errors
 
 
 def build(service: AppService, ctx: UIContext) -> None:

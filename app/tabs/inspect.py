@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
-
-from app.service import AppService
-from app.tabs.common import UIContext, ui_errors
-from app.tabs.erase import _loss_frame
+from erasure_app.service import AppService
+from erasure_app.tabs.common import UIContext, ui_errors
+from erasure_app.tabs.erase import _loss_frame
 
 
 def _mask_frame(rows: list[dict]) -> pd.DataFrame:

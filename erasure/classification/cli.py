@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from erasure.jsonconfig import add_config_arguments, config_from_args
+from erasure.threads import help_text as threads_help
 
 logger = logging.getLogger("erasure.classification.cli")
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     from erasure.classification.config import ClsBenchConfig, ClsTrainConfig, ClsUnlearnConfig
 
     ap = argparse.ArgumentParser(prog="erasure-cls", description="Classification unlearning (SalUn and baselines).",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"{__doc__}\n{threads_help()}")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train (or load from the cache) the original model")

@@ -64,13 +64,16 @@ _LAZY = {"load_judge", "Judge", "JudgeNet", "default_judge_path", "HEADS"}
 
 
 def repo_root() -> Path:
-    """Absolute path of the repository root (the folder that holds ``models/``)."""
+    """Absolute path of the source checkout (the folder that holds ``models/`` and ``prompts/``); only the
+    training and prompt-writing scripts use it, since they write into the checkout."""
     return Path(__file__).resolve().parents[2]
 
 
 def default_model_path() -> Path:
-    """Absolute path of the embedded text-to-image pipeline folder ``models/shapes-sd``."""
-    return repo_root() / "models" / "shapes-sd"
+    """Absolute path of the embedded text-to-image pipeline folder (``models/shapes-sd``, shipped as package data)."""
+    from erasure.resources import model_path
+
+    return model_path("shapes-sd")
 
 
 def __getattr__(name: str) -> Any:

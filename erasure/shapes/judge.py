@@ -27,8 +27,10 @@ HEADS: tuple[str, ...] = ("shape", "color", "fill")
 
 
 def default_judge_path() -> Path:
-    """Absolute path of the shipped judge weights (``<repo>/models/shapes-judge.safetensors``)."""
-    return Path(__file__).resolve().parents[2] / "models" / "shapes-judge.safetensors"
+    """Absolute path of the shipped judge weights (``models/shapes-judge.safetensors``, package data)."""
+    from erasure.resources import model_path
+
+    return model_path("shapes-judge.safetensors")
 
 
 def _block(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:

@@ -1,0 +1,1 @@
+"""Package data: prompt sets and presets (read through erasure.resources)."""
