@@ -14,9 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from erasure.jsonconfig import add_config_arguments
+from erasure.jsonconfig import add_config_arguments, given_fields
+from erasure.progress import TqdmProgress
 from erasure.threads import help_text as threads_help
 
 logger = logging.getLogger("erasure")
@@ -52,7 +51,7 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
     if args.preset:
         pr = load_preset(args.preset)
         base = {**pr.config, **base}
-        concepts.append(pr.concept.to_dict())
+        concepts.extend(c.to_dict() for c in pr.concepts)
     if args.concept_file:
         data = json.loads(Path(args.concept_file).read_text(encoding="utf-8"))
         concepts.extend(data if isinstance(data, list) else [data])
@@ -70,45 +69,73 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
     if not concepts:
         raise ValueError("nothing to erase: give --forget-prompt (with --anchor-prompt), --preset or --concept-file")
     data = dict(base)
-    for k in EraseConfig.__dataclass_fields__:
-        if hasattr(args, k) and k not in ("concepts",):
-            data[k] = getattr(args, k)
-    if for_mask and not any(c.get("retain_prompts") for c in concepts):
-        data.setdefault("alpha", 0.0)
+    data.update(given_fields(EraseConfig, args))
+    data.pop("concepts", None)
+    method_args = _method_args(args, data.get("method", "salun"), data)
+    if for_mask and not any(c.get("retain_prompts") for c in concepts) and "alpha" in _method_flags(data.get("method", "salun")):
+        method_args.setdefault("alpha", 0.0)
+    data["method_args"] = method_args
     data["concepts"] = concepts
     return EraseConfig.from_dict(data)
 
 
-class _Bars:
-    """tqdm bars per stage, fed by the library's progress callback."""
+def _method_flags(method: str) -> dict[str, str]:
+    """Field name -> flag dest of ``method``'s config fields."""
+    import dataclasses
 
-    def __init__(self) -> None:
-        self.bar = None
-        self.stage = None
+    from erasure.jsonconfig import flag_dest
+    from erasure.methods import get_method
 
-    def __call__(self, stage: str, done: int, total: int, info: dict) -> None:
-        if stage != self.stage:
-            if self.bar is not None:
-                self.bar.close()
-            self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, leave=True, dynamic_ncols=True)
-        if self.bar.total != total:
-            self.bar.total = total
-        self.bar.n = done
-        if info:
-            self.bar.set_postfix({k: v for k, v in info.items() if k != "step"}, refresh=False)
-        self.bar.refresh()
+    cls = get_method(method).config_cls
+    return {f.name: flag_dest(f.name, cls.cli_prefix) for f in dataclasses.fields(cls)}
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+
+def _method_args(args: argparse.Namespace, method: str, base: dict) -> dict:
+    """The method's own settings: ``base["method_args"]`` (or legacy top-level keys), then its flags.
+
+    A flag of another method is refused rather than ignored."""
+    import dataclasses
+
+    from erasure.jsonconfig import flag_dest
+    from erasure.methods import LEGACY_KEYS, METHODS
+
+    mine = _method_flags(method)
+    out = dict(base.pop("method_args", None) or {})
+    for old, new in LEGACY_KEYS.items():  # --config files written before method_args
+        if old in base:
+            value = base.pop(old)
+            if new in mine:
+                out.setdefault(new, value)
+    for name, dest in mine.items():
+        if hasattr(args, dest):
+            out[name] = getattr(args, dest)
+    for spec in METHODS.values():
+        for f in dataclasses.fields(spec.config_cls):
+            dest = flag_dest(f.name, spec.config_cls.cli_prefix)
+            if hasattr(args, dest) and dest not in mine.values():
+                raise ValueError(f"--{dest.replace('_', '-')} is a setting of method {spec.name}, not of {method}; "
+                                 f"drop it or choose --method {spec.name}")
+    return out
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of every registered method's config, in a group per config class."""
+    from erasure.methods import METHODS
+
+    seen: dict = {}
+    groups: dict[type, list[str]] = {}
+    for spec in METHODS.values():
+        groups.setdefault(spec.config_cls, []).append(spec.name)
+    for cls, names in groups.items():
+        g = parser.add_argument_group(f"method settings ({', '.join(names)})")
+        add_config_arguments(g, cls, prefix=cls.cli_prefix, seen=seen)
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from erasure.diffusion.train import erase
 
     cfg = _build_config(args)
-    bars = _Bars()
+    bars = TqdmProgress()
     try:
         out = erase(cfg, args.out, overwrite=args.overwrite, progress=bars)
     finally:
@@ -126,7 +153,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
     from erasure.saliency import mask_stats
 
     cfg = _build_config(args, for_mask=True)
-    bars = _Bars()
+    bars = TqdmProgress()
     try:
         mask = compute_mask(cfg, out=args.out, progress=bars, overwrite=args.overwrite)
     finally:
@@ -188,10 +215,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from erasure.jsonconfig import flag_dest
     from erasure.methods import METHODS
 
     for m in METHODS.values():
-        print(f"{m.name:8s} mask={'yes' if m.needs_mask else 'no ':3s} {m.description}  {m.paper}")
+        flags = " ".join("--" + flag_dest(f.name, m.config_cls.cli_prefix).replace("_", "-")
+                         for f in dataclasses.fields(m.config_cls))
+        print(f"{m.name:8s} {m.shape:4s} mask={'yes' if m.needs_mask else 'no ':3s} {m.description}  {m.paper}"
+              + (f"\n{'':8s} settings: {flags}" if flags else ""))
     return 0
 
 
@@ -218,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--config", help="JSON EraseConfig to start from (flags override it).")
     _concept_args(pe)
     add_config_arguments(pe, EraseConfig)
+    add_method_arguments(pe)
     pe.set_defaults(func=cmd_erase)
 
     pm = sub.add_parser("mask", help="Compute and save a SalUn saliency mask.")
@@ -225,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--overwrite", action="store_true", help="Replace an existing mask file.")
     pm.add_argument("--config", help="JSON EraseConfig to start from (flags override it).")
     _concept_args(pm, anchor_required=False)
-    add_config_arguments(pm, EraseConfig, skip=("steps", "lr", "alpha", "optimizer", "weight_decay", "momentum",
-                                                "max_grad_norm", "grad_accum", "checkpoint_every", "esd_negative_guidance",
-                                                "esd_sample_steps", "mask_path", "method", "retain_images_per_prompt"))
+    add_config_arguments(pm, EraseConfig, skip=("steps", "lr", "optimizer", "weight_decay", "momentum",
+                                                "max_grad_norm", "grad_accum", "checkpoint_every", "mask_path",
+                                                "retain_images_per_prompt", "mixed_precision", "gradient_checkpointing"))
     pm.set_defaults(func=cmd_mask)
 
     pg = sub.add_parser("generate", help="Generate images with the base model or an erased run.")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from erasure.jsonconfig import JsonConfig, field
 
@@ -61,111 +60,126 @@ class ConceptSpec(JsonConfig):
 class MaskConfig(JsonConfig):
     """How the saliency mask is computed (used by ``erasure mask`` and by masked methods)."""
 
-    mask_ratio: float = field(0.5, help="Fraction of all UNet weights kept trainable, in (0, 1].")
-    mask_guidance: float = field(7.5, help="CFG scale w in the mask loss eps_cfg = (1+w) eps(x_t,c) - w eps(x_t,'').")
-    mask_batches: int = field(0, help="Forget batches to accumulate over (0 = one pass over Df).")
+    mask_ratio: float = field(
+        0.5, help="Fraction of the trainable UNet weights (those --trainable or the method selects) kept in the "
+        "saliency mask, in (0, 1].", label="Mask ratio", min=0.0, max=1.0, min_exclusive=True,
+    )
+    mask_guidance: float = field(7.5, help="CFG scale w in the mask loss eps_cfg = (1+w) eps(x_t,c) - w eps(x_t,'').",
+                                 label="Mask guidance", min=0.0, max=100.0)
+    mask_batches: int = field(0, help="Forget batches to accumulate over (0 = one pass over Df).", min=0, max=100_000)
     mask_score: Literal["abs_of_sum", "sum_of_abs"] = field(
         "abs_of_sum", help="Saliency score: |sum of gradients| (reference) or sum of |gradients|."
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)) or math.isnan(self.mask_ratio):
-            raise ValueError(f"mask ratio must be a number in (0, 1], got {self.mask_ratio!r}")
-        if not 0.0 < float(self.mask_ratio) <= 1.0:
-            raise ValueError(f"mask ratio must be in (0, 1], got {self.mask_ratio}")
-        if self.mask_guidance < 0:
-            raise ValueError(f"mask guidance must be >= 0, got {self.mask_guidance}")
-        if self.mask_batches < 0:
-            raise ValueError("mask batches must be >= 0")
-        if self.mask_score not in ("abs_of_sum", "sum_of_abs"):
-            raise ValueError("mask score must be 'abs_of_sum' or 'sum_of_abs'")
+        self.check_fields()
 
 
 @dataclass
 class EraseConfig(MaskConfig):
-    """Everything an erasure run needs; saved as ``run.json["config"]``."""
+    """Everything an erasure run needs; saved as ``run.json["config"]``.
+
+    Generic knobs are fields of this class; the method's own knobs (SalUn's ``alpha`` and ``retain_loss``,
+    ESD's negative guidance, UCE's regulariser, ...) are ``method_args``, an instance of the method's config
+    class (see :mod:`erasure.methods`). Older files with those knobs at the top level still load.
+    """
 
     model: str = field("default", help="Base model: a local diffusers SD folder, a hub id, or 'default' (embedded shapes model).")
     concepts: list[ConceptSpec] = field(default_factory=list, help="Concepts to erase.", cli=False)
-    method: str = field("salun", help="Erasure method: salun, rl, esd-x or esd-u (see `erasure methods`).")
+    method: str = field("salun", help="Erasure method (see `erasure methods`).")
+    method_args: Any = field(None, help="The method's own settings (its config class; defaults when omitted).", cli=False)
     mask_path: str | None = field(None, help="Use this precomputed mask (from `erasure mask`) instead of computing one.")
     # data
-    forget_images_per_prompt: int = field(8, help="Images generated per forget prompt for Df.")
-    retain_images_per_prompt: int = field(4, help="Images generated per retain prompt for Dr.")
-    data_steps: int = field(25, help="Sampling steps used to generate Df/Dr.")
-    data_guidance: float = field(7.5, help="CFG scale used to generate Df/Dr.")
-    resolution: int = field(0, help="Training/generation resolution in pixels (0 = the model's native size).")
+    forget_images_per_prompt: int = field(8, help="Images generated per forget prompt for Df.", label="Df images per prompt",
+                                          min=1, max=100_000)
+    retain_images_per_prompt: int = field(4, help="Images generated per retain prompt for Dr.", label="Dr images per prompt",
+                                          min=0, max=100_000)
+    data_steps: int = field(25, help="Sampling steps used to generate Df/Dr.", label="Sampling steps (Df/Dr)", min=1, max=1000)
+    data_guidance: float = field(7.5, help="CFG scale used to generate Df/Dr.", min=0.0, max=100.0)
+    resolution: int = field(0, help="Training/generation resolution in pixels (0 = the model's native size).", min=0,
+                            max=4096)
     # training
-    steps: int = field(100, help="Optimizer steps.")
-    batch_size: int = field(4, help="Forget (and retain) images per step.")
-    lr: float = field(1e-5, help="Learning rate.")
-    alpha: float = field(0.5, help="Weight of the retain loss on Dr (reference: 0.5 objects, 0.1 nudity).")
-    retain_loss: Literal["denoise", "distill"] = field(
-        "denoise",
-        help="Retain term on Dr: denoise (the paper's MSE to the added noise) or distill (MSE to the frozen "
-        "original UNet's conditional and unconditional predictions on Dr; lower-variance, keeps a second UNet "
-        "in memory).",
-    )
+    steps: int = field(100, help="Optimizer steps.", label="Steps", min=1, max=1_000_000)
+    batch_size: int = field(4, help="Forget (and retain) images per step.", label="Batch size", min=1, max=4096)
+    lr: float = field(1e-5, help="Learning rate.", label="Learning rate", min=0.0, max=1.0, min_exclusive=True)
     trainable: Literal["full", "xattn", "noxattn"] = field(
         "full", help="UNet parameters that may train: full, xattn (cross-attention only), noxattn (all but cross-attention)."
     )
     optimizer: Literal["adam", "adamw", "sgd", "adam8bit"] = field("adam", help="Optimizer.")
-    weight_decay: float = field(0.0, help="Weight decay (applied inside the mask only).")
-    momentum: float = field(0.9, help="SGD momentum.")
-    max_grad_norm: float = field(0.0, help="Clip the gradient norm to this value (0 = off).")
-    grad_accum: int = field(1, help="Gradient accumulation steps per optimizer step.")
+    weight_decay: float = field(0.0, help="Weight decay (applied inside the mask only).", min=0.0, max=10.0)
+    momentum: float = field(0.9, help="SGD momentum, in [0, 1).", min=0.0, max=0.999999)
+    max_grad_norm: float = field(0.0, help="Clip the gradient norm to this value (0 = off).", min=0.0, max=1e9)
+    grad_accum: int = field(1, help="Gradient accumulation steps per optimizer step.", min=1, max=4096)
     mixed_precision: Literal["no", "fp16", "bf16"] = field("no", help="Autocast precision; master weights stay float32.")
     gradient_checkpointing: bool = field(False, help="Trade compute for memory in the UNet.")
-    esd_negative_guidance: float = field(1.0, help="ESD: negative guidance eta in the target eps_u - eta (eps_c - eps_u).")
-    esd_sample_steps: int = field(50, help="ESD: DDIM steps of the trajectory x_t is drawn from.")
-    checkpoint_every: int = field(50, help="Save a resumable checkpoint every N steps (0 = never).")
-    seed: int = field(0, help="Seed for data generation, timesteps, noise and batch order.")
+    checkpoint_every: int = field(50, help="Save a resumable checkpoint every N steps (0 = never).", min=0, max=1_000_000)
+    seed: int = field(0, help="Seed for data generation, timesteps, noise and batch order.", min=0, max=2**63 - 1)
     device: str = field("auto", help="auto, cpu, cuda or cuda:N.")
     cache_dir: str | None = field(None, help="Where generated Df/Dr images are cached (default ~/.cache/salun-erasure).")
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EraseConfig:
+        """Also reads files written before ``method_args`` (method knobs at the top level)."""
+        from erasure.methods import LEGACY_KEYS
+
+        if isinstance(data, dict) and any(k in data for k in LEGACY_KEYS):
+            data = dict(data)
+            method = data.get("method", "salun")
+            args = dict(data.get("method_args") or {})
+            fields = _method_fields(method)
+            for old, new in LEGACY_KEYS.items():
+                if old in data:
+                    value = data.pop(old)
+                    if new in fields:
+                        args[new] = value
+            data["method_args"] = args
+        return super().from_dict(data)
+
     def __post_init__(self) -> None:
-        super().__post_init__()
+        self.check_fields()
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError("model must be a path, a hub id or 'default'")
         if not self.concepts:
             raise ValueError("no concept to erase: give at least one forget prompt")
+        if not isinstance(self.concepts, list):
+            raise ValueError("concepts must be a list of concept specs")
         self.concepts = [c if isinstance(c, ConceptSpec) else ConceptSpec.from_dict(c) for c in self.concepts]
         names = [c.name for c in self.concepts]
         if len(set(names)) != len(names):
             raise ValueError(f"concept names must be unique, got {names}")
-        from erasure.methods import METHODS
+        from erasure.methods import MethodConfig, get_method
 
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
-        for name in ("forget_images_per_prompt", "data_steps", "steps", "batch_size", "grad_accum", "esd_sample_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name.replace('_', ' ')} must be an integer >= 1, got {v!r}")
-        for name in ("retain_images_per_prompt", "checkpoint_every", "resolution", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name.replace('_', ' ')} must be an integer >= 0, got {v!r}")
+        spec = get_method(self.method)
+        if self.method_args is None:
+            self.method_args = spec.config_cls()
+        elif isinstance(self.method_args, dict):
+            self.method_args = spec.config_cls.from_dict(self.method_args)
+        elif not isinstance(self.method_args, spec.config_cls):
+            got = type(self.method_args).__name__ if isinstance(self.method_args, MethodConfig) else repr(self.method_args)
+            raise ValueError(f"method_args of method {self.method!r} must be a {spec.config_cls.__name__} or a JSON object, "
+                             f"got {got}")
         if self.resolution and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
-        for name in ("alpha", "weight_decay", "max_grad_norm", "data_guidance", "esd_negative_guidance"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
-                raise ValueError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {v!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.trainable not in ("full", "xattn", "noxattn"):
-            raise ValueError(f"trainable must be full, xattn or noxattn, got {self.trainable!r}")
-        if self.retain_loss not in ("denoise", "distill"):
-            raise ValueError(f"retain loss must be denoise or distill, got {self.retain_loss!r}")
-        if self.optimizer not in ("adam", "adamw", "sgd", "adam8bit"):
-            raise ValueError(f"optimizer must be adam, adamw, sgd or adam8bit, got {self.optimizer!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError("mixed precision must be no, fp16 or bf16")
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ValueError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision bf16 or no on CPU")
-        if METHODS[self.method].uses_retain and self.alpha > 0 and not any(
+        if spec.needs_images and self.method_args.uses_retain() and not any(
             c.retain_prompts or c.retain_images for c in self.concepts
         ):
-            raise ValueError("alpha > 0 needs retain prompts (or a retain image folder); add --retain-prompt or set --alpha 0")
+            raise ValueError("this method's retain loss needs retain prompts (or a retain image folder): add "
+                             "--retain-prompt, or set --alpha 0 to train without one")
+
+    @property
+    def spec(self):
+        """The registered :class:`erasure.methods.MethodSpec` of ``method``."""
+        from erasure.methods import get_method
+
+        return get_method(self.method)
+
+
+def _method_fields(method: str) -> set[str]:
+    import dataclasses
+
+    from erasure.methods import METHODS
+
+    spec = METHODS.get(method)
+    return {f.name for f in dataclasses.fields(spec.config_cls)} if spec is not None else set()

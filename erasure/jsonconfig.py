@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -17,11 +18,16 @@ from typing import Any, TypeVar
 
 T = TypeVar("T", bound="JsonConfig")
 
-__all__ = ["JsonConfig", "add_config_arguments", "config_from_args", "field"]
+__all__ = ["JsonConfig", "add_config_arguments", "config_from_args", "field", "field_label", "field_bounds", "given_fields"]
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING, **meta: Any):
-    """A dataclass field with a help text (used in ``--help`` and in the docs)."""
+    """A dataclass field with a help text (used in ``--help``, the docs and the app's forms).
+
+    Optional metadata read by :meth:`JsonConfig.check_fields`, the CLI and the app: ``label`` (a short UI
+    label), ``min`` / ``max`` (inclusive bounds of a number), ``min_exclusive`` (a number must be above ``min``),
+    ``cli`` (False: no flag), ``ui`` (False: no form control).
+    """
     kwargs: dict[str, Any] = {"metadata": {"help": help, **meta}}
     if default_factory is not dataclasses.MISSING:
         kwargs["default_factory"] = default_factory
@@ -63,6 +69,15 @@ class JsonConfig:
             kwargs[k] = v
         return cls(**kwargs)
 
+    def check_fields(self) -> None:
+        """Generic validation from the annotations and metadata: types, ``Literal`` choices, ``min``/``max``.
+
+        Raises ``ValueError`` naming the field and what it accepts. Call it first in ``__post_init__``.
+        """
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            _check_value(f, hints[f.name], getattr(self, f.name))
+
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
@@ -85,6 +100,52 @@ class JsonConfig:
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
         return cls.from_json(p.read_text(encoding="utf-8"))
+
+
+def field_label(f: dataclasses.Field) -> str:
+    """The field's UI label (``label`` metadata, else its name in words)."""
+    return f.metadata.get("label") or f.name.replace("_", " ")
+
+
+def field_bounds(f: dataclasses.Field) -> tuple[float | None, float | None]:
+    return f.metadata.get("min"), f.metadata.get("max")
+
+
+def _check_value(f: dataclasses.Field, tp: Any, v: Any) -> None:
+    name = field_label(f)
+    if len(name) > 1 and not name[1].isupper():
+        name = name[0].lower() + name[1:]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if v is None and len(args) < len(typing.get_args(tp)):
+            return
+        if len(args) == 1:
+            return _check_value(f, args[0], v)
+        return
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if v not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {v!r}")
+        return
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be true or false, got {v!r}")
+        return
+    if tp in (int, float):
+        ok = isinstance(v, int) if tp is int else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok or (tp is float and not math.isfinite(v)):
+            kind = "an integer" if tp is int else "a finite number"
+            raise ValueError(f"{name} must be {kind}, got {v!r}")
+        lo, hi = field_bounds(f)
+        low_ok = lo is None or (v > lo if f.metadata.get("min_exclusive") else v >= lo)
+        if not low_ok or (hi is not None and v > hi):
+            lo_txt = "" if lo is None else (f"> {lo}" if f.metadata.get("min_exclusive") else f">= {lo}")
+            hi_txt = "" if hi is None else f"<= {hi}"
+            raise ValueError(f"{name} must be {' and '.join(t for t in (lo_txt, hi_txt) if t)}, got {v!r}")
+        return
+    if tp is str and not isinstance(v, str):
+        raise ValueError(f"{name} must be a string, got {v!r}")
 
 
 def _config_class(tp: Any) -> type[JsonConfig] | None:
@@ -124,8 +185,20 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--flag`` per dataclass field of ``cls`` (``snake_case`` -> ``--snake-case``)."""
+def flag_dest(name: str, prefix: str = "") -> str:
+    """The argparse ``dest`` of field ``name`` under a flag ``prefix`` (``esd`` + ``sample_steps`` -> ``esd_sample_steps``)."""
+    return f"{prefix}_{name}" if prefix else name
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, skip: tuple[str, ...] = (), prefix: str = "",
+    seen: dict[str, type] | None = None,
+) -> None:
+    """Add one ``--flag`` per dataclass field of ``cls`` (``snake_case`` -> ``--snake-case``, after ``prefix``).
+
+    ``seen`` maps flags already added (by other config classes) to their class: a flag that two classes
+    share is added once, and only if both declare the same annotation.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or f.metadata.get("cli") is False:
@@ -133,7 +206,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         tp, is_list = _base_type(hints[f.name])
         if _config_class(tp) is not None:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        dest = flag_dest(f.name, prefix)
+        flag = "--" + dest.replace("_", "-")
+        if seen is not None:
+            if flag in seen:
+                if typing.get_type_hints(seen[flag]).get(f.name) != hints[f.name]:
+                    raise ValueError(f"{flag} is declared by {seen[flag].__name__} and {cls.__name__} with other types")
+                continue
+            seen[flag] = cls
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
@@ -145,24 +225,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         if lit:
             choices = list(lit)
         if typing.get_origin(tp) is dict:
-            parser.add_argument(flag, type=_json_object, default=argparse.SUPPRESS, help=help_text + " (JSON object)")
+            parser.add_argument(flag, dest=dest, type=_json_object, default=argparse.SUPPRESS, help=help_text + " (JSON object)")
         elif tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif is_list:
             parser.add_argument(
-                flag, type=tp, action="append", default=argparse.SUPPRESS, help=help_text + " (repeatable)"
+                flag, dest=dest, type=tp, action="append", default=argparse.SUPPRESS, help=help_text + " (repeatable)"
             )
         else:
             parser.add_argument(
-                flag, type=tp if tp in (int, float, str) else str, choices=choices, default=argparse.SUPPRESS,
+                flag, dest=dest, type=tp if tp in (int, float, str) else str, choices=choices, default=argparse.SUPPRESS,
                 help=help_text,
             )
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
+def config_from_args(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | None = None, prefix: str = "") -> T:
     """Build ``cls`` from parsed flags; flags not given fall back to ``base`` and then to field defaults."""
-    data = dict(base or {})
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if hasattr(args, f.name):
-            data[f.name] = getattr(args, f.name)
-    return cls.from_dict(data)
+    return cls.from_dict({**(base or {}), **given_fields(cls, args, prefix)})
+
+
+def given_fields(cls: type, args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The fields of ``cls`` whose flags were given on the command line (flags default to ``SUPPRESS``)."""
+    return {f.name: getattr(args, flag_dest(f.name, prefix)) for f in dataclasses.fields(cls)
+            if hasattr(args, flag_dest(f.name, prefix))}

@@ -1,53 +1,127 @@
-"""Registry of erasure methods. Adding a method is one module that calls :func:`register_method`.
+"""Registry of diffusion erasure methods. A method is one module: its config class and one :func:`register_method`.
 
-A method is mostly a loss: ``loss(ctx, batch) -> dict[str, Tensor]`` with a ``"loss"`` entry, plus a few
-flags the trainer reads (does it need a saliency mask, a frozen copy of the UNet, retain data, and which
-UNet parameters it may train).
+Two shapes of method:
+
+* **loss**: ``loss(ctx, batch) -> dict[str, Tensor]`` with a ``"loss"`` entry. The engine owns the loop: it
+  generates Df/Dr, computes the saliency mask if the method needs one, and runs masked optimizer steps
+  (SalUn, RL, ESD).
+* **run**: ``run(ctx) -> dict[str, Tensor]``: the method edits ``ctx.unet`` itself, in closed form or in its own
+  loop, and returns the new values of the parameters it changed by ``unet.state_dict()`` name (UCE, RECE).
+
+A method's own knobs are the fields of its :class:`MethodConfig` subclass; they sit under
+``EraseConfig.method_args`` and become CLI flags and app form controls (labels, limits and help from the
+fields' metadata). Adding a method touches its module and the method test table, nothing else.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-__all__ = ["MethodSpec", "METHODS", "register_method", "get_method"]
+from erasure.jsonconfig import JsonConfig
+from erasure.registry import Registry
+
+__all__ = ["MethodConfig", "MethodSpec", "METHODS", "register_method", "get_method", "LEGACY_KEYS"]
+
+
+@dataclass
+class MethodConfig(JsonConfig):
+    """Base class of a method's own knobs; subclasses are dataclasses with ``field(help=...)`` fields.
+
+    ``cli_prefix`` puts the method's flags under a prefix (ESD: ``--esd-negative-guidance``); fields that
+    several methods share keep one flag (``--alpha`` for SalUn and RL).
+    """
+
+    cli_prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.check_fields()
+
+    def uses_retain(self) -> bool:
+        """Whether the method trains on Dr (so Dr is generated and retain prompts are required)."""
+        return False
+
+    def needs_frozen_unet(self) -> bool:
+        """Whether the method needs a frozen copy of the original UNet (teacher)."""
+        return False
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How the trainer runs one erasure method."""
+    """How the engine runs one erasure method.
+
+    Args:
+        name (`str`): the method id (``salun``, ``esd-x``).
+        config_cls (`type[MethodConfig]`): the method's own config dataclass.
+        description (`str`): one line for ``erasure methods`` and the app.
+        label (`str`): the app's label (defaults to ``name``).
+        paper (`str`): the paper link.
+        loss / run: exactly one; see the module docstring.
+        needs_mask (`bool`): train only inside a SalUn saliency mask.
+        needs_images (`bool`): generate and encode Df (and Dr when the config uses retain data).
+        trainable (`str`, *optional*): forced parameter filter (full/xattn/noxattn); None = the config's choice.
+    """
 
     name: str
-    loss: Callable[[Any, Any], dict[str, Any]]
+    config_cls: type[MethodConfig]
     description: str
+    label: str = ""
     paper: str = ""
+    loss: Callable[[Any, Any], dict[str, Any]] | None = None
+    run: Callable[[Any], dict[str, Any]] | None = None
     needs_mask: bool = False
-    needs_frozen_unet: bool = False
-    uses_retain: bool = True
-    trainable: str | None = None  # forced parameter filter (full/xattn/noxattn); None = the config's choice
+    needs_images: bool = True
+    trainable: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.loss is None) == (self.run is None):
+            raise ValueError(f"method {self.name!r}: give exactly one of loss= (per step) or run= (whole edit)")
+        if not (isinstance(self.config_cls, type) and issubclass(self.config_cls, MethodConfig)):
+            raise ValueError(f"method {self.name!r}: config_cls must subclass MethodConfig")
+        if self.run is not None and self.needs_mask:
+            raise ValueError(f"method {self.name!r}: needs_mask applies to per-step (loss) methods only")
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+
+    @property
+    def shape(self) -> str:
+        return "loss" if self.loss is not None else "run"
+
+    def default_args(self) -> MethodConfig:
+        return self.config_cls()
 
 
-METHODS: dict[str, MethodSpec] = {}
-_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+METHODS: Registry[MethodSpec] = Registry("method")
+
+LEGACY_KEYS: dict[str, str] = {
+    "alpha": "alpha",
+    "retain_loss": "retain_loss",
+    "esd_negative_guidance": "negative_guidance",
+    "esd_sample_steps": "sample_steps",
+}
+"""Top-level ``EraseConfig`` keys of run.json files and presets written before ``method_args`` existed, and
+the method field each became (a key the chosen method does not have is dropped)."""
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    """Add a method to :data:`METHODS`; names are lowercase and unique."""
-    if not _NAME.match(spec.name):
-        raise ValueError(f"method names are lowercase (letters, digits, '-', '_'), got {spec.name!r}")
-    if spec.name in METHODS:
-        raise ValueError(f"method {spec.name!r} is already registered")
-    METHODS[spec.name] = spec
-    return spec
+    """Add a method to :data:`METHODS` (lowercase unique names; see :class:`erasure.registry.Registry`)."""
+    names = {f.name for f in dataclasses.fields(spec.config_cls)}
+    reserved = names & _generic_fields()
+    if reserved:
+        raise ValueError(f"method {spec.name!r}: field(s) {sorted(reserved)} clash with EraseConfig fields")
+    return METHODS.register(spec.name, spec)
 
 
 def get_method(name: str) -> MethodSpec:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+    return METHODS.lookup(name)
+
+
+def _generic_fields() -> set[str]:
+    from erasure.config import EraseConfig
+
+    return {f.name for f in dataclasses.fields(EraseConfig)}
 
 
 # built-in methods register themselves on import

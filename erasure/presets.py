@@ -28,11 +28,16 @@ def presets_dir() -> Path:
 @dataclass
 class Preset:
     name: str
-    concept: ConceptSpec
+    concepts: list[ConceptSpec]
     config: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     kind: str = ""
     model: str = ""
+
+    @property
+    def concept(self) -> ConceptSpec:
+        """The first (for single-concept presets, the only) concept."""
+        return self.concepts[0]
 
 
 def list_presets(folder: str | os.PathLike | None = None) -> list[str]:
@@ -51,13 +56,20 @@ def load_preset(name: str, folder: str | os.PathLike | None = None) -> Preset:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"preset file {p} is not valid JSON: {err}") from err
+    from erasure.methods import LEGACY_KEYS
+
+    if not isinstance(data, dict):
+        raise ValueError(f"preset file {p} must hold a JSON object")
     cfg = data.get("config", {})
-    unknown = set(cfg) - set(EraseConfig.__dataclass_fields__)
+    unknown = set(cfg) - set(EraseConfig.__dataclass_fields__) - set(LEGACY_KEYS)
     if unknown:
         raise ValueError(f"preset {p.stem}: unknown config keys {sorted(unknown)}")
+    raw = data.get("concepts") or ([data["concept"]] if "concept" in data else [])
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"preset {p.stem}: give a \"concept\" object or a non-empty \"concepts\" list")
     return Preset(
         name=p.stem,
-        concept=ConceptSpec.from_dict(data["concept"]),
+        concepts=[ConceptSpec.from_dict(c) for c in raw],
         config=cfg,
         description=data.get("description", ""),
         kind=data.get("kind", ""),
@@ -68,4 +80,4 @@ def load_preset(name: str, folder: str | os.PathLike | None = None) -> Preset:
 def config_from_preset(name: str, **overrides: Any) -> EraseConfig:
     """An :class:`EraseConfig` for a preset, with keyword overrides (e.g. ``model=``, ``steps=``)."""
     pr = load_preset(name)
-    return EraseConfig.from_dict({**pr.config, **overrides, "concepts": [pr.concept.to_dict()]})
+    return EraseConfig.from_dict({**pr.config, **overrides, "concepts": [c.to_dict() for c in pr.concepts]})

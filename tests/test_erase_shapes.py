@@ -20,7 +20,7 @@ def test_short_salun_erasure_removes_circles(tmp_path):
     c = pr.concept
     concept = ConceptSpec(name="circle", forget_prompts=c.forget_prompts[:4], anchor_prompts=c.anchor_prompts[:4],
                           retain_prompts=c.retain_prompts[::5])
-    cfg = EraseConfig(model="default", concepts=[concept], method="salun", steps=40, lr=1e-3, alpha=1.0,
+    cfg = EraseConfig(model="default", concepts=[concept], method="salun", steps=40, lr=1e-3, method_args={"alpha": 1.0},
                       batch_size=8, forget_images_per_prompt=4, retain_images_per_prompt=2, data_steps=10,
                       cache_dir=str(tmp_path / "cache"), device="cpu")
     run = erase(cfg, tmp_path / "run")

@@ -4,6 +4,7 @@ nothing generic at the top level, and finds its presets, prompt sets and embedde
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -25,7 +26,10 @@ def _tree_files(folder: str, suffixes: tuple[str, ...]) -> set[str]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
+    src = tmp_path_factory.mktemp("src") / "salun-erasure"  # build a copy: setuptools leaves build/ in the source tree
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", ".venv", "runs", "__pycache__",
+                                                             "*.egg-info", "test-artifacts", "_train", ".gl", ".whl"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     (whl,) = out.glob("salun_erasure-*.whl")

@@ -21,6 +21,7 @@ from PIL import Image
 
 from erasure.config import ConceptSpec
 from erasure.io import atomic_path
+from erasure.progress import Progress, emit, stage_callback
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def build_forget_retain(
     seed: int,
     cache_dir: str | os.PathLike | None = None,
     need_retain: bool = True,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> ForgetRetainData:
     """Build Df and Dr for ``concepts`` (generated with ``pipe`` unless the concept gives image folders)."""
     from erasure.diffusion.pipeline import encode_prompts, validate_prompts
@@ -207,18 +208,16 @@ def build_forget_retain(
                     gen_p.append(p)
                     gen_s.append(seed * 1_000_003 + 500_000 + k)
     if gen_p:
-        cb = (lambda d, t: progress("generating Df/Dr", d, t)) if progress else None
-        paths = generate_cached(pipe, model_key, gen_p, gen_s, steps, guidance, resolution, cache, progress=cb)
+        paths = generate_cached(pipe, model_key, gen_p, gen_s, steps, guidance, resolution, cache,
+                                progress=stage_callback(progress, "generating Df/Dr"))
         for (kind, pos), path in zip(gen_slot, paths):
             (f_files if kind == "f" else r_files)[pos] = path
-    if progress:
-        progress("encoding images", 0, 1)
+    emit(progress, "encoding images", 0, 1)
     f_lat = encode_images(pipe, f_files, resolution)
     r_lat = encode_images(pipe, r_files, resolution) if r_files else None
     emb = encode_prompts(pipe, prompts)
     uncond = encode_prompts(pipe, [""])
-    if progress:
-        progress("encoding images", 1, 1)
+    emit(progress, "encoding images", 1, 1)
     return ForgetRetainData(
         prompts=prompts,
         embeddings=emb,

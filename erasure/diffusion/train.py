@@ -1,23 +1,20 @@
-"""Saliency masks and masked fine-tuning for Stable Diffusion UNets; writes the run directory.
+"""Diffusion erasure, in phases: set up the run folder and devices, load the model and Df/Dr, the saliency
+mask, the trainable parameters and the optimizer, restore a checkpoint, fit (or run a closed-form edit), save.
 
-Data flow: config -> pipeline -> Df/Dr latents -> (mask) -> fine-tune -> ``RUN_DIR``. Batches, timesteps
-and noise of step ``k`` come from a generator seeded by ``(seed, k)``, so a resumed run continues exactly as
-an uninterrupted one would.
+Data flow: config -> pipeline -> Df/Dr latents -> (mask) -> fine-tune or edit -> ``RUN_DIR``. Batches,
+timesteps and noise of step ``k`` come from a generator seeded by ``(seed, k)``, so a resumed run continues
+exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-import math
 import os
-import shutil
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,14 @@ import torch
 
 from erasure.config import EraseConfig, MaskConfig
 from erasure.diffusion.data import ForgetRetainData, build_forget_retain
-from erasure.diffusion.losses import StepBatch, add_noise, mask_loss
+from erasure.diffusion.losses import StepBatch, add_noise
+from erasure.diffusion.mask import (
+    compute_mask_from_data,
+    resolve_mask,
+    save_run_mask,
+    step_generator,
+    trainable_filter,
+)
 from erasure.diffusion.pipeline import default_resolution, load_pipeline, model_fingerprint, resolve_model
 from erasure.io import (
     atomic_save_safetensors,
@@ -34,34 +38,21 @@ from erasure.io import (
     atomic_write_text,
     environment_info,
     load_optimizer_state,
-    load_safetensors,
     optimizer_state_to_tensors,
-    read_json,
 )
 from erasure.masked import MaskedUpdate, make_optimizer, prepare_masked_params
-from erasure.methods import get_method
-from erasure.runs import RUN_FORMAT, partial_dir
-from erasure.saliency import accumulate_gradients, load_mask, mask_stats, save_mask, threshold_mask
+from erasure.methods import MethodConfig, MethodSpec
+from erasure.progress import Progress, emit
+from erasure.runs import RUN_FORMAT, Checkpoint, RunDir, RunExistsError
+from erasure.saliency import mask_stats, save_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "Progress",
-    "RunExistsError",
-    "NonFiniteLossError",
-    "EraseCancelled",
-    "trainable_filter",
-    "compute_mask",
-    "compute_mask_from_data",
-    "erase",
-]
+__all__ = ["Progress", "RunExistsError", "NonFiniteLossError", "EraseCancelled", "EraseContext", "trainable_filter",
+           "compute_mask", "compute_mask_from_data", "erase", "RESUME_IGNORES"]
 
-Progress = Callable[[str, int, int, dict], None]
-"""``progress(stage, done, total, info)``; stages: loading, generating Df/Dr, encoding images, mask, fine-tuning, saving."""
-
-
-class RunExistsError(FileExistsError):
-    """The output directory already holds a run."""
+RESUME_IGNORES = ("device", "checkpoint_every", "cache_dir")
+"""Config keys that may differ between an interrupted run and its resumption (they do not change the result)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -72,32 +63,119 @@ class EraseCancelled(RuntimeError):
     """The run was cancelled; a checkpoint was written so it can resume."""
 
 
-def trainable_filter(name: str, mode: str) -> bool:
-    """Which UNet parameters may train: ``full``, ``xattn`` (cross-attention ``attn2``), ``noxattn`` (the rest, as ESD-u)."""
-    is_xattn = ".attn2." in name
-    if mode == "full":
-        return True
-    if mode == "xattn":
-        return is_xattn
-    if mode == "noxattn":
-        return not (is_xattn or name.startswith(("time_embedding", "conv_out", "conv_norm_out")))
-    raise ValueError(f"trainable must be full, xattn or noxattn, got {mode!r}")
+@dataclass
+class EraseContext:
+    """What a method sees: the config, its own args, the models, the data, the randomness and the listeners.
+
+    ``unet`` is the model being changed (wrapped for data parallelism inside :func:`fit`); ``frozen_unet`` a
+    frozen copy of the original when the method asked for one; ``data`` is None for methods that need no
+    images. ``log`` collects metric dicts a ``run`` method wants in ``log.jsonl``.
+    """
+
+    config: EraseConfig
+    args: MethodConfig
+    pipe: Any
+    unet: Any
+    device: torch.device
+    frozen_unet: Any = None
+    data: ForgetRetainData | None = None
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    progress: Progress | None = None
+    cancel: threading.Event | None = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def scheduler_config(self) -> Any:
+        return self.pipe.scheduler.config
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.pipe.text_encoder
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pipe.tokenizer
+
+    @property
+    def concepts(self) -> list:
+        return self.config.concepts
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
 
 
-def _emit(progress: Progress | None, stage: str, done: int, total: int, **info: Any) -> None:
-    if progress is not None:
-        progress(stage, done, total, info)
+@dataclass
+class _Inputs:
+    model: str
+    pipe: Any
+    data: ForgetRetainData | None
+    resolution: int
 
 
-def _step_generator(seed: int, step: int, rank: int = 0, salt: int = 0) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + salt) % (2**63))
+# ------------------------------------------------------------------------------------------------ phases
+def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress | None = None) -> _Inputs:
+    """Load the base pipeline and build Df (and Dr when the method's args use retain data)."""
+    emit(progress, "loading", 0, 1)
+    model = resolve_model(cfg.model)
+    pipe = load_pipeline(model, device=device)
+    res = cfg.resolution or default_resolution(pipe)
+    emit(progress, "loading", 1, 1)
+    data = None
+    if spec.needs_images:
+        data = build_forget_retain(
+            pipe, cfg.concepts, model_fingerprint(model), cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
+            cfg.data_steps, cfg.data_guidance, res, cfg.seed, cfg.cache_dir, need_retain=cfg.method_args.uses_retain(),
+            progress=progress,
+        )
+    pipe.text_encoder.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    return _Inputs(model, pipe, data, res)
 
 
-def _sample(data: ForgetRetainData, cfg: EraseConfig, g: torch.Generator, scheduler, device, with_retain: bool) -> StepBatch:
+def select_parameters(unet, mode: str, mask: dict[str, torch.Tensor] | None) -> dict[str, torch.nn.Parameter]:
+    """Set ``requires_grad`` on the parameters that may train (filter, then mask) and return them by name."""
+    named = dict(unet.named_parameters())
+    for n, p in named.items():
+        p.requires_grad_(trainable_filter(n, mode))
+    trainable = prepare_masked_params({n: p for n, p in named.items() if p.requires_grad}, mask)
+    for n, p in named.items():
+        if n not in trainable:
+            p.requires_grad_(False)
+    return trainable
+
+
+def build_optimizer(cfg: EraseConfig, trainable: dict, mask: dict | None) -> tuple[torch.optim.Optimizer, MaskedUpdate]:
+    optimizer, decoupled = make_optimizer(cfg.optimizer, trainable.values(), lr=cfg.lr, momentum=cfg.momentum,
+                                          weight_decay=cfg.weight_decay)
+    upd = MaskedUpdate(trainable, mask, weight_decay=cfg.weight_decay, decoupled_weight_decay=decoupled,
+                       restore_frozen=cfg.optimizer == "adam8bit")
+    return optimizer, upd
+
+
+def restore(run: RunDir, cfg: EraseConfig, trainable: dict, optimizer) -> int:
+    """Load the latest checkpoint of an interrupted run with the same settings; returns the step to start at."""
+    ck = run.load_checkpoint(same_run=cfg.to_dict(), ignore=RESUME_IGNORES)
+    log_path = run.partial / "log.jsonl"
+    if ck is None:
+        if log_path.is_file():
+            log_path.unlink()
+        return 0
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(ck.params[n].to(p.device))
+    load_optimizer_state(optimizer, ck.optimizer, ck.optimizer_meta)
+    lines = log_path.read_text(encoding="utf-8").splitlines()[: ck.step] if log_path.is_file() else []
+    atomic_write_text(log_path, "".join(line + "\n" for line in lines))
+    logger.info("resuming %s from step %d", run.partial, ck.step)
+    return ck.step
+
+
+def sample_batch(data: ForgetRetainData, cfg: EraseConfig, g: torch.Generator, scheduler, device,
+                 with_retain: bool) -> StepBatch:
+    """One micro-batch of Df (and Dr) at random timesteps, drawn from ``g``."""
     nf = data.forget_latents.shape[0]
     fi = torch.randint(0, nf, (cfg.batch_size,), generator=g)
-    fx = data.forget_latents[fi].to(device)
-    x_t, t, noise = add_noise(scheduler, fx, g)
+    x_t, t, noise = add_noise(scheduler, data.forget_latents[fi].to(device), g)
     b = StepBatch(
         forget_x=x_t, forget_t=t, forget_noise=noise,
         forget_cond=data.embeddings[data.forget_prompt[fi]].to(device),
@@ -112,136 +190,153 @@ def _sample(data: ForgetRetainData, cfg: EraseConfig, g: torch.Generator, schedu
     return b
 
 
-def compute_mask_from_data(
-    unet, scheduler, data: ForgetRetainData, cfg: MaskConfig, seed: int, batch_size: int, trainable: str = "full",
-    progress: Progress | None = None,
-) -> dict[str, torch.Tensor]:
-    """Saliency mask over the UNet parameters selected by ``trainable``; the others get all-False masks."""
-    named = dict(unet.named_parameters())
-    scored = {n: p for n, p in named.items() if trainable_filter(n, trainable)}
-    req = {n: p.requires_grad for n, p in named.items()}
-    for n, p in named.items():
-        p.requires_grad_(n in scored)
-    nf = data.forget_latents.shape[0]
-    n_batches = cfg.mask_batches or math.ceil(nf / batch_size)
-    device = next(unet.parameters()).device
-
-    def batches():
-        for i in range(n_batches):
-            g = _step_generator(seed, i, salt=17)
-            idx = torch.arange(i * batch_size, (i + 1) * batch_size) % nf
-            x_t, t, noise = add_noise(scheduler, data.forget_latents[idx].to(device), g)
-            yield StepBatch(
-                forget_x=x_t, forget_t=t, forget_noise=noise,
-                forget_cond=data.embeddings[data.forget_prompt[idx]].to(device),
-                anchor_cond=data.embeddings[data.anchor_prompt[idx]].to(device),
-                uncond=data.uncond.to(device),
-            )
-
-    try:
-        scores = accumulate_gradients(
-            scored, batches(), lambda b: mask_loss(unet, b, cfg.mask_guidance), mode=cfg.mask_score, total=n_batches,
-            progress=(lambda d, t: _emit(progress, "mask", d, t)),
-        )
-    finally:
-        for n, p in named.items():
-            p.requires_grad_(req[n])
-            p.grad = None
-    mask = threshold_mask(scores, cfg.mask_ratio)
-    del scores
-    for n, p in named.items():
-        if n not in mask:
-            mask[n] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
-    return {n: mask[n] for n in named}
+def _any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any (one rank's cancel or NaN ends them all together)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
-def _prepare(cfg: EraseConfig, progress: Progress | None, need_retain: bool, device=None):
-    _emit(progress, "loading", 0, 1)
-    model = resolve_model(cfg.model)
-    pipe = load_pipeline(model, device=device if device is not None else cfg.device)
-    res = cfg.resolution or default_resolution(pipe)
-    _emit(progress, "loading", 1, 1)
-    data = build_forget_retain(
-        pipe, cfg.concepts, model_fingerprint(model), cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
-        cfg.data_steps, cfg.data_guidance, res, cfg.seed, cfg.cache_dir, need_retain=need_retain,
-        progress=(lambda s, d, t: _emit(progress, s, d, t)) if progress else None,
-    )
-    return model, pipe, data, res
+def fit(ctx: EraseContext, spec: MethodSpec, accelerator, run: RunDir, trainable: dict, optimizer, upd: MaskedUpdate,
+        start: int) -> dict[str, Any]:
+    """The training loop of a per-step (``loss``) method; returns the last step's metrics."""
+    cfg = ctx.config
+    with_retain = ctx.args.uses_retain()
+    scaler = getattr(accelerator, "scaler", None)
+    last: dict[str, Any] = {}
+    with open(run.partial / "log.jsonl", "a", encoding="utf-8") as log:
+        for step in range(start, cfg.steps):
+            g = step_generator(cfg.seed, step, accelerator.process_index)
+            ctx.generator = g
+            sums: dict[str, float] = {}
+            for _ in range(cfg.grad_accum):
+                b = sample_batch(ctx.data, cfg, g, ctx.pipe.scheduler, ctx.device, with_retain)
+                with accelerator.autocast():
+                    parts = spec.loss(ctx, b)
+                loss = parts["loss"]
+                if _any_rank(accelerator, not bool(torch.isfinite(loss))):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at step {step}; the last good checkpoint is kept in {run.partial}, but a "
+                        "resume repeats the same steps: start again with a lower --lr (or --mixed-precision no) and "
+                        "--overwrite"
+                    )
+                accelerator.backward(loss / cfg.grad_accum)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            # zero what lies outside the mask before the grad scaler looks for inf: an overflow there must not
+            # skip a step, and decoupled weight decay must not apply on a step the scaler skips
+            upd.mask_gradients()
+            if scaler is not None:
+                accelerator.unscale_gradients()
+            finite = scaler is None or all(bool(torch.isfinite(p.grad).all()) for p in trainable.values()
+                                           if p.grad is not None)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
+            if finite:
+                upd.apply_weight_decay(cfg.lr)
+            optimizer.step()
+            upd.after_step()
+            optimizer.zero_grad(set_to_none=True)
+            last = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}}
+            if not finite:
+                last["skipped"] = True
+            if accelerator.is_main_process:
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+            emit(ctx.progress, "fine-tuning", step + 1, cfg.steps, **last)
+            done = step + 1
+            stop = done < cfg.steps and _any_rank(accelerator, ctx.cancelled())
+            if accelerator.is_main_process and done < cfg.steps and (
+                (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stop
+            ):
+                log.flush()
+                tens, meta = optimizer_state_to_tensors(optimizer)
+                run.save_checkpoint(Checkpoint(done, {n: p.detach() for n, p in trainable.items()}, tens, meta,
+                                               cfg.to_dict()))
+            if stop:
+                accelerator.wait_for_everyone()
+                raise EraseCancelled(f"erasure cancelled at step {done}; re-run with the same output folder to resume")
+    return last
 
 
+def save_run(run: RunDir, ctx: EraseContext, spec: MethodSpec, inputs: _Inputs, weights: dict[str, torch.Tensor],
+             mask: dict | None, trainable_mode: str, unet_params: int, last: dict, timing: dict, start: int) -> Path:
+    """Write weights and run.json into the partial folder and publish it (main process only)."""
+    cfg = ctx.config
+    atomic_save_safetensors(weights, run.partial / "weights.safetensors",
+                            metadata={"format": RUN_FORMAT, "base_model": inputs.model})
+    if not (run.partial / "log.jsonl").is_file():
+        atomic_write_text(run.partial / "log.jsonl", "".join(json.dumps(r) + "\n" for r in ctx.log))
+    data = inputs.data
+    info = {
+        "format": RUN_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": cfg.method,
+        "method_shape": spec.shape,
+        "needs_mask": spec.needs_mask,
+        "base_model": inputs.model,
+        "base_model_fingerprint": model_fingerprint(inputs.model),
+        "concepts": [c.name for c in cfg.concepts],
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "resolution": inputs.resolution,
+        "trainable": trainable_mode,
+        "unet_params": unet_params,
+        "changed_params": sum(t.numel() for t in weights.values()),
+        "mask": None if mask is None else {k: v for k, v in mask_stats(mask).items() if k != "per_layer"},
+        "data": None if data is None else {"forget_images": len(data.forget_files),
+                                           "retain_images": len(data.retain_files), "prompts": data.prompts},
+        "final": last,
+        "timing_s": timing,
+        "resumed_from_step": start or None,
+        "environment": environment_info(),
+    }
+    atomic_write_json(run.partial / "run.json", info)
+    return run.publish()
+
+
+# ------------------------------------------------------------------------------------------------ entry points
 def compute_mask(
     cfg: EraseConfig, out: str | os.PathLike | None = None, progress: Progress | None = None, overwrite: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Generate Df with the original model and compute the SalUn saliency mask; save it to ``out`` if given."""
-    if out is not None and Path(out).exists() and not overwrite:
-        raise RunExistsError(f"{out} already exists; pass --overwrite or choose another --out")
-    model, pipe, data, _ = _prepare(cfg, progress, need_retain=False)
-    mask = compute_mask_from_data(pipe.unet, pipe.scheduler, data, cfg, cfg.seed, cfg.batch_size, cfg.trainable, progress)
+    """Generate Df with the original model and compute the SalUn saliency mask; save it to ``out`` if given.
+
+    The mask covers the parameters the method may train (``cfg.trainable``, or the method's own filter).
+    """
+    if out is not None:
+        p = Path(out)
+        if p.is_dir():
+            raise RunExistsError(f"{out} is a directory; give a .safetensors file path")
+        if p.exists() and not overwrite:
+            raise RunExistsError(f"{out} already exists; pass --overwrite or choose another --out")
+    spec = cfg.spec
+    mode = spec.trainable or cfg.trainable
+    inputs = load_inputs(cfg, _with_images(spec), cfg.device, progress)
+    mask = compute_mask_from_data(inputs.pipe.unet, inputs.pipe.scheduler, inputs.data, cfg, cfg.seed, cfg.batch_size,
+                                  mode, progress)
     if out is not None:
         stats = mask_stats(mask)
-        save_mask(mask, out, metadata={"base_model": model, "mask_config": MaskConfig(
+        save_mask(mask, out, metadata={"base_model": inputs.model, "mask_config": MaskConfig(
             mask_ratio=cfg.mask_ratio, mask_guidance=cfg.mask_guidance, mask_batches=cfg.mask_batches,
             mask_score=cfg.mask_score).to_dict(), "concepts": [c.to_dict() for c in cfg.concepts],
-            "trainable": cfg.trainable, "seed": cfg.seed, "kept": stats["kept"], "total": stats["total"]})
+            "trainable": mode, "seed": cfg.seed, "kept": stats["kept"], "total": stats["total"]})
     return mask
 
 
-@dataclass
-class _Ctx:
-    """What a method's loss sees."""
+def _with_images(spec: MethodSpec) -> MethodSpec:
+    import dataclasses
 
-    unet: Any
-    frozen_unet: Any
-    scheduler_config: Any
-    config: EraseConfig
-    generator: torch.Generator
+    return spec if spec.needs_images else dataclasses.replace(spec, needs_images=True)
 
 
-def _resume_key(cfg: EraseConfig) -> dict:
-    d = cfg.to_dict()
-    for k in ("device", "checkpoint_every", "cache_dir"):
-        d.pop(k, None)
-    return d
+def _accelerator(cfg: EraseConfig):
+    from accelerate import Accelerator
 
-
-def _save_checkpoint(part: Path, step: int, trainable: dict, optimizer, cfg: EraseConfig) -> None:
-    ck = part / f"checkpoint-{step}"
-    tmp = part / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    atomic_save_safetensors({n: p.detach() for n, p in trainable.items()}, tmp / "params.safetensors")
-    tens, meta = optimizer_state_to_tensors(optimizer)
-    atomic_save_safetensors(tens, tmp / "optimizer.safetensors")
-    atomic_write_json(tmp / "state.json", {"step": step, "optimizer": meta, "resume_key": _resume_key(cfg)})
-    shutil.rmtree(ck, ignore_errors=True)
-    os.replace(tmp, ck)
-    atomic_write_text(part / "latest_checkpoint", ck.name)
-    for old in part.glob("checkpoint-*"):
-        if old != ck:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(part: Path, cfg: EraseConfig) -> tuple[int, dict, dict, dict] | None:
-    latest = part / "latest_checkpoint"
-    if not latest.is_file():
-        return None
-    ck = part / latest.read_text().strip()
-    state = read_json(ck / "state.json")
-    if state.get("resume_key") != _resume_key(cfg):
-        raise RunExistsError(
-            f"{part} holds an interrupted run with a different config; delete it or pass --overwrite to start over"
-        )
-    params, _ = load_safetensors(ck / "params.safetensors")
-    opt_t, _ = load_safetensors(ck / "optimizer.safetensors")
-    return int(state["step"]), params, opt_t, state["optimizer"]
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise RunExistsError(f"{out} exists and is not a directory; choose another --out")
-        if any(out.iterdir()) and not overwrite:
-            raise RunExistsError(f"{out} already holds a run; pass --overwrite to replace it or choose another --out")
+    cpu = str(cfg.device) == "cpu" or not torch.cuda.is_available()
+    if not cpu and str(cfg.device).startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(torch.device(cfg.device))  # the accelerator's "cuda" is the current device
+    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
 
 
 def erase(
@@ -258,200 +353,112 @@ def erase(
         cfg (`EraseConfig`): what to erase and how.
         out_dir (`str`): the run directory to create.
         overwrite (`bool`, defaults to False): replace an existing run (and any interrupted one).
-        progress (`Progress`, *optional*): ``progress(stage, done, total, info)``.
+        progress (`Progress`, *optional*): called with a :class:`erasure.progress.ProgressEvent` per unit of work.
         cancel (`threading.Event`, *optional*): when set, the run checkpoints and raises :class:`EraseCancelled`.
         mask (`dict[str, BoolTensor]`, *optional*): a precomputed mask (else ``cfg.mask_path`` or computed).
 
     Returns:
         `Path` of the finished run directory.
     """
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     t0 = time.time()
-    out = Path(out_dir)
-    _check_out(out, overwrite)
-    part = partial_dir(out)
-    if overwrite:
-        shutil.rmtree(part, ignore_errors=True)
-    method = get_method(cfg.method)
-    trainable_mode = method.trainable or cfg.trainable
-    part.mkdir(parents=True, exist_ok=True)
-    resume = _load_checkpoint(part, cfg)
-
-    accelerator = Accelerator(
-        cpu=str(cfg.device) == "cpu" or not torch.cuda.is_available(),
-        mixed_precision=cfg.mixed_precision,
-    )
-    device = accelerator.device
+    run = RunDir(out_dir)
+    run.check_target(overwrite)
+    spec = cfg.spec
+    accelerator = _accelerator(cfg)
     try:
-        return _erase(cfg, out, part, method, trainable_mode, resume, accelerator, device, progress, cancel, mask, t0)
+        if accelerator.is_main_process:  # only the main process touches the partial folder
+            run.begin(overwrite)
+        accelerator.wait_for_everyone()
+        if spec.run is not None:
+            return _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0)
+        return _erase_by_training(cfg, spec, run, accelerator, progress, cancel, mask, t0)
     finally:
         if accelerator.num_processes == 1:
             AcceleratorState._reset_state(True)  # noqa: SLF001 - allow another erase() with other settings
 
 
-def _erase(cfg, out, part, method, trainable_mode, resume, accelerator, device, progress, cancel, mask, t0) -> Path:
-    # the main process generates (and caches) Df/Dr first; the others then read the cache
-    with accelerator.main_process_first():
-        model, pipe, data, res = _prepare(cfg, progress, need_retain=method.uses_retain and cfg.alpha > 0,
-                                          device=device)
+def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0) -> Path:
+    inputs = load_inputs(cfg, spec, accelerator.device, progress)
     t_data = time.time()
-    unet = pipe.unet
-    pipe.text_encoder.requires_grad_(False)
-    pipe.vae.requires_grad_(False)
-    named = dict(unet.named_parameters())
-
-    # mask
-    if method.needs_mask:
-        if mask is None and cfg.mask_path:
-            mask = load_mask(cfg.mask_path)
-        if mask is None and (part / "mask.safetensors").is_file():
-            mask = load_mask(part / "mask.safetensors")
-        if mask is None:
-            mask = compute_mask_from_data(unet, pipe.scheduler, data, cfg, cfg.seed, cfg.batch_size, trainable_mode, progress)
-            if accelerator.num_processes > 1:  # every rank trains rank 0's mask (GPU gradients are not bitwise equal)
-                from accelerate.utils import broadcast
-
-                mask = {n: broadcast(m.to(device, torch.uint8)).bool() for n, m in mask.items()}
-            if accelerator.is_main_process:
-                save_mask(mask, part / "mask.safetensors", metadata={"base_model": model, "mask_ratio": cfg.mask_ratio})
-        elif accelerator.is_main_process and not (part / "mask.safetensors").is_file():
-            save_mask(mask, part / "mask.safetensors", metadata={"base_model": model, "mask_ratio": cfg.mask_ratio})
-        missing = sorted(set(named) - set(mask))
-        if missing:
-            raise ValueError(f"the mask does not match this UNet (no entry for {missing[0]}); recompute it for this model")
-        mask = {n: m.to(named[n].device) & trainable_filter(n, trainable_mode) for n, m in mask.items() if n in named}
-    else:
-        mask = None
-    t_mask = time.time()
-
-    for n, p in named.items():
-        p.requires_grad_(trainable_filter(n, trainable_mode))
-    trainable = prepare_masked_params({n: p for n, p in named.items() if p.requires_grad}, mask)
-    for n, p in named.items():
-        if n not in trainable:
-            p.requires_grad_(False)
-    with_retain = method.uses_retain and cfg.alpha > 0
-    frozen = None
-    if method.needs_frozen_unet or (with_retain and cfg.retain_loss == "distill"):
-        frozen = copy.deepcopy(unet).requires_grad_(False).eval()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-
-    unet.to(device)
-    if frozen is not None:
-        frozen.to(device)
-    optimizer, decoupled = make_optimizer(
-        cfg.optimizer, trainable.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    upd = MaskedUpdate(trainable, mask, weight_decay=cfg.weight_decay, decoupled_weight_decay=decoupled,
-                       restore_frozen=cfg.optimizer == "adam8bit")
-    start = 0
-    log_path = part / "log.jsonl"
-    if resume is not None:
-        start, params, opt_t, opt_meta = resume
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(params[n].to(p.device))
-        load_optimizer_state(optimizer, opt_t, opt_meta)
-        lines = log_path.read_text().splitlines()[:start] if log_path.is_file() else []
-        atomic_write_text(log_path, "".join(line + "\n" for line in lines))
-        logger.info("resuming %s from step %d", part, start)
-    elif log_path.is_file():
-        log_path.unlink()
-    model_dp, optimizer = accelerator.prepare(unet, optimizer)
-    model_dp.train()
-    ctx = _Ctx(unet=model_dp, frozen_unet=frozen, scheduler_config=pipe.scheduler.config, config=cfg,
-               generator=torch.Generator())
-    last = {}
-    with open(log_path, "a", encoding="utf-8") as log:
-        for step in range(start, cfg.steps):
-            g = _step_generator(cfg.seed, step, accelerator.process_index)
-            ctx.generator = g
-            parts_sum: dict[str, float] = {}
-            for _ in range(cfg.grad_accum):
-                b = _sample(data, cfg, g, pipe.scheduler, device, with_retain)
-                with accelerator.autocast():
-                    parts = method.loss(ctx, b)
-                loss = parts["loss"]
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step}; the last good checkpoint is kept in {part}. "
-                        "Lower --lr (or use --mixed-precision no) and re-run with the same --out to resume"
-                    )
-                accelerator.backward(loss / cfg.grad_accum)
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            if getattr(accelerator, "scaler", None) is not None:
-                accelerator.unscale_gradients()
-            upd.mask_gradients()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
-            upd.apply_weight_decay(cfg.lr)
-            optimizer.step()
-            upd.after_step()
-            optimizer.zero_grad(set_to_none=True)
-            last = {"step": step + 1, **{k: round(v, 6) for k, v in parts_sum.items()}}
-            if accelerator.is_main_process:
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-            _emit(progress, "fine-tuning", step + 1, cfg.steps, **last)
-            done = step + 1
-            if accelerator.is_main_process and done < cfg.steps and (
-                (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (cancel is not None and cancel.is_set())
-            ):
-                log.flush()
-                _save_checkpoint(part, done, trainable, optimizer, cfg)
-            if cancel is not None and cancel.is_set() and done < cfg.steps:
-                raise EraseCancelled(f"erasure cancelled at step {done}; re-run with the same --out to resume")
-    t_train = time.time()
-    _emit(progress, "saving", 0, 1)
+    unet = inputs.pipe.unet
+    unet.requires_grad_(False)
+    ctx = EraseContext(config=cfg, args=cfg.method_args, pipe=inputs.pipe, unet=unet, device=accelerator.device,
+                       data=inputs.data, generator=step_generator(cfg.seed, 0), progress=progress, cancel=cancel)
+    if cfg.method_args.needs_frozen_unet():
+        ctx.frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+    emit(progress, "editing", 0, 1)
+    weights = spec.run(ctx)
+    if ctx.cancelled():
+        raise EraseCancelled("erasure cancelled; nothing was saved (a closed-form edit restarts from the beginning)")
+    state = unet.state_dict()
+    bad = sorted(set(weights) - set(state))
+    if bad:
+        raise ValueError(f"method {spec.name!r} returned {bad[0]!r}, which is not a UNet parameter")
+    weights = {n: t.detach().float().cpu().contiguous() for n, t in weights.items()}
+    emit(progress, "editing", 1, 1)
+    t_edit = time.time()
+    emit(progress, "saving", 0, 1)
     accelerator.wait_for_everyone()
+    out = run.path
     if accelerator.is_main_process:
-        raw = accelerator.unwrap_model(model_dp)
-        state = raw.state_dict()
-        weights = {n: state[n].detach().float() if state[n].is_floating_point() else state[n] for n in trainable}
-        atomic_save_safetensors(weights, part / "weights.safetensors", metadata={"format": RUN_FORMAT, "base_model": model})
-        info = {
-            "format": RUN_FORMAT,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "method": cfg.method,
-            "needs_mask": method.needs_mask,
-            "base_model": model,
-            "base_model_fingerprint": model_fingerprint(model),
-            "concepts": [c.name for c in cfg.concepts],
-            "config": cfg.to_dict(),
-            "seed": cfg.seed,
-            "resolution": res,
-            "trainable": trainable_mode,
-            "unet_params": sum(p.numel() for p in named.values()),
-            "changed_params": sum(p.numel() for p in trainable.values()),
-            "mask": None if mask is None else {k: v for k, v in mask_stats(mask).items() if k != "per_layer"},
-            "data": {"forget_images": len(data.forget_files), "retain_images": len(data.retain_files),
-                     "prompts": data.prompts},
-            "final": last,
-            "timing_s": {"data": round(t_data - t0, 2), "mask": round(t_mask - t_data, 2),
-                         "train": round(t_train - t_mask, 2), "total": round(time.time() - t0, 2)},
-            "resumed_from_step": start or None,
-            "environment": environment_info(),
-        }
-        atomic_write_json(part / "run.json", info)
-        for ck in part.glob("checkpoint-*"):
-            shutil.rmtree(ck, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            (part / "latest_checkpoint").unlink()
-        _publish(part, out)
-    _emit(progress, "saving", 1, 1)
+        timing = {"data": round(t_data - t0, 2), "mask": 0.0, "train": round(t_edit - t_data, 2),
+                  "total": round(time.time() - t0, 2)}
+        out = save_run(run, ctx, spec, inputs, weights, None, "edit", sum(p.numel() for p in unet.parameters()),
+                       ctx.log[-1] if ctx.log else {}, timing, 0)
+    emit(progress, "saving", 1, 1)
     return out
 
 
-def _publish(part: Path, out: Path) -> None:
-    """Move the finished ``part`` onto ``out``; an existing ``out`` is replaced only after the new run is complete."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(part, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask, t0) -> Path:
+    device = accelerator.device
+    with accelerator.main_process_first():  # the main process generates (and caches) Df/Dr; the others read it
+        inputs = load_inputs(cfg, spec, device, progress)
+    t_data = time.time()
+    unet = inputs.pipe.unet
+    named = dict(unet.named_parameters())
+    mode = spec.trainable or cfg.trainable
+
+    mask = None
+    if spec.needs_mask:
+        mask, computed = resolve_mask(cfg, unet, inputs.pipe.scheduler, inputs.data, mode, run.partial, given_mask,
+                                      progress)
+        if computed and accelerator.num_processes > 1:  # every rank trains rank 0's mask (GPU sums differ bitwise)
+            from accelerate.utils import broadcast
+
+            mask = {n: broadcast(m.to(device, torch.uint8)).bool() for n, m in mask.items()}
+        if accelerator.is_main_process:
+            save_run_mask(mask, run.partial / "mask.safetensors", cfg, mode, inputs.model)
+    t_mask = time.time()
+
+    trainable = select_parameters(unet, mode, mask)
+    args = cfg.method_args
+    frozen = copy.deepcopy(unet).requires_grad_(False).eval() if args.needs_frozen_unet() else None
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.to(device)
+    if frozen is not None:
+        frozen.to(device)
+    optimizer, upd = build_optimizer(cfg, trainable, mask)
+    accelerator.wait_for_everyone()
+    start = restore(run, cfg, trainable, optimizer)
+    model_dp, optimizer = accelerator.prepare(unet, optimizer)
+    model_dp.train()
+    ctx = EraseContext(config=cfg, args=args, pipe=inputs.pipe, unet=model_dp, device=device, frozen_unet=frozen,
+                       data=inputs.data, progress=progress, cancel=cancel)
+    last = fit(ctx, spec, accelerator, run, trainable, optimizer, upd, start)
+    t_train = time.time()
+    emit(progress, "saving", 0, 1)
+    accelerator.wait_for_everyone()
+    out = run.path
+    if accelerator.is_main_process:
+        state = accelerator.unwrap_model(model_dp).state_dict()
+        weights = {n: state[n].detach().float() if state[n].is_floating_point() else state[n] for n in trainable}
+        timing = {"data": round(t_data - t0, 2), "mask": round(t_mask - t_data, 2), "train": round(t_train - t_mask, 2),
+                  "total": round(time.time() - t0, 2)}
+        out = save_run(run, ctx, spec, inputs, weights, mask, mode, sum(p.numel() for p in named.values()), last, timing,
+                       start)
+    accelerator.wait_for_everyone()
+    emit(progress, "saving", 1, 1)
+    return out

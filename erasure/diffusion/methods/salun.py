@@ -6,23 +6,49 @@ retain loss on Dr (the paper's denoising loss, or distillation from the frozen o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from erasure.diffusion.losses import denoise_loss, distill_loss, remap_loss
-from erasure.methods import MethodSpec, register_method
+from erasure.jsonconfig import field
+from erasure.methods import MethodConfig, MethodSpec, register_method
+
+
+@dataclass
+class SalUnConfig(MethodConfig):
+    """Knobs of the remap-plus-retain objective (SalUn, and RL without the mask)."""
+
+    alpha: float = field(0.5, help="Weight of the retain loss on Dr (reference: 0.5 objects, 0.1 nudity; 0 = no Dr).",
+                         label="Retain weight (alpha)", min=0.0, max=100.0)
+    retain_loss: Literal["denoise", "distill"] = field(
+        "denoise",
+        help="Retain term on Dr: denoise (the paper's MSE to the added noise) or distill (MSE to the frozen "
+        "original UNet's conditional and unconditional predictions on Dr; lower-variance, keeps a second UNet "
+        "in memory).",
+        label="Retain loss",
+    )
+
+    def uses_retain(self) -> bool:
+        return self.alpha > 0
+
+    def needs_frozen_unet(self) -> bool:
+        return self.uses_retain() and self.retain_loss == "distill"
 
 
 def remap_with_retain(ctx, b) -> dict:
     """Shared by SalUn and RL: remap loss on Df + alpha * retain loss on Dr (denoising, or distillation from the
-    frozen original UNet when ``config.retain_loss == "distill"``)."""
+    frozen original UNet when ``retain_loss == "distill"``)."""
+    args: SalUnConfig = ctx.args
     forget = remap_loss(ctx.unet, b)
     out = {"forget_loss": forget}
     loss = forget
-    if b.retain_x is not None and ctx.config.alpha > 0:
-        if ctx.config.retain_loss == "distill":
+    if b.retain_x is not None and args.alpha > 0:
+        if args.retain_loss == "distill":
             retain = distill_loss(ctx.unet, ctx.frozen_unet, b.retain_x, b.retain_t, b.retain_cond, b.uncond)
         else:
             retain = denoise_loss(ctx.unet, b.retain_x, b.retain_t, b.retain_noise, b.retain_cond)
         out["retain_loss"] = retain
-        loss = loss + ctx.config.alpha * retain
+        loss = loss + args.alpha * retain
     out["loss"] = loss
     return out
 
@@ -30,8 +56,10 @@ def remap_with_retain(ctx, b) -> dict:
 register_method(
     MethodSpec(
         name="salun",
+        config_cls=SalUnConfig,
         loss=remap_with_retain,
-        description="Saliency-masked concept remapping + retain denoising loss (SalUn).",
+        description="Saliency-masked concept remapping + retain loss (SalUn).",
+        label="SalUn (saliency-masked forgetting, default)",
         paper="https://arxiv.org/abs/2310.12508",
         needs_mask=True,
     )
