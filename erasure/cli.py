@@ -7,11 +7,14 @@ all of them with their defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from erasure.jsonconfig import add_config_arguments, given_fields
@@ -21,6 +24,7 @@ from erasure.threads import help_text as threads_help
 logger = logging.getLogger("erasure")
 
 EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
 
 
 def _concept_args(p: argparse.ArgumentParser, anchor_required: bool = True) -> None:
@@ -131,15 +135,50 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         add_config_arguments(g, cls, prefix=cls.cli_prefix, seen=seen)
 
 
+def _is_main_process() -> bool:
+    """False on the non-zero ranks of ``accelerate launch`` / torchrun (only rank 0 draws progress bars)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+@contextlib.contextmanager
+def _cancel_on_signal():
+    """SIGINT/SIGTERM set a cancel event: the run checkpoints at the end of the step and stops (a second
+    SIGINT interrupts at once). Under ``accelerate launch`` a signal to any rank stops every rank."""
+    cancel = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
+
+    def handler(signum, frame):
+        if cancel.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logger.warning("stopping at the end of this step (checkpoint, then exit); press Ctrl-C again to stop at once")
+        cancel.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield cancel
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def cmd_erase(args: argparse.Namespace) -> int:
-    from erasure.diffusion.train import erase
+    from erasure.diffusion.train import EraseCancelled, erase
 
     cfg = _build_config(args)
-    bars = TqdmProgress()
+    bars = TqdmProgress() if _is_main_process() else None
     try:
-        out = erase(cfg, args.out, overwrite=args.overwrite, progress=bars)
+        with _cancel_on_signal() as cancel:
+            out = erase(cfg, args.out, overwrite=args.overwrite, progress=bars, cancel=cancel)
+    except EraseCancelled as err:
+        print(f"erasure erase: {err}", file=sys.stderr)
+        return EXIT_CANCELLED
     finally:
-        bars.close()
+        if bars is not None:
+            bars.close()
+    if not _is_main_process():
+        return 0
     from erasure.runs import read_run
 
     info = read_run(out)
@@ -153,11 +192,12 @@ def cmd_mask(args: argparse.Namespace) -> int:
     from erasure.saliency import mask_stats
 
     cfg = _build_config(args, for_mask=True)
-    bars = TqdmProgress()
+    bars = TqdmProgress() if _is_main_process() else None
     try:
         mask = compute_mask(cfg, out=args.out, progress=bars, overwrite=args.overwrite)
     finally:
-        bars.close()
+        if bars is not None:
+            bars.close()
     st = mask_stats(mask)
     logger.info("wrote %s: %d of %d weights salient (%.4f)", args.out, st["kept"], st["total"], st["ratio"])
     return 0

@@ -10,7 +10,8 @@ Two shapes of method:
 
 A method's own knobs are the fields of its :class:`MethodConfig` subclass; they sit under
 ``EraseConfig.method_args`` and become CLI flags and app form controls (labels, limits and help from the
-fields' metadata). Adding a method touches its module and the method test table, nothing else.
+fields' metadata). Adding a method touches its module and the method test table, nothing else. Methods
+outside this package load as plugins (:func:`load_plugins`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 from erasure.jsonconfig import JsonConfig
 from erasure.registry import Registry
 
-__all__ = ["MethodConfig", "MethodSpec", "METHODS", "register_method", "get_method", "LEGACY_KEYS"]
+__all__ = ["MethodConfig", "MethodSpec", "METHODS", "register_method", "get_method", "LEGACY_KEYS", "load_plugins"]
 
 
 @dataclass
@@ -124,5 +125,24 @@ def _generic_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(EraseConfig)}
 
 
-# built-in methods register themselves on import
+def load_plugins(environ: dict[str, str] | None = None) -> list[str]:
+    """Import third-party methods: modules named in ``SALUN_ERASURE_PLUGINS`` (comma-separated) and the
+    ``salun_erasure.methods`` entry points of installed packages. Each module registers its methods on import."""
+    import importlib
+    import os
+    from importlib.metadata import entry_points
+
+    env = os.environ if environ is None else environ
+    names = [m.strip() for m in env.get("SALUN_ERASURE_PLUGINS", "").split(",") if m.strip()]
+    for name in names:
+        importlib.import_module(name)
+    for ep in entry_points(group="salun_erasure.methods"):
+        ep.load()
+        names.append(ep.value)
+    return names
+
+
+# built-in methods register themselves on import, then plugins
 from erasure.diffusion import methods as _builtin  # noqa: E402,F401
+
+load_plugins()

@@ -115,6 +115,22 @@ def test_committed_presets_are_what_make_prompts_writes():
             assert all(v in retain for v in values if v != name), (fname, values)
 
 
+def test_multi_concept_preset_keeps_erased_concepts_out_of_retain_sets():
+    from erasure.presets import load_preset
+    from erasure.shapes.make_prompts import MULTI_PRESETS, multi_preset
+
+    for stem, (names, anchor) in MULTI_PRESETS.items():
+        saved = json.loads((ROOT / "prompts" / "presets" / f"{stem}.json").read_text())
+        assert saved == multi_preset(names, anchor), stem
+        pr = load_preset(stem)
+        assert [c.name for c in pr.concepts] == list(names)
+        for c in pr.concepts:
+            assert c.retain_prompts and all(n not in p.split() for p in c.retain_prompts for n in names)
+            assert all(anchor in a.split() for a in c.anchor_prompts)
+    with pytest.raises(ValueError, match="one kind"):
+        multi_preset(("circle", "red"), "square")
+
+
 def test_evaluation_prompt_csv_names_its_concepts():
     with open(ROOT / "prompts" / "shapes.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

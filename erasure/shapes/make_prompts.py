@@ -25,7 +25,7 @@ from erasure.shapes.render import COLORS, FILLS, SHAPES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluation_rows", "preset", "write_all", "PRESETS"]
+__all__ = ["evaluation_rows", "preset", "multi_preset", "write_all", "PRESETS", "MULTI_PRESETS"]
 
 PRESETS: tuple[str, ...] = ("circle", "red", "green", "striped")
 SEED_STRIDE = 1000  # row i uses seeds evaluation_seed .. evaluation_seed + n - 1; rows never share seeds
@@ -86,6 +86,36 @@ def preset(name: str, anchor: str | None = None) -> dict[str, Any]:
     }
 
 
+#: Multi-concept presets: file stem -> (concepts, shared anchor).
+MULTI_PRESETS: dict[str, tuple[tuple[str, ...], str]] = {"shape_circle_star_heart": (("circle", "star", "heart"), "square")}
+
+
+def multi_preset(names: tuple[str, ...] | list[str], anchor: str) -> dict[str, Any]:
+    """Preset JSON erasing several concepts of one kind in one run, each remapped to ``anchor``.
+
+    A concept's retain prompts never name another erased concept (they would pull it back).
+    """
+    import re
+
+    kinds = {concept_kind(n) for n in (*names, anchor)}
+    if len(kinds) != 1 or anchor in names or len(set(names)) != len(names):
+        raise ValueError(f"erase distinct concepts of one kind and remap them to another of that kind: {names} -> {anchor}")
+    erased = re.compile(r"\b(" + "|".join(re.escape(FILL_WORDS.get(n, n)) for n in names) + r")\b")
+    concepts = []
+    for name in names:
+        lists = concept_prompts(name, anchor)
+        lists["retain_prompts"] = [p for p in lists["retain_prompts"] if not erased.search(p)]
+        concepts.append({"name": name, **lists})
+    kind = kinds.pop()
+    return {
+        "concepts": concepts,
+        "config": {**PRESET_CONFIG, **PRESET_CONFIG_BY_KIND.get(kind, {})},
+        "description": f"Erase {', '.join(names)} in one run; each is remapped to {anchor}.",
+        "kind": {"shape": "object", "color": "color", "fill": "fill"}[kind],
+        "model": "shapes",
+    }
+
+
 def write_all(root: str | Path) -> list[Path]:
     """Write ``prompts/shapes.csv`` and the presets under ``root``; returns the written paths."""
     from erasure.io import atomic_write_json, atomic_write_text
@@ -102,6 +132,10 @@ def write_all(root: str | Path) -> list[Path]:
         kind = concept_kind(name)
         p = root / "prompts" / "presets" / f"{kind}_{name}.json"
         atomic_write_json(p, preset(name))
+        out.append(p)
+    for stem, (names, anchor) in MULTI_PRESETS.items():
+        p = root / "prompts" / "presets" / f"{stem}.json"
+        atomic_write_json(p, multi_preset(names, anchor))
         out.append(p)
     return out
 
