@@ -1,8 +1,9 @@
 """CPU threading chosen before torch is imported, for the console scripts and ``python -m erasure_app``.
 
-OpenMP threads that busy-wait make torch collapse when the CPU is shared: on a loaded 2-core machine one
-25-step image of the embedded model took 55 s with 2 threads and the default policy, against under 1 s with
-one thread. The figures behind the default are in ``bench/README.md`` (``bench/threads.py``).
+OpenMP threads that busy-wait make torch collapse when the CPU is shared: on a 2-core machine running a
+competing torch job, one 25-step image of the embedded model took over 20 s (the benchmark's cap) with 2 threads
+and the default policy, against 1.18 s with one thread and PASSIVE. The figures behind the default are in
+``bench/README.md`` and ``bench/results/threads.md`` (``bench/threads.py``).
 
 Unless the user set them, the entry points set ``OMP_NUM_THREADS`` (and ``MKL_NUM_THREADS``) to
 :func:`default_threads` and ``OMP_WAIT_POLICY=PASSIVE``. This module must not import torch.
@@ -27,9 +28,11 @@ HELP = (
 def default_threads(cpu_count: int | None = None) -> int:
     """Intra-op threads for this machine: one per two cores, at least one.
 
-    On 2 cores one thread was within 7% of the fastest setting on a quiet machine and 60x faster than two
-    busy-waiting threads on a loaded one (``bench/threads.py``); half the cores leaves room for the rest of
-    the machine's work on larger CPUs as well.
+    On 2 cores (``bench/threads.py``, batch 1 and 16, 25 steps) one thread with PASSIVE was within 8% of the
+    fastest setting when the machine was quiet (0.49 s/image against 0.45; 3.41 images/s against 3.53) and the
+    fastest of {1, 2} threads x {default, PASSIVE} under a competing torch job or Python busy loops: 2 threads
+    with PASSIVE were 1.05-2.9x slower and 2 threads with the default policy over 4-17x slower. Half the cores
+    leaves room for the rest of the machine's work on larger CPUs as well.
     """
     n = cpu_count if cpu_count is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                                  else os.cpu_count() or 1)
