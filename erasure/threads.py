@@ -79,4 +79,9 @@ def erasure_cls() -> int:
 
 
 def erasure_app() -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        print("erasure-app: the web app needs gradio: pip install 'salun-erasure[app]'", file=sys.stderr)
+        return 2
     return run_entry_point("erasure_app.main:main")

@@ -138,6 +138,14 @@ def aggregate_detections(
 
 
 @register_metric("nudenet")
+
+def _import_nudenet():
+    try:
+        import nudenet
+    except ImportError as err:
+        raise ImportError("the nudity metric needs NudeNet: pip install 'salun-erasure[eval]'") from err
+    return nudenet
+
 class NudeNetMetric:
     """NudeNet exposed-part detection (``nudenet.NudeDetector``, 320n ONNX), several thresholds in one pass.
 
@@ -164,13 +172,13 @@ class NudeNetMetric:
         self._detector = None
 
     def _model_file(self) -> str:
-        import nudenet
+        nudenet = _import_nudenet()
 
         return self.model_path or os.path.join(os.path.dirname(nudenet.__file__), "320n.onnx")
 
     def detector(self):
         if self._detector is None:
-            from nudenet import NudeDetector
+            NudeDetector = _import_nudenet().NudeDetector
 
             try:
                 self._detector = NudeDetector(model_path=self.model_path)
