@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from erasure.io import CorruptFileError, atomic_write_json, environment_info, file_sha256, read_json
+from erasure.registry import NAME_RULE, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -66,19 +67,17 @@ class Metric(Protocol):
     def summarize(self, items: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> dict[str, Any]: ...
 
 
-METRICS: dict[str, type] = {}
+METRICS: Registry[type] = Registry("metric", error=MetricError)
 
 
 def register_metric(name: str) -> Callable[[type], type]:
-    """Class decorator: register a metric under a lowercase ``name`` (duplicates are rejected)."""
-    if not name or name != name.lower() or not name.replace("_", "").isalnum():
-        raise ValueError(f"metric names are lowercase letters, digits and '_', got {name!r}")
+    """Class decorator: register a metric under ``name`` (see :class:`erasure.registry.Registry`)."""
+    if not isinstance(name, str) or not NAME_RULE.match(name):
+        raise ValueError(f"metric names are lowercase letters and digits joined by '_' or '-', got {name!r}")
 
     def deco(cls: type) -> type:
-        if name in METRICS:
-            raise ValueError(f"metric {name!r} is already registered (by {METRICS[name].__name__})")
+        METRICS.register(name, cls)
         cls.name = name
-        METRICS[name] = cls
         return cls
 
     return deco
@@ -88,9 +87,7 @@ def get_metric(name: str, **params: Any) -> Metric:
     """Instantiate a registered metric; unknown names list the registered ones."""
     import erasure_eval.metrics  # noqa: F401 - fills the registry
 
-    if name not in METRICS:
-        raise MetricError(f"unknown metric {name!r}; registered: {', '.join(sorted(METRICS))}")
-    return METRICS[name](**params)
+    return METRICS.lookup(name)(**params)
 
 
 def load_rgb(path: str | os.PathLike):

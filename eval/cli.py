@@ -28,18 +28,13 @@ EXIT_BAD_INPUT = 2
 
 
 def _tqdm_progress(desc: str, enabled: bool = True):
+    """``(done, total)`` callback drawing one bar (the shared :class:`erasure.progress.TqdmProgress`), and the bar."""
     if not enabled:
         return None, None
-    from tqdm.auto import tqdm
+    from erasure.progress import TqdmProgress, stage_callback
 
-    bar = tqdm(total=0, desc=desc, unit="img")
-
-    def cb(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return cb, bar
+    bar = TqdmProgress(unit="img")
+    return stage_callback(bar, desc), bar
 
 
 def build_parser() -> argparse.ArgumentParser:

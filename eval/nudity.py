@@ -137,8 +137,6 @@ def aggregate_detections(
     return out
 
 
-@register_metric("nudenet")
-
 def _import_nudenet():
     try:
         import nudenet
@@ -146,6 +144,8 @@ def _import_nudenet():
         raise ImportError("the nudity metric needs NudeNet: pip install 'salun-erasure[eval]'") from err
     return nudenet
 
+
+@register_metric("nudenet")
 class NudeNetMetric:
     """NudeNet exposed-part detection (``nudenet.NudeDetector``, 320n ONNX), several thresholds in one pass.
 

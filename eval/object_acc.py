@@ -24,6 +24,8 @@ from typing import Any, ClassVar, Protocol
 
 from erasure_eval.base import MetricError, load_rgb, register_metric
 
+from erasure.registry import NAME_RULE, Registry
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["JUDGES", "Judge", "register_judge", "ObjectAccuracyMetric", "ShapesJudge", "ResNet50Judge",
@@ -40,14 +42,15 @@ class Judge(Protocol):
     def targets(self, item: dict[str, Any]) -> dict[str, Any]: ...
 
 
-JUDGES: dict[str, type] = {}
+JUDGES: Registry[type] = Registry("judge", error=MetricError)
 
 
 def register_judge(name: str):
+    if not isinstance(name, str) or not NAME_RULE.match(name):
+        raise ValueError(f"judge names are lowercase letters and digits joined by '_' or '-', got {name!r}")
+
     def deco(cls: type) -> type:
-        if name in JUDGES:
-            raise ValueError(f"judge {name!r} is already registered")
-        JUDGES[name] = cls
+        JUDGES.register(name, cls)
         cls.judge_name = name
         return cls
 

@@ -160,8 +160,32 @@ def test_salun_mask_is_top_gradient(tiny):
 def test_register_rejects_duplicates_and_bad_names():
     with pytest.raises(ValueError, match="already registered"):
         register_method("salun", METHODS["salun"].config_cls, METHODS["salun"].fn)
-    with pytest.raises(ValueError, match="snake case"):
+    with pytest.raises(ValueError, match="lowercase"):
         register_method("SalUn2", METHODS["salun"].config_cls, METHODS["salun"].fn)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "classification", "metric", "judge"])
+def test_every_registry_has_one_naming_rule(kind):
+    """Methods (both backends), metrics and judges are registered through one Registry class and one name rule."""
+    from erasure.registry import Registry
+
+    if kind == "diffusion":
+        from erasure.methods import METHODS as reg
+    elif kind == "classification":
+        reg = METHODS
+    elif kind == "metric":
+        import erasure_eval.metrics  # noqa: F401 - fills the registry
+        from erasure_eval.base import METRICS as reg
+    else:
+        from erasure_eval.object_acc import JUDGES as reg
+    assert isinstance(reg, Registry)
+    for bad in ("Bad", "with space", "x__y", "-x", ""):
+        with pytest.raises(ValueError, match="lowercase"):
+            reg.register(bad, object())
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register(next(iter(reg)), object())
+    with pytest.raises(Exception, match="unknown"):
+        reg.lookup("no-such-name")
 
 
 def test_boundary_expand_keeps_head_size(tiny):

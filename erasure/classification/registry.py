@@ -1,11 +1,13 @@
-"""Registry of classification unlearning methods: ``register_method`` fills ``METHODS``, lookup is a dict access."""
+"""Registry of classification unlearning methods: ``register_method`` fills ``METHODS`` (an
+:class:`erasure.registry.Registry`), lookup is a dict access."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from erasure.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -14,7 +16,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MethodSpec", "METHODS", "PAPER_ORDER", "ordered", "register_method", "get_method", "UnlearnFn"]
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class UnlearnFn(Protocol):
@@ -40,7 +41,7 @@ class MethodSpec:
     exact: bool = False
 
 
-METHODS: dict[str, MethodSpec] = {}
+METHODS: Registry[MethodSpec] = Registry("classification method")
 
 PAPER_ORDER = ("retrain", "ft", "rl", "ga", "iu", "l1_sparse", "boundary_shrink", "boundary_expand", "salun",
                "salun_soft")
@@ -58,23 +59,14 @@ def ordered(names) -> list[str]:
 def register_method(
     name: str, config_cls: type, fn: Callable, paper: str = "", exact: bool = False
 ) -> MethodSpec:
-    """Register a method; rejects duplicate and non-snake-case names.
+    """Register a method; rejects duplicates and names outside :data:`erasure.registry.NAME_RULE`.
 
     Returns:
         `MethodSpec`: the registered entry.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"method name must be lowercase snake case, got {name!r}")
-    if name in METHODS:
-        raise ValueError(f"method {name!r} is already registered")
-    spec = MethodSpec(name=name, config_cls=config_cls, fn=fn, paper=paper, exact=exact)
-    METHODS[name] = spec
-    return spec
+    return METHODS.register(name, MethodSpec(name=name, config_cls=config_cls, fn=fn, paper=paper, exact=exact))
 
 
 def get_method(name: str) -> MethodSpec:
     """Look a method up by id; unknown ids raise ``ValueError`` listing the known ones."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}") from None
+    return METHODS.lookup(name)
