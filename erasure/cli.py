@@ -50,15 +50,27 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
     base: dict = {}
     concepts: list[dict] = []
     if args.config:
-        base = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        base = _read_json_file(args.config, "--config")
+        if not isinstance(base, dict):
+            raise ValueError(f"--config {args.config}: expected a JSON object of EraseConfig fields")
         concepts = base.pop("concepts", [])
+        if not isinstance(concepts, list):
+            raise ValueError(f"--config {args.config}: \"concepts\" must be a list of concept objects")
     if args.preset:
         pr = load_preset(args.preset)
         base = {**pr.config, **base}
         concepts.extend(c.to_dict() for c in pr.concepts)
     if args.concept_file:
-        data = json.loads(Path(args.concept_file).read_text(encoding="utf-8"))
-        concepts.extend(data if isinstance(data, list) else [data])
+        data = _read_json_file(args.concept_file, "--concept-file")
+        items = data if isinstance(data, list) else [data]
+        if not items or not all(isinstance(c, dict) for c in items):
+            raise ValueError(f"--concept-file {args.concept_file}: expected a concept object or a list of them")
+        for i, c in enumerate(items):
+            try:
+                ConceptSpec.from_dict(c)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"--concept-file {args.concept_file}, concept {i + 1}: {err}") from None
+        concepts.extend(items)
     if args.forget_prompt:
         anchors = args.anchor_prompt or (args.forget_prompt if for_mask else [])
         if not anchors:
@@ -81,6 +93,18 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
     data["method_args"] = method_args
     data["concepts"] = concepts
     return EraseConfig.from_dict(data)
+
+
+def _read_json_file(path: str, flag: str):
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{flag} {p}: no such file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} {p}: not UTF-8 text; save it as UTF-8 JSON") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} {p}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
 def _method_flags(method: str) -> dict[str, str]:
@@ -229,20 +253,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_MARKER = ".salun-erasure-export"
+"""A file export writes into every folder it makes; --overwrite replaces only folders that hold it."""
+
+
+def _check_export_targets(out: Path, single_file: str | None, overwrite: bool) -> None:
+    """Validate every output path before any work (nothing is written when one is wrong)."""
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"--out {out} is a file; give a folder path for the diffusers pipeline")
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out")
+        if any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+            raise FileExistsError(f"{out} holds files that `erasure export` did not write; refusing to replace it even "
+                                  "with --overwrite: choose another --out")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder of --out does not exist: {out.parent}")
+    if single_file:
+        sf = Path(single_file)
+        if sf.suffix != ".safetensors":
+            raise ValueError(f"--single-file must end in .safetensors, got {sf}")
+        if sf.is_dir():
+            raise FileExistsError(f"--single-file {sf} is a folder; give a .safetensors file path")
+        if sf.exists() and not overwrite:
+            raise FileExistsError(f"{sf} exists; pass --overwrite or choose another --single-file")
+        if not sf.parent.is_dir():
+            raise FileNotFoundError(f"the folder of --single-file does not exist: {sf.parent}")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from erasure.runs import load_erased_pipeline
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out")
+    _check_export_targets(out, args.single_file, args.overwrite)
     pipe = load_erased_pipeline(args.run, device="cpu")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"run": str(Path(args.run).resolve())}) + "\n")
         if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as err:  # e.g. a full disk: one line, nothing half-written left behind
+        raise FileExistsError(f"could not write {out}: {err.strerror or err}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote diffusers pipeline folder %s", out)

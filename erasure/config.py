@@ -10,6 +10,7 @@ from erasure.jsonconfig import JsonConfig, field
 __all__ = ["ConceptSpec", "EraseConfig", "MaskConfig", "TRAINABLE_CHOICES"]
 
 TRAINABLE_CHOICES = ("full", "xattn", "noxattn")
+MAX_NAME_CHARS = 200
 
 
 def _check_prompts(name: str, prompts: list[str], allow_empty: bool = False) -> list[str]:
@@ -42,6 +43,12 @@ class ConceptSpec(JsonConfig):
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError("concept name must be a non-empty string")
+        if len(self.name) > MAX_NAME_CHARS:
+            raise ValueError(f"concept name is {len(self.name)} characters long; keep it under {MAX_NAME_CHARS}")
+        for key in ("forget_images", "retain_images"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"concept {self.name!r}: {key.replace('_', ' ')} must be a folder path, got {v!r}")
         self.forget_prompts = _check_prompts("forget prompts", self.forget_prompts)
         self.anchor_prompts = _check_prompts("anchor prompts", self.anchor_prompts)
         self.retain_prompts = _check_prompts("retain prompts", self.retain_prompts, allow_empty=True)

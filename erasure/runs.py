@@ -252,9 +252,14 @@ def load_run_weights(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def apply_run_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor], run_dir: str | os.PathLike = "") -> None:
-    """Overlay a run's weights on ``unet``, refusing names or shapes the UNet does not have."""
+    """Overlay a run's weights on ``unet``, refusing names or shapes the UNet does not have, and weights that are not
+    finite floating-point numbers (a damaged or hand-edited run would otherwise draw black images)."""
     state = unet.state_dict()
     for name, t in weights.items():
+        if not t.is_floating_point():
+            raise RunDirError(f"run {run_dir} is damaged: {name} holds {t.dtype} values, not floating-point weights")
+        if not bool(torch.isfinite(t).all()):
+            raise RunDirError(f"run {run_dir} is damaged: {name} holds NaN or infinite weights; delete the run")
         if name not in state:
             raise RunDirError(f"run {run_dir} was made for another model: the UNet has no parameter {name!r}")
         if tuple(state[name].shape) != tuple(t.shape):

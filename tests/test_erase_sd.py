@@ -208,7 +208,66 @@ def test_model_errors(tmp_path, monkeypatch):
 def test_failed_erase_leaves_no_run(tmp_path):
     with pytest.raises(ModelLoadError):
         erase(_cfg(tmp_path / "missing-model", tmp_path), tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+    (tmp_path / "bad-mask.safetensors").write_bytes(b"not a mask")
+    from erasure.io import CorruptFileError
+
+    with pytest.raises(CorruptFileError):
+        erase(_cfg(tmp_path / "missing-model", tmp_path, mask_path=str(tmp_path / "bad-mask.safetensors")),
+              tmp_path / "run2")
+    assert not (tmp_path / "run2.partial").exists()
+    with pytest.raises(RunExistsError, match="may not end"):
+        erase(_cfg(tmp_path / "missing-model", tmp_path), tmp_path / "x.partial")
+
+
+def test_damaged_run_weights_are_refused(salun_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run, _ = salun_run
+    for kind in ("nan", "int"):
+        bad = tmp_path / kind
+        shutil.copytree(run, bad)
+        w = load_file(str(bad / "weights.safetensors"))
+        k = next(iter(w))
+        w[k] = torch.full_like(w[k], float("nan")) if kind == "nan" else w[k].to(torch.int32)
+        save_file(w, str(bad / "weights.safetensors"))
+        with pytest.raises(RunDirError, match="damaged"):
+            load_erased_pipeline(bad, device="cpu")
+
+
+def test_cli_config_files_fail_with_their_name(tmp_path, capsys):
+    (tmp_path / "c.json").write_bytes(b"\xff\xfe[")
+    (tmp_path / "d.json").write_text('[{"name": "c", "forget_prompts": ["a"], "anchor_prompts": ["b"], "forget_images": 5}]')
+    (tmp_path / "e.json").write_text('{"lr": "1e-4"}')
+    (tmp_path / "f.json").write_text('[1, 2]')
+    for flag, f, msg in (("--concept-file", "c.json", "not UTF-8"), ("--concept-file", "d.json", "forget images"),
+                         ("--config", "e.json", "learning rate must be a finite number"),
+                         ("--config", "f.json", "expected a JSON object")):
+        args = ["erase", "--out", str(tmp_path / "run"), flag, str(tmp_path / f)]
+        if flag == "--config":
+            args += ["--forget-prompt", "a", "--anchor-prompt", "b", "--alpha", "0"]
+        assert cli_main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert msg in err[-1] and (f in err[-1] or flag == "--config" and "must" in err[-1]), err
+    assert not list(tmp_path.glob("run*"))
+
+
+def test_cli_export_validates_outputs_first(salun_run, tmp_path, capsys):
+    run, _ = salun_run
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    rc = cli_main(["export", "--run", str(run), "--out", str(user), "--overwrite"])
+    assert rc == 2 and "did not write" in capsys.readouterr().err and (user / "notes.txt").read_text() == "mine"
+    rc = cli_main(["export", "--run", str(run), "--out", str(tmp_path / "exp"), "--single-file", str(tmp_path / "x.ckpt")])
+    assert rc == 2 and ".safetensors" in capsys.readouterr().err and not (tmp_path / "exp").exists()
+    (tmp_path / "afile").write_text("x")
+    assert cli_main(["export", "--run", str(run), "--out", str(tmp_path / "afile"), "--overwrite"]) == 2
+    assert (tmp_path / "afile").read_text() == "x"
+    assert cli_main(["export", "--run", str(run), "--out", str(tmp_path / "exp")]) == 0
+    assert cli_main(["export", "--run", str(run), "--out", str(tmp_path / "exp"), "--overwrite"]) == 0  # its own output
 
 
 def test_bad_run_directories(salun_run, tiny_model_dir, tmp_path):

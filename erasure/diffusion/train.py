@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from erasure.masked import MaskedUpdate, make_optimizer, prepare_masked_params
 from erasure.methods import MethodConfig, MethodSpec
 from erasure.progress import Progress, emit
 from erasure.runs import RUN_FORMAT, Checkpoint, RunDir, RunExistsError
-from erasure.saliency import mask_stats, save_mask
+from erasure.saliency import load_mask, mask_stats, save_mask
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +367,10 @@ def erase(
     run = RunDir(out_dir)
     run.check_target(overwrite)
     spec = cfg.spec
+    if spec.needs_mask and mask is None and cfg.mask_path:  # a bad mask file fails before anything is written
+        load_mask(cfg.mask_path)
     accelerator = _accelerator(cfg)
+    fresh = overwrite or not run.partial.exists()
     try:
         if accelerator.is_main_process:  # only the main process touches the partial folder
             run.begin(overwrite)
@@ -374,6 +378,13 @@ def erase(
         if spec.run is not None:
             return _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0)
         return _erase_by_training(cfg, spec, run, accelerator, progress, cancel, mask, t0)
+    except (EraseCancelled, NonFiniteLossError):
+        raise
+    except BaseException:
+        # nothing to resume from: do not leave an empty or half-made partial folder that a rerun would trip on
+        if fresh and accelerator.is_main_process and not (run.partial / "latest_checkpoint").is_file():
+            shutil.rmtree(run.partial, ignore_errors=True)
+        raise
     finally:
         if accelerator.num_processes == 1:
             AcceleratorState._reset_state(True)  # noqa: SLF001 - allow another erase() with other settings
