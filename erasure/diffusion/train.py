@@ -8,6 +8,7 @@ exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -153,20 +154,23 @@ def build_optimizer(cfg: EraseConfig, trainable: dict, mask: dict | None) -> tup
     return optimizer, upd
 
 
-def restore(run: RunDir, cfg: EraseConfig, trainable: dict, optimizer) -> int:
-    """Load the latest checkpoint of an interrupted run with the same settings; returns the step to start at."""
+def restore(run: RunDir, cfg: EraseConfig, trainable: dict, optimizer, is_main: bool = True) -> int:
+    """Load the latest checkpoint of an interrupted run with the same settings; returns the step to start at.
+
+    Every rank loads the checkpoint; only the main process trims ``log.jsonl`` to it."""
     ck = run.load_checkpoint(same_run=cfg.to_dict(), ignore=RESUME_IGNORES)
     log_path = run.partial / "log.jsonl"
     if ck is None:
-        if log_path.is_file():
+        if is_main and log_path.is_file():
             log_path.unlink()
         return 0
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(ck.params[n].to(p.device))
     load_optimizer_state(optimizer, ck.optimizer, ck.optimizer_meta)
-    lines = log_path.read_text(encoding="utf-8").splitlines()[: ck.step] if log_path.is_file() else []
-    atomic_write_text(log_path, "".join(line + "\n" for line in lines))
+    if is_main:
+        lines = log_path.read_text(encoding="utf-8").splitlines()[: ck.step] if log_path.is_file() else []
+        atomic_write_text(log_path, "".join(line + "\n" for line in lines))
     logger.info("resuming %s from step %d", run.partial, ck.step)
     return ck.step
 
@@ -206,7 +210,8 @@ def fit(ctx: EraseContext, spec: MethodSpec, accelerator, run: RunDir, trainable
     with_retain = ctx.args.uses_retain()
     scaler = getattr(accelerator, "scaler", None)
     last: dict[str, Any] = {}
-    with open(run.partial / "log.jsonl", "a", encoding="utf-8") as log:
+    main = accelerator.is_main_process
+    with open(run.partial / "log.jsonl", "a", encoding="utf-8") if main else contextlib.nullcontext() as log:
         for step in range(start, cfg.steps):
             g = step_generator(cfg.seed, step, accelerator.process_index)
             ctx.generator = g
@@ -242,13 +247,13 @@ def fit(ctx: EraseContext, spec: MethodSpec, accelerator, run: RunDir, trainable
             last = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}}
             if not finite:
                 last["skipped"] = True
-            if accelerator.is_main_process:
+            if main:
                 log.write(json.dumps(last) + "\n")
                 log.flush()
             emit(ctx.progress, "fine-tuning", step + 1, cfg.steps, **last)
             done = step + 1
             stop = done < cfg.steps and _any_rank(accelerator, ctx.cancelled())
-            if accelerator.is_main_process and done < cfg.steps and (
+            if main and done < cfg.steps and (
                 (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stop
             ):
                 log.flush()
@@ -453,7 +458,7 @@ def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask
         frozen.to(device)
     optimizer, upd = build_optimizer(cfg, trainable, mask)
     accelerator.wait_for_everyone()
-    start = restore(run, cfg, trainable, optimizer)
+    start = restore(run, cfg, trainable, optimizer, accelerator.is_main_process)
     model_dp, optimizer = accelerator.prepare(unet, optimizer)
     model_dp.train()
     ctx = EraseContext(config=cfg, args=args, pipe=inputs.pipe, unet=model_dp, device=device, frozen_unet=frozen,
