@@ -496,12 +496,12 @@ class AppService:
         is the step of the latest checkpoint (0 without one), ``steps`` the total (None when unknown) and
         ``note`` says why a run cannot be resumed. What the folder holds is read by :class:`erasure.runs.RunDir`.
         """
-        from erasure.runs import list_interrupted
+        from erasure.runs import PARTIAL_SUFFIX, list_interrupted
 
         out = []
         for it in list_interrupted(self.runs_dir):
             part = Path(it.run_dir)
-            name = part.name[: -len(".partial")]
+            name = part.name.removesuffix(PARTIAL_SUFFIX)
             if not RUN_ID_RE.match(name) or self._busy_with(name):
                 continue
             try:
@@ -565,8 +565,8 @@ class AppService:
         """
         from erasure.runs import RunDir
 
+        run_id = self.check_run_id(run_id)
         part = self.partial_dir(run_id)
-        run_id = part.name[: -len(".partial")]
         if self._busy_with(run_id):
             raise AppError(f"an erasure named {run_id!r} is already training or waiting")
         if not part.is_dir():
