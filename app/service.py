@@ -31,12 +31,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from erasure.progress import ProgressEvent
 from erasure.resources import prompt_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AppError", "BusyError", "AppService", "EraseJob", "PipelineCache", "ORIGINAL", "RETAIN_LOSSES",
-           "RUN_ID_RE", "parse_seeds", "parse_prompts", "retain_label"]
+__all__ = ["AppError", "BusyError", "AppService", "EraseJob", "PipelineCache", "ORIGINAL", "RUN_ID_RE", "parse_seeds",
+           "parse_prompts", "method_settings"]
 
 ORIGINAL = "original"
 """The model choice that means the base model without any run applied."""
@@ -47,23 +48,10 @@ LIMITS = {
     "guidance": (0.0, 30.0),
     "seeds": (1, 8),
     "seed": (0, 2**32 - 1),
-    "erase_steps": (1, 20000),
-    "lr": (1e-8, 1e-2),
-    "alpha": (0.0, 10.0),
-    "images_per_prompt": (1, 1000),
-    "data_steps": (1, 150),
-    "batch_size": (1, 64),
     "prompt_chars": 1000,
     "eval_prompts": 500,
 }
-METHOD_LABELS = {
-    "salun": "SalUn (saliency-masked forgetting, default)",
-    "rl": "RL (random labelling, no mask)",
-    "esd-x": "ESD-x (cross-attention)",
-    "esd-u": "ESD-u (all but cross-attention)",
-}
-RETAIN_LOSSES = ("denoise", "distill")
-"""The retain-term choices of :attr:`erasure.EraseConfig.retain_loss` the erase form offers."""
+"""Limits of the app's own inputs (generation and evaluation); erasure settings are checked by their config."""
 
 
 class AppError(ValueError):
@@ -138,14 +126,18 @@ def parse_seeds(text: str | int | Sequence[int] | None) -> list[int]:
     return [int(_num("seed", s, *LIMITS["seed"], integer=True)) for s in items]
 
 
-def retain_label(cfg: dict[str, Any]) -> str:
-    """A saved config's retain term for the runs table: "denoise"/"distill", or "none" when Dr is not trained on."""
-    from erasure.methods import METHODS
+def method_settings(cfg: dict[str, Any]) -> str:
+    """A saved config's method settings for the runs table (``alpha=0.5, retain_loss=denoise``); "" if unreadable.
 
-    method = METHODS.get(str(cfg.get("method", "")))
-    if (method is not None and not method.uses_retain) or not cfg.get("alpha", 1):
-        return "none"
-    return str(cfg.get("retain_loss") or "denoise")  # runs saved before the option existed used denoise
+    Configs written before ``method_args`` existed are read through :meth:`erasure.EraseConfig.from_dict`.
+    """
+    from erasure.config import EraseConfig
+
+    try:
+        args = EraseConfig.from_dict(cfg).method_args.to_dict()
+    except (ValueError, TypeError, KeyError):
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in args.items())
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -304,22 +296,28 @@ class AppService:
             (out if p.model == self.model_kind else other).append((label, name))
         return out or other
 
-    def preset_form(self, name: str) -> dict[str, Any]:
-        """The form values of a preset: prompts one per line plus the knobs the erase form shows."""
+    def _preset(self, name: str):
+        """``(preset, its EraseConfig)``; a preset's older top-level method keys are read into ``method_args``."""
         from erasure.config import EraseConfig
         from erasure.presets import load_preset
 
         try:
             p = load_preset(name)
-        except ValueError as err:
+            return p, EraseConfig.from_dict({**p.config, "concepts": [c.to_dict() for c in p.concepts]})
+        except (ValueError, TypeError) as err:
             raise AppError(str(err)) from err
-        d = {f: EraseConfig.__dataclass_fields__[f].default for f in (
-            "method", "mask_ratio", "steps", "lr", "alpha", "retain_loss", "forget_images_per_prompt",
-            "retain_images_per_prompt", "data_steps", "batch_size", "seed")}
-        d.update({k: v for k, v in p.config.items() if k in d})
-        d.update(name=p.concept.name, forget="\n".join(p.concept.forget_prompts),
-                 anchor="\n".join(p.concept.anchor_prompts), retain="\n".join(p.concept.retain_prompts),
-                 description=p.description, preset=p.name)
+
+    def preset_form(self, name: str) -> dict[str, Any]:
+        """The form values of a preset: prompts one per line, its method, ``method_args`` (a dict of the method's
+        settings) and the :data:`~erasure_app.forms.FORM_FIELDS` settings (the config defaults where it sets none)."""
+        from erasure_app.forms import FORM_FIELDS
+
+        p, cfg = self._preset(name)
+        c = cfg.concepts[0]
+        d: dict[str, Any] = {f: getattr(cfg, f) for f in FORM_FIELDS}
+        d.update(method=cfg.method, method_args=cfg.method_args.to_dict(), name=c.name, forget="\n".join(c.forget_prompts),
+                 anchor="\n".join(c.anchor_prompts), retain="\n".join(c.retain_prompts), description=p.description,
+                 preset=p.name)
         return d
 
     def make_config(
@@ -329,58 +327,44 @@ class AppService:
         anchor: str | Sequence[str],
         retain: str | Sequence[str],
         method: str = "salun",
-        mask_ratio: float = 0.5,
-        steps: int = 100,
-        lr: float = 1e-5,
-        alpha: float = 0.5,
         preset: str | None = None,
-        forget_images_per_prompt: int | None = None,
-        retain_images_per_prompt: int | None = None,
-        data_steps: int | None = None,
-        batch_size: int | None = None,
-        seed: int | None = None,
-        retain_loss: str | None = None,
+        method_args: dict[str, Any] | str | None = None,
+        **settings: Any,
     ):
         """Validate the form and build an :class:`~erasure.EraseConfig` (a preset's other settings are kept).
 
-        ``retain_loss`` None keeps the preset's retain loss (or the config default without a preset).
+        Args:
+            method_args (`dict` or JSON `str`, *optional*): the method's own settings; those it leaves out are the
+                preset's (when the preset uses this method) or the defaults.
+            settings: :data:`~erasure_app.forms.FORM_FIELDS` values as the form gives them (``steps=100``); a
+                setting left out is the preset's (or the default), one given as None or "" is missing.
+
+        The config checks every value and names the field in its error (raised as :class:`AppError`).
         """
+        from erasure_app.forms import erase_form_fields, from_form, parse_method_args
+
         from erasure import ConceptSpec, EraseConfig
         from erasure.methods import METHODS
-        from erasure.presets import load_preset
 
-        base: dict[str, Any] = {}
-        if preset:
-            try:
-                base = dict(load_preset(preset).config)
-            except ValueError as err:
-                raise AppError(str(err)) from err
+        fields = erase_form_fields()
+        unknown = sorted(set(settings) - set(fields))
+        if unknown:
+            raise TypeError(f"make_config() got unknown settings {unknown}; the form shows {sorted(fields)}")
+        base: dict[str, Any] = self._preset(preset)[1].to_dict() if preset else {}
         forget_l = parse_prompts(forget, "forget prompts")
         anchor_l = parse_prompts(anchor, "anchor prompts")
         retain_l = parse_prompts(retain, "retain prompts", allow_empty=True)
         concept = (concept or "").strip() or forget_l[0]
         if method not in METHODS:
             raise AppError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-        if retain_loss is not None and not (isinstance(retain_loss, str) and not retain_loss.strip()):
-            if retain_loss not in RETAIN_LOSSES:
-                raise AppError(f"unknown retain loss {retain_loss!r}; choose one of {', '.join(RETAIN_LOSSES)}")
-            base["retain_loss"] = retain_loss
-        base.update(
-            method=method,
-            mask_ratio=float(_num("mask ratio", mask_ratio, 1e-6, 1.0)),
-            steps=_num("steps", steps, *LIMITS["erase_steps"], integer=True),
-            lr=float(_num("learning rate", lr, *LIMITS["lr"])),
-            alpha=float(_num("alpha", alpha, *LIMITS["alpha"])),
-        )
-        opt = {"forget_images_per_prompt": (forget_images_per_prompt, "forget images per prompt", LIMITS["images_per_prompt"]),
-               "retain_images_per_prompt": (retain_images_per_prompt, "retain images per prompt", (0, 1000)),
-               "data_steps": (data_steps, "data sampling steps", LIMITS["data_steps"]),
-               "batch_size": (batch_size, "batch size", LIMITS["batch_size"]),
-               "seed": (seed, "seed", LIMITS["seed"])}
-        for key, (v, what, (lo, hi)) in opt.items():
-            if v is not None and not (isinstance(v, str) and not v.strip()):
-                base[key] = _num(what, v, lo, hi, integer=True)
-        base.update(model=self.model, device=self.device)
+        try:
+            args = dict(base.get("method_args") or {}) if base.get("method", method) == method else {}
+            args.update(parse_method_args(method_args))
+            for key, value in settings.items():
+                base[key] = from_form(fields[key], value)
+        except ValueError as err:
+            raise AppError(str(err)) from err
+        base.update(method=method, method_args=args, model=self.model, device=self.device)
         if self.data_cache_dir:
             base["cache_dir"] = self.data_cache_dir
         try:
@@ -433,7 +417,7 @@ class AppService:
                 "concepts": ", ".join(info.get("concepts", [])),
                 "method": info.get("method", ""),
                 "steps": cfg.get("steps"),
-                "retain loss": retain_label(cfg),
+                "method settings": method_settings(cfg),
                 "mask kept": round(mask["ratio"], 4) if "ratio" in mask else None,
                 "final loss": (info.get("final") or {}).get("loss"),
                 "created": info.get("created", ""),
@@ -461,7 +445,7 @@ class AppService:
         src = self.run_dir(run_id)
         new_id = self.check_run_id(new_id, "new name")
         dst = self.runs_dir / new_id
-        if dst.exists() or Path(str(dst) + ".partial").exists():
+        if dst.exists() or self.partial_dir(new_id).exists():
             raise AppError(f"a run named {new_id!r} already exists")
         if self._busy_with(run_id) or self._busy_with(new_id):
             raise AppError("that run is being written by an erasure; wait for it to finish")
@@ -497,74 +481,49 @@ class AppService:
     # ------------------------------------------------------------------ interrupted runs
     def partial_dir(self, run_id: str) -> Path:
         """``runs_dir/RUN.partial``: where an erasure writes ``run_id`` until it is complete."""
+        from erasure.runs import RunDir
+
         run_id = self.check_run_id(run_id)
-        d = self.runs_dir / f"{run_id}.partial"
+        d = RunDir(self.runs_dir / run_id).partial
         if d.resolve().parent != self.runs_dir:
             raise AppError(f"invalid run id {run_id!r}")
         return d
-
-    @staticmethod
-    def _checkpoint_state(part: Path) -> tuple[dict[str, Any] | None, str]:
-        """``(state.json of the latest checkpoint in part or None, why it cannot be resumed or "")``."""
-        latest = part / "latest_checkpoint"
-        if not latest.is_file():
-            return None, "no checkpoint (stopped before the first one)"
-        try:
-            name = latest.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            return None, f"unreadable latest_checkpoint ({err})"
-        ck = part / name
-        if not name.startswith("checkpoint-") or Path(name).name != name or not ck.is_dir():
-            return None, f"checkpoint {name[:60]!r} named in latest_checkpoint is missing"
-        missing = [f for f in ("params.safetensors", "optimizer.safetensors") if not (ck / f).is_file()]
-        try:
-            state = json.loads((ck / "state.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            return None, f"unreadable {name}/state.json ({err})"
-        if not isinstance(state, dict):
-            return None, f"{name}/state.json is not a JSON object"
-        return state, f"{name} lacks {', '.join(missing)}" if missing else ""
 
     def list_interrupted(self) -> list[dict[str, Any]]:
         """Interrupted runs (``RUN.partial`` folders no erasure is writing now), newest first.
 
         Each is ``{"run", "concepts", "method", "step", "steps", "modified", "resumable", "note"}``: ``step``
         is the step of the latest checkpoint (0 without one), ``steps`` the total (None when unknown) and
-        ``note`` says why a run cannot be resumed. Unreadable files only leave fields empty.
+        ``note`` says why a run cannot be resumed. What the folder holds is read by :class:`erasure.runs.RunDir`.
         """
-        if not self.runs_dir.is_dir():
-            return []
+        from erasure.runs import PARTIAL_SUFFIX, list_interrupted
+
         out = []
-        for part in self.runs_dir.iterdir():
-            name = part.name[: -len(".partial")]
-            if not part.name.endswith(".partial") or not part.is_dir() or not name or name.startswith("."):
-                continue
+        for it in list_interrupted(self.runs_dir):
+            part = Path(it.run_dir)
+            name = part.name.removesuffix(PARTIAL_SUFFIX)
             if not RUN_ID_RE.match(name) or self._busy_with(name):
                 continue
             try:
-                state, note = self._checkpoint_state(part)
                 mtime = max([part.stat().st_mtime] + [f.stat().st_mtime for f in part.iterdir()])
             except OSError as err:  # deleted or renamed while listing
                 logger.debug("skipping %s: %s", part, err)
                 continue
-            state = state or {}
-            key = state.get("resume_key") if isinstance(state.get("resume_key"), dict) else {}
-            step = state.get("step")
-            steps = key.get("steps")
-            concepts = key.get("concepts") if isinstance(key.get("concepts"), list) else []
-            resumable = not note and bool(key) and isinstance(step, int)
+            cfg, note, resumable = it.config, it.note, it.resumable
             if not resumable and not note:
-                note = "the checkpoint does not record its step and settings"
+                note = "the checkpoint does not record its settings"
             if resumable:
                 try:
-                    self._resume_config(name, state)
+                    self._resume_config(name, cfg)
                 except AppError as err:
                     resumable, note = False, str(err)
+            concepts = cfg.get("concepts") if isinstance(cfg.get("concepts"), list) else []
+            steps = cfg.get("steps")
             out.append({
                 "run": name,
                 "concepts": ", ".join(str(c.get("name", "?")) for c in concepts if isinstance(c, dict)),
-                "method": str(key.get("method", "")),
-                "step": step if isinstance(step, int) and not isinstance(step, bool) else 0,
+                "method": str(cfg.get("method", "")),
+                "step": it.step,
                 "steps": steps if isinstance(steps, int) and not isinstance(steps, bool) else None,
                 "modified": datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M:%S"),
                 "resumable": resumable,
@@ -574,58 +533,52 @@ class AppService:
         out.sort(key=lambda r: r.pop("_mtime"), reverse=True)
         return out
 
-    def _resume_config(self, run_id: str, state: dict[str, Any]):
-        """The :class:`~erasure.EraseConfig` an interrupted run was started with (this service's device and cache)."""
+    def _resume_config(self, run_id: str, saved: dict[str, Any]):
+        """The :class:`~erasure.EraseConfig` of an interrupted run, from its checkpoint's config (all of it, e.g.
+        ``checkpoint_every``), on this service's device and data cache."""
         from erasure import EraseConfig
 
-        key = state.get("resume_key")
-        if not isinstance(key, dict) or not key:
-            raise AppError(f"interrupted run {run_id!r} cannot be resumed: its checkpoint does not record its settings; "
-                           "delete it under Interrupted runs in the Runs tab and start the erasure again")
-        if key.get("model") != self.model:
-            raise AppError(f"interrupted run {run_id!r} was started on base model {key.get('model')!r}, but this app "
+        if saved.get("model") != self.model:
+            raise AppError(f"interrupted run {run_id!r} was started on base model {saved.get('model')!r}, but this app "
                            f"serves {self.model!r}; start the app with that --model to resume it, or delete it")
-        data = dict(key, device=self.device)
+        data = dict(saved, device=self.device)
         if self.data_cache_dir:
             data["cache_dir"] = self.data_cache_dir
         try:
-            cfg = EraseConfig.from_dict(data)
+            return EraseConfig.from_dict(data)
         except (ValueError, TypeError) as err:
             raise AppError(f"the settings of interrupted run {run_id!r} cannot be rebuilt ({err}); delete it under "
                            "Interrupted runs in the Runs tab and start the erasure again") from err
-        rebuilt = cfg.to_dict()
-        changed = sorted(k for k, v in key.items() if rebuilt.get(k) != v)
-        if changed:
-            raise AppError(f"the settings of interrupted run {run_id!r} do not rebuild to the same config "
-                           f"({', '.join(changed)} differ); delete it and start the erasure again")
-        return cfg
 
     def resume_run(
         self,
         run_id: str,
-        progress: Callable[[str, int, int, dict], None] | None = None,
+        progress: Callable[[ProgressEvent], None] | None = None,
         owner: str | None = None,
         wait: bool = True,
     ) -> str:
         """Continue an interrupted run from its latest checkpoint into the same run id, through :meth:`erase`.
 
-        The config is rebuilt from the checkpoint (with this service's device and data cache), so training
-        goes on exactly where it stopped; the single erasure slot, progress and cancel work as for
-        :meth:`erase`. Returns the run id.
+        The config is the one the checkpoint records (with this service's device and data cache), so training
+        goes on exactly where it stopped, with the same checkpoint interval; the single erasure slot, progress
+        and cancel work as for :meth:`erase`. Returns the run id.
         """
+        from erasure.runs import RunDir
+
+        run_id = self.check_run_id(run_id)
         part = self.partial_dir(run_id)
-        run_id = part.name[: -len(".partial")]
         if self._busy_with(run_id):
             raise AppError(f"an erasure named {run_id!r} is already training or waiting")
         if not part.is_dir():
             raise AppError(f"no interrupted run named {run_id!r} (see Interrupted runs in the Runs tab)")
-        state, why = self._checkpoint_state(part)
-        if state is None or why:
+        it = RunDir(self.runs_dir / run_id).interrupted()
+        if not it.resumable:
+            why = it.note or "its checkpoint does not record its settings"
             raise AppError(f"interrupted run {run_id!r} cannot be resumed: {why}. Delete it under Interrupted runs "
                            "in the Runs tab and start the erasure again")
-        cfg = self._resume_config(run_id, state)
-        logger.info("resuming run %s from step %s", run_id, state.get("step"))
-        return self.erase(cfg, run_id, progress=progress, owner=owner, wait=wait)
+        cfg = self._resume_config(run_id, it.config)
+        logger.info("resuming run %s from step %s", run_id, it.step)
+        return self.erase(cfg, run_id, progress=progress, owner=owner, wait=wait, resuming=True)
 
     def run_zip(self, run_id: str, out_dir: str | os.PathLike) -> Path:
         """A zip of the run folder (run.json, weights, mask, log), for download."""
@@ -687,7 +640,7 @@ class AppService:
     def new_run_id(self, concept: str, method: str) -> str:
         base = _slug(f"{concept}-{method}-{datetime.now():%Y%m%d-%H%M%S}", 80)
         rid, i = base, 1
-        while (self.runs_dir / rid).exists() or (self.runs_dir / f"{rid}.partial").exists() or self._busy_with(rid):
+        while (self.runs_dir / rid).exists() or self.partial_dir(rid).exists() or self._busy_with(rid):
             i += 1
             rid = f"{base}-{i}"
         return rid
@@ -707,15 +660,19 @@ class AppService:
         self,
         cfg,
         run_id: str | None = None,
-        progress: Callable[[str, int, int, dict], None] | None = None,
+        progress: Callable[[ProgressEvent], None] | None = None,
         owner: str | None = None,
         wait: bool = True,
+        resuming: bool = False,
     ) -> str:
         """Train one erasure into ``runs_dir/run_id``; only one trains at a time (others wait, or fail if ``wait=False``).
 
-        Returns the run id. Raises :class:`AppError` on bad input, a cancelled run, or a failed run.
+        ``progress`` receives the engine's :class:`~erasure.progress.ProgressEvent` s. ``resuming`` only words the
+        errors for :meth:`resume_run`. Returns the run id. Raises :class:`AppError` on bad input, a cancelled run,
+        or a failed run.
         """
-        from erasure import EraseCancelled, NonFiniteLossError, RunExistsError, erase
+        from erasure import EraseCancelled, NonFiniteLossError, erase
+        from erasure.runs import RunExistsError
 
         run_id = self.check_new_run(run_id, cfg)
         job = EraseJob(run_id=run_id, owner=owner, concept=cfg.concepts[0].name, method=cfg.method)
@@ -741,12 +698,12 @@ class AppService:
             if job.cancel.is_set():
                 raise AppError(f"erasure {run_id!r} was cancelled before it started")
 
-            def on_progress(stage: str, done: int, total: int, info: dict) -> None:
-                job.stage, job.done, job.total = stage, done, total
-                if info:
-                    job.info = dict(info)
+            def on_progress(event: ProgressEvent) -> None:
+                job.stage, job.done, job.total = event.stage, event.done, event.total
+                if event.info:
+                    job.info = dict(event.info)
                 if progress is not None:
-                    progress(stage, done, total, info)
+                    progress(event)
 
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             try:
@@ -758,6 +715,10 @@ class AppService:
                 raise AppError(f"erasure cancelled {where}: run '{run_id}' is listed under Interrupted runs in the Runs "
                                "tab, where it can be resumed or deleted") from err
             except RunExistsError as err:
+                if resuming:
+                    self._last = f"run '{run_id}' not resumed: {err}"
+                    raise AppError(f"interrupted run {run_id!r} cannot be resumed with this version's settings ({err}); "
+                                   "delete it under Interrupted runs in the Runs tab and start the erasure again") from err
                 if self.partial_dir(run_id).is_dir():
                     self._last = f"run '{run_id}' not started: an interrupted run with other settings has that name"
                     raise AppError(f"an interrupted run named {run_id!r} with other settings exists; resume or delete "

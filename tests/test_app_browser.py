@@ -95,8 +95,8 @@ def _start_erasure(page, steps: int, run_name: str) -> None:
     _fill(page, "#erase-steps input", steps)
     page.get_by_text("Advanced", exact=True).click()
     page.wait_for_timeout(500)  # the accordion opens
-    _fill(page, "#erase-fipp input", 2)
-    _fill(page, "#erase-ripp input", 2)
+    _fill(page, "#erase-forget-images-per-prompt input", 2)
+    _fill(page, "#erase-retain-images-per-prompt input", 2)
     _fill(page, "#erase-data-steps input", 2)
     _fill(page, "#erase-run-name textarea, #erase-run-name input", run_name)
     page.locator("#erase-button").click()
@@ -191,6 +191,41 @@ def test_cancel_lists_the_run_under_interrupted_runs_then_resume_and_delete(app_
                                                                           timeout=30_000)
             expect(table).not_to_contain_text("browser-cancel", timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "interrupted.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_method_controls_follow_the_method(app_url):
+    """The chosen method's settings are shown, the others' hidden; screenshots at desktop and phone widths."""
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            for width, height in ((1280, 800), (390, 844)):
+                page = browser.new_page(viewport={"width": width, "height": height})
+                page.goto(app_url)
+                page.wait_for_selector("#erase-button", timeout=60_000)
+                # (gradio writes a group's elem_id on two nested divs)
+                salun, esd = page.locator("#erase-args-salun").first, page.locator("#erase-args-esd-x").first
+                expect(salun).to_be_visible()
+                expect(esd).to_be_hidden()
+                expect(page.locator("#erase-arg-alpha")).to_contain_text("Retain weight (alpha)")
+                expect(page.locator("#erase-arg-retain-loss")).to_contain_text("distill")
+                page.screenshot(path=str(ARTIFACTS / f"erase-salun-{width}.png"), full_page=True)
+
+                page.locator("#erase-method").get_by_text("ESD-x (cross-attention)", exact=True).click()
+                expect(esd).to_be_visible(timeout=10_000)
+                expect(salun).to_be_hidden()
+                expect(page.locator("#erase-arg-esd-negative-guidance")).to_contain_text("Negative guidance (eta)")
+                expect(page.locator("#erase-arg-esd-sample-steps input").first).to_have_value("50")
+                page.screenshot(path=str(ARTIFACTS / f"erase-esd-{width}.png"), full_page=True)
+
+                page.locator("#erase-method").get_by_text("RL (random labelling, no mask)", exact=True).click()
+                expect(salun).to_be_visible(timeout=10_000)  # RL shares SalUn's settings
+                expect(esd).to_be_hidden()
+                page.close()
         finally:
             browser.close()
 

@@ -116,6 +116,26 @@ def test_erase_then_compare_over_the_api(tiny_app):
     assert "deleted" in msg and not (root / "runs" / "api-apple-2").exists()
 
 
+def test_any_methods_settings_over_the_api(tiny_app):
+    """Another method's settings by name (esd_*), and method_args JSON over them, reach run.json."""
+    import json
+
+    url, root = tiny_app
+    c = _client(url)
+    names = [p["parameter_name"] for p in
+             c.view_api(print_info=False, return_format="dict")["named_endpoints"]["/erase"]["parameters"]]
+    assert {"alpha", "retain_loss", "method_args", "esd_negative_guidance", "esd_sample_steps"} <= set(names)
+    rid, summary, _ = c.predict(**dict(TINY_ERASE, method="esd-x"), esd_negative_guidance=2.0, esd_sample_steps=2,
+                                run_name="api-esd", api_name="/erase")
+    assert rid == "api-esd" and "with esd-x (negative_guidance=2.0, sample_steps=2)" in summary
+    info = json.loads((root / "runs" / "api-esd" / "run.json").read_text())
+    assert info["config"]["method_args"] == {"negative_guidance": 2.0, "sample_steps": 2}
+    rid, _, _ = c.predict(**dict(TINY_ERASE, method="rl"), method_args='{"alpha": 0, "retain_loss": "distill"}',
+                          run_name="api-rl", api_name="/erase")
+    info = json.loads((root / "runs" / rid / "run.json").read_text())
+    assert info["config"]["method_args"] == {"alpha": 0, "retain_loss": "distill"}
+
+
 def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
@@ -134,8 +154,15 @@ def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_p
             c.predict(**kw, api_name="/compare")
     with pytest.raises(AppError, match="forget prompts are empty"):
         c.predict(**dict(TINY_ERASE, forget=" "), run_name="", api_name="/erase")
-    with pytest.raises(AppError, match="learning rate"):
+    # settings are checked by their config, whose message names the field (gradio checks the controls' bounds first)
+    with pytest.raises(AppError, match="learning rate must be > 0"):
+        c.predict(**dict(TINY_ERASE, lr=0), run_name="", api_name="/erase")
+    with pytest.raises(AppError, match="greater than maximum"):
         c.predict(**dict(TINY_ERASE, lr=5.0), run_name="", api_name="/erase")
+    with pytest.raises(AppError, match=r"retain weight \(alpha\) must be >= 0"):
+        c.predict(**TINY_ERASE, method_args='{"alpha": -1}', run_name="", api_name="/erase")
+    with pytest.raises(AppError, match="method_args is not valid JSON"):
+        c.predict(**TINY_ERASE, method_args="{alpha", run_name="", api_name="/erase")
     with pytest.raises(AppError, match="invalid run name"):
         c.predict(**TINY_ERASE, run_name="../escape", api_name="/erase")
     csv = tmp_path / "no_prompt.csv"
@@ -159,12 +186,12 @@ def test_erase_shape_on_embedded_model_and_judge(tmp_path):
     """
     from PIL import Image
 
-    from erasure.presets import load_preset
+    from erasure.presets import config_from_preset
     from erasure.shapes import load_judge
 
-    preset = load_preset("shape_circle")
-    c, conf = preset.concept, preset.config
-    steps = int(os.environ.get("APP_TEST_CIRCLE_STEPS", min(int(conf.get("steps", 40)), 40)))
+    conf = config_from_preset("shape_circle")  # reads the preset's top-level alpha/retain_loss as method_args
+    c = conf.concepts[0]
+    steps = int(os.environ.get("APP_TEST_CIRCLE_STEPS", min(conf.steps, 40)))
     # the short test run needs a larger step than the preset's 100-step recipe (same as tests/test_erase_shapes.py)
     lr = float(os.environ.get("APP_TEST_CIRCLE_LR", 1e-3))
     n = min(4, len(c.forget_prompts))
@@ -175,9 +202,9 @@ def test_erase_shape_on_embedded_model_and_judge(tmp_path):
         cl = _client(url)
         rid, _, _ = cl.predict(
             preset="shape_circle", concept=c.name, forget="\n".join(c.forget_prompts[:n]), anchor="\n".join(anchors),
-            retain="\n".join(c.retain_prompts[::5]), method="salun", mask_ratio=conf.get("mask_ratio", 0.5),
-            steps=steps, lr=lr, alpha=conf.get("alpha", 0.5), forget_images_per_prompt=4, retain_images_per_prompt=2,
-            data_steps=10, batch_size=8, seed=0, run_name="circle-test", api_name="/erase",
+            retain="\n".join(c.retain_prompts[::5]), method="salun", mask_ratio=conf.mask_ratio, steps=steps, lr=lr,
+            alpha=conf.method_args.alpha, retain_loss=conf.method_args.retain_loss, forget_images_per_prompt=4,
+            retain_images_per_prompt=2, data_steps=10, batch_size=8, seed=0, run_name="circle-test", api_name="/erase",
         )
         assert rid == "circle-test"
         gal_a, gal_b, table = cl.predict(prompt="a circle", seeds="0, 1, 2, 3", steps=20, guidance=7.5,

@@ -11,10 +11,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import threading  # noqa: E402
 import time  # noqa: E402
 import zipfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Literal  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from erasure_app.service import AppError, AppService, BusyError, PipelineCache, parse_seeds, read_prompt_csv  # noqa: E402
+
+from erasure.jsonconfig import field  # noqa: E402
+from erasure.methods import MethodConfig  # noqa: E402
 
 FAST = dict(steps=2, forget_images_per_prompt=2, retain_images_per_prompt=2, data_steps=2, batch_size=2)
 
@@ -35,6 +40,34 @@ def fresh(service, tmp_path):
 
 def _cfg(service, concept="apple", **kw):
     return service.make_config(concept, "an apple", "a pear", "a car", **{**FAST, **kw})
+
+
+@dataclass
+class ToyConfig(MethodConfig):
+    """A throwaway method's settings: one of each kind of control."""
+
+    strength: float = field(2.0, help="How much the toy edit scales conv_in.bias.", label="Toy strength", min=0.5,
+                            max=8.0)
+    mode: Literal["plain", "fancy"] = field("plain", help="Toy mode.")
+    flag: bool = field(False, help="Toy flag.")
+    repeats: int = field(3, help="Toy repeats.", min=1, max=9)
+
+
+def _toy_run(ctx) -> dict:
+    return {"conv_in.bias": ctx.unet.conv_in.bias.detach() * ctx.args.strength}
+
+
+@pytest.fixture
+def toy_method():
+    """A closed-form method registered for one test (the app must show it without app changes)."""
+    from erasure.methods import METHODS, MethodSpec, register_method
+
+    spec = register_method(MethodSpec(name="toy", config_cls=ToyConfig, description="A toy edit.", label="Toy method",
+                                      run=_toy_run, needs_images=False))
+    try:
+        yield spec
+    finally:
+        METHODS.pop("toy")
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +94,23 @@ def test_seeds_and_prompts_parsing(service):
 
 
 @pytest.mark.parametrize("field,value,msg", [
-    ("steps", 0, "steps"), ("steps", 1.5, "whole number"), ("lr", -1, "learning rate"), ("lr", float("nan"), "finite"),
-    ("mask_ratio", 0, "mask ratio"), ("mask_ratio", 1.5, "mask ratio"), ("alpha", -0.1, "alpha"),
-    ("method", "nope", "unknown method"), ("batch_size", 0, "batch size"), ("steps", "ten", "number"),
+    ("steps", 0, "steps must be >= 1"), ("steps", 1.5, "steps must be an integer"), ("lr", -1, "learning rate must be > 0"),
+    ("lr", float("nan"), "learning rate must be a finite number"), ("mask_ratio", 0, "mask ratio must be > 0"),
+    ("mask_ratio", 1.5, "mask ratio must be .*<= 1"), ("method", "nope", "unknown method"),
+    ("batch_size", 0, "batch size must be >= 1"), ("steps", "ten", "steps must be an integer, got 'ten'"),
+    ("steps", None, "Steps is missing"), ("data_steps", "", "missing"),
+    ("method_args", {"alpha": -0.1}, r"retain weight \(alpha\) must be >= 0"),
+    ("method_args", {"retain_loss": "mse"}, "retain loss must be one of denoise, distill"),
+    ("method_args", {"nope": 1}, "unknown field"), ("method_args", "{not json", "not valid JSON"),
 ])
 def test_config_out_of_range(service, field, value, msg):
+    """Settings are checked by the configs, whose messages name the field."""
     with pytest.raises(AppError, match=msg):
         _cfg(service, **{field: value})
 
 
 def test_config_keeps_preset_settings(service):
-    cfg = service.make_config("nudity", "nude", "a person", "", preset="nudity", alpha=0.0, **FAST)
+    cfg = service.make_config("nudity", "nude", "a person", "", preset="nudity", method_args={"alpha": 0.0}, **FAST)
     assert cfg.model == service.model and cfg.steps == 2 and cfg.concepts[0].name == "nudity"
     form = service.preset_form("nudity")
     assert form["forget"] and form["anchor"] and form["method"] == "salun"
@@ -79,24 +118,31 @@ def test_config_keeps_preset_settings(service):
         service.preset_form("no-such-preset")
 
 
-def test_retain_loss_in_form_and_config(service):
-    assert service.preset_form("shape_circle")["retain_loss"] == "distill"
-    assert service.preset_form("nudity")["retain_loss"] == "denoise"  # no setting in the preset: the config default
-    assert _cfg(service).retain_loss == "denoise"  # typed prompts, no preset
-    assert _cfg(service, retain_loss="distill").retain_loss == "distill"
-    assert _cfg(service, retain_loss="").retain_loss == "denoise"  # an empty form field is "not given"
+def test_method_args_in_form_and_config(service):
+    # presets keep alpha/retain_loss at the top level of their config: the form reads them as method_args
+    assert service.preset_form("shape_circle")["method_args"] == {"alpha": 3.0, "retain_loss": "distill"}
+    assert service.preset_form("nudity")["method_args"] == {"alpha": 0.1, "retain_loss": "denoise"}  # the default
+    assert _cfg(service).method_args.retain_loss == "denoise"  # typed prompts, no preset
+    assert _cfg(service, method_args={"retain_loss": "distill"}).method_args.retain_loss == "distill"
+    assert _cfg(service, method_args='{"retain_loss": "distill"}').method_args.retain_loss == "distill"  # JSON text
+    assert _cfg(service, method_args="").method_args.to_dict() == {"alpha": 0.5, "retain_loss": "denoise"}
     circle = ("circle", "a circle", "a square", "a red square")
-    assert service.make_config(*circle, preset="shape_circle", **FAST).retain_loss == "distill"  # the preset's
-    assert service.make_config(*circle, preset="shape_circle", retain_loss="denoise", **FAST).retain_loss == "denoise"
-    for bad in ("mse", "Distill", 1):
-        with pytest.raises(AppError, match="retain loss .*denoise, distill"):
-            _cfg(service, retain_loss=bad)
+    assert service.make_config(*circle, preset="shape_circle", **FAST).method_args.to_dict() == {
+        "alpha": 3.0, "retain_loss": "distill"}  # the preset's
+    cfg = service.make_config(*circle, preset="shape_circle", method_args={"retain_loss": "denoise"}, **FAST)
+    assert (cfg.method_args.alpha, cfg.method_args.retain_loss) == (3.0, "denoise")
+    # another method: the preset's settings of its own method do not apply
+    esd = service.make_config(*circle, preset="shape_circle", method="esd-x", method_args={"sample_steps": 3}, **FAST)
+    assert esd.method_args.to_dict() == {"negative_guidance": 1.0, "sample_steps": 3} and esd.lr == 0.00025
+    with pytest.raises(TypeError, match="unknown settings"):
+        _cfg(service, alpha=0.5)
 
 
 def test_erase_lists_inspects_and_compares(service, run_id):
     runs = service.list_runs()
     assert [r["run"] for r in runs] == [run_id]
-    assert runs[0]["method"] == "salun" and runs[0]["steps"] == 2 and runs[0]["retain loss"] == "denoise"
+    assert runs[0]["method"] == "salun" and runs[0]["steps"] == 2
+    assert runs[0]["method settings"] == "alpha=0.5, retain_loss=denoise"
     curve = service.loss_curve(run_id)
     assert {r["series"] for r in curve} >= {"loss", "forget_loss", "retain_loss"} and max(r["step"] for r in curve) == 2
     sparsity = service.mask_sparsity(run_id)
@@ -140,7 +186,7 @@ def test_pipeline_cache_is_bounded_lru():
 
 
 def test_rename_delete_download(service, tmp_path):
-    rid = service.erase(_cfg(service, concept="pear", method="rl", alpha=0.0), None)
+    rid = service.erase(_cfg(service, concept="pear", method="rl", method_args={"alpha": 0.0}), None)
     assert rid.startswith("pear-rl-")
     with pytest.raises(AppError):
         service.rename_run(rid, "../evil")
@@ -166,8 +212,8 @@ def test_one_erasure_at_a_time_and_cancel(service):
     started, release = threading.Event(), threading.Event()
     result: dict = {}
 
-    def progress(stage, done, total, info):
-        if stage == "fine-tuning":
+    def progress(event):
+        if event.stage == "fine-tuning":
             started.set()
             release.wait(30)
 
@@ -208,8 +254,8 @@ def test_one_erasure_at_a_time_and_cancel(service):
 
 
 def _cancel_at(service, step):
-    def progress(stage, done, total, info):
-        if stage == "fine-tuning" and done == step:
+    def progress(event):
+        if event.stage == "fine-tuning" and event.done == step:
             service.cancel()
     return progress
 
@@ -242,10 +288,11 @@ def test_interrupted_run_is_listed_resumed_and_bit_identical(fresh):
     assert "plum-ref" in fresh.run_ids() and not (fresh.runs_dir / "plum-ref.partial").exists()
 
     stages = []
-    assert fresh.resume_run("plum-run", progress=lambda st, d, t, i: stages.append((st, d))) == "plum-run"
+    assert fresh.resume_run("plum-run", progress=lambda ev: stages.append((ev.stage, ev.done))) == "plum-run"
     assert ("fine-tuning", 1) not in stages and ("fine-tuning", 3) in stages  # went on from the checkpoint
     assert fresh.list_interrupted() == [] and set(fresh.run_ids()) == {"plum-ref", "plum-run"}
     assert fresh.read_run("plum-run")["resumed_from_step"] == 1
+    assert fresh.read_run("plum-run")["config"]["checkpoint_every"] == 1  # the interrupted run's, not the default
     for f in ("weights.safetensors", "mask.safetensors"):
         a, b = (load_file(fresh.runs_dir / r / f) for r in ("plum-run", "plum-ref"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
@@ -267,7 +314,7 @@ def test_interrupted_run_without_checkpoint_or_with_bad_files(fresh):
     bad.mkdir(parents=True)
     for f in ("params.safetensors", "optimizer.safetensors"):
         (bad / f).write_bytes(b"")
-    (bad / "state.json").write_text(json.dumps({"step": 1, "resume_key": {"model": fresh.model, "method": "nope"}}))
+    (bad / "state.json").write_text(json.dumps({"step": 1, "optimizer": {}, "config": {"model": fresh.model, "method": "nope"}}))
     (bad.parent / "latest_checkpoint").write_text("checkpoint-1")
     (runs / "empty.partial").mkdir()
     (runs / "not-a-folder.partial").write_text("")
@@ -285,7 +332,7 @@ def test_interrupted_run_without_checkpoint_or_with_bad_files(fresh):
         fresh.resume_run("junk")
     with pytest.raises(AppError, match="cannot be rebuilt"):
         fresh.resume_run("bad")
-    (bad / "state.json").write_text(json.dumps({"step": 1, "resume_key": {"model": "/elsewhere", "method": "salun"}}))
+    (bad / "state.json").write_text(json.dumps({"step": 1, "optimizer": {}, "config": {"model": "/elsewhere", "method": "salun"}}))
     with pytest.raises(AppError, match="started on base model '/elsewhere'"):
         fresh.resume_run("bad")
     with pytest.raises(AppError, match="no interrupted run"):
@@ -351,19 +398,103 @@ def test_create_demo_builds_with_named_endpoints(service):
     assert fns["resume_run"].concurrency_limit == 1 and fns["resume_run"].concurrency_id == "erase"
     assert list(fns["list_interrupted"].fn().columns)[:2] == ["run", "concepts"]
     assert fns["compare"].concurrency_id == fns["evaluate"].concurrency_id == "generate"
-    # retain_loss is the last /erase parameter and optional, so callers that predate it keep working
+    # /erase keeps its older parameters in their places (alpha and retain_loss are the SalUn/RL controls); then
+    # method_args (JSON) and the other methods' settings, all optional
     params = demo.get_api_info()["named_endpoints"]["/erase"]["parameters"]
-    assert [p["parameter_name"] for p in params][-2:] == ["run_name", "retain_loss"]
-    assert params[-1]["parameter_has_default"] and params[-1]["parameter_default"] == "denoise"  # the sd presets
+    names = [p["parameter_name"] for p in params]
+    assert names[:18] == ["preset", "concept", "forget", "anchor", "retain", "method", "mask_ratio", "steps", "lr",
+                          "alpha", "forget_images_per_prompt", "retain_images_per_prompt", "data_steps", "batch_size",
+                          "seed", "run_name", "retain_loss", "method_args"]
+    assert {"esd_negative_guidance", "esd_sample_steps"} <= set(names[18:])
+    assert all(p["parameter_has_default"] for p in params[15:])
+    assert params[16]["parameter_default"] == "denoise" and params[17]["parameter_default"] == ""  # the sd presets
     fill = next(d for d in demo.fns.values() if d.name == "fill_preset")  # picking a preset fills the form
     filled = dict(zip([o.label for o in fill.outputs], fill.fn("shape_circle"), strict=True))
-    assert filled["Retain loss"] == "distill"
+    assert filled["Retain loss"] == "distill" and filled["Retain weight (alpha)"] == 3.0
     kw = launch_kwargs(parse_args(["--port", "7999", "--auth", "u:p:w", "--host", "0.0.0.0"]))
     assert kw["server_port"] == 7999 and kw["server_name"] == "0.0.0.0" and kw["auth"] == [("u", "p:w")]
     assert kw["share"] is False
     defaults = launch_kwargs(parse_args([]))
     assert defaults["server_name"] == "127.0.0.1" and defaults["server_port"] == 7860 and defaults["auth"] is None
     assert time.time() - t0 < 30
+
+
+def _blocks(demo) -> dict:
+    return {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+
+
+def _inside(block, box) -> bool:
+    while block is not None and block is not box:
+        block = block.parent
+    return block is box
+
+
+def test_form_has_a_control_group_for_every_method(service, toy_method):
+    import gradio as gr
+    from erasure_app.forms import method_groups
+    from erasure_app.main import create_demo
+
+    from erasure.methods import METHODS
+
+    demo = create_demo(service)
+    blocks = _blocks(demo)
+    groups = method_groups()
+    assert [m for g in groups for m in g.methods] and {m for g in groups for m in g.methods} == set(METHODS)
+    for g in groups:
+        box = blocks[f"erase-args-{g.methods[0]}"]
+        assert isinstance(box, gr.Group)
+        for ff in g.fields:
+            c = blocks["erase-arg-" + ff.api_name.replace("_", "-")]
+            assert _inside(c, box) and c.label == ff.label and c.info == ff.help
+    # methods sharing a config class share a group; the selected method's group is the one shown
+    salun = next(g for g in groups if "salun" in g.methods)
+    assert "rl" in salun.methods and blocks["erase-args-salun"].visible and not blocks["erase-args-toy"].visible
+    assert blocks["erase-arg-alpha"].label == "Retain weight (alpha)" and blocks["erase-arg-alpha"].maximum == 100.0
+    esd = blocks["erase-arg-esd-sample-steps"]
+    assert (esd.label, esd.minimum, esd.maximum, esd.precision) == ("Trajectory steps", 1, 1000, 0)
+    # the toy method: a number with the field's label and bounds, radio buttons for a Literal, a checkbox
+    strength, mode = blocks["erase-arg-strength"], blocks["erase-arg-mode"]
+    assert isinstance(strength, gr.Number) and (strength.label, strength.minimum, strength.maximum, strength.value) == (
+        "Toy strength", 0.5, 8.0, 2.0)
+    assert strength.info == "How much the toy edit scales conv_in.bias."
+    assert isinstance(mode, gr.Radio) and [c[1] for c in mode.choices] == ["plain", "fancy"]
+    assert isinstance(blocks["erase-arg-flag"], gr.Checkbox) and blocks["erase-arg-repeats"].precision == 0
+    assert ("Toy method", "toy") in [tuple(c) for c in blocks["erase-method"].choices]
+    # choosing a method shows its group only
+    show = next(d for d in demo.fns.values() if d.name == "show_method")
+    ids = [o.elem_id for o in show.outputs]
+    for method, shown in (("toy", "erase-args-toy"), ("rl", "erase-args-salun"), ("esd-u", "erase-args-esd-x")):
+        visible = [u.get("visible") if isinstance(u, dict) else u.visible for u in show.fn(method)]
+        assert [i for i, v in zip(ids, visible, strict=True) if v] == [shown], method
+
+
+def test_erase_with_settings_from_generated_controls(fresh, toy_method):
+    """The /erase handler builds method_args from the selected method's controls (and the method_args JSON)."""
+    import gradio as gr
+    from erasure_app.main import create_demo
+
+    demo = create_demo(fresh)
+    erase_fn = next(d for d in demo.fns.values() if d.api_name == "erase").fn
+    params = demo.get_api_info()["named_endpoints"]["/erase"]["parameters"]
+    names = [p["parameter_name"] for p in params]
+    values = {p["parameter_name"]: p["parameter_default"] for p in params}  # the form's initial values
+    values.update(preset="custom", concept="kiwi", forget="a kiwi", anchor="a lemon", retain="", method="toy",
+                  run_name="toy-run", strength=3.5, mode="fancy", flag=False, repeats=4.0, method_args='{"flag": true}')
+
+    def call(**over):
+        v = {**values, **over}
+        return erase_fn(*[v[n] for n in names[:18]], request=None, progress=lambda *a, **k: None,
+                        **{n: v[n] for n in names[18:]})
+
+    rid, summary, _ = call()
+    assert rid == "toy-run" and "with toy (strength=3.5, mode=fancy, flag=True, repeats=4)" in summary
+    info = fresh.read_run(rid)
+    assert info["config"]["method_args"] == {"strength": 3.5, "mode": "fancy", "flag": True, "repeats": 4}
+    assert info["method_shape"] == "run"
+    with pytest.raises(gr.Error, match=r"toy strength must be >= 0.5 and <= 8.0, got 9.0"):
+        call(strength=9.0, run_name="toy-bad")
+    with pytest.raises(gr.Error, match="mode must be one of plain, fancy"):
+        call(method_args='{"mode": "odd"}', run_name="toy-bad")
 
 
 def test_bad_model_is_a_clear_error(tmp_path, capsys):

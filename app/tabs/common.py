@@ -10,6 +10,8 @@ from typing import Any
 import gradio as gr
 from erasure_app.service import AppError, AppService
 
+from erasure.progress import ProgressEvent
+
 
 def ui_errors(fn: Callable) -> Callable:
     """Show :class:`AppError` (and ``ValueError`` from the library) in the page as ``gr.Error``."""
@@ -53,14 +55,14 @@ class UIContext:
         self.refreshers.append((list(inputs), list(outputs), fn))
 
 
-def erase_progress(progress: Any) -> Callable[[str, int, int, dict], None]:
-    """The service's ``progress(stage, done, total, info)`` callback shown on a ``gr.Progress`` bar."""
+def erase_progress(progress: Any) -> Callable[[ProgressEvent], None]:
+    """The engine's progress events (:class:`~erasure.progress.ProgressEvent`) shown on a ``gr.Progress`` bar."""
 
-    def on_progress(stage: str, done: int, total: int, info: dict) -> None:
-        desc = stage
-        if "loss" in info:
-            desc += f" (loss {info['loss']:.4g})"
-        progress((done, total) if total else 0, desc=desc)
+    def on_progress(event: ProgressEvent) -> None:
+        desc = event.stage
+        if "loss" in event.info:
+            desc += f" (loss {event.info['loss']:.4g})"
+        progress((event.done, event.total) if event.total else 0, desc=desc)
 
     return on_progress
 

@@ -10,7 +10,7 @@ import pandas as pd
 from erasure_app.service import AppService
 from erasure_app.tabs.common import UIContext, erase_progress, session_id, ui_errors, wire_cancel
 
-COLUMNS = ["run", "concepts", "method", "steps", "retain loss", "mask kept", "final loss", "created", "base model"]
+COLUMNS = ["run", "concepts", "method", "method settings", "steps", "mask kept", "final loss", "created", "base model"]
 INTERRUPTED_COLUMNS = ["run", "concepts", "method", "step", "steps", "modified", "resumable", "note"]
 
 
