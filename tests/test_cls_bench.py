@@ -79,6 +79,47 @@ def test_cli_unlearn_end_to_end(tmp_path, capsys):
     assert "UA=" in capsys.readouterr().out
 
 
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_cli_unlearn_refuses_existing_out_and_replaces_atomically(tmp_path, caplog, monkeypatch):
+    import erasure.classification.pipeline as pipeline
+
+    run = tmp_path / "run"
+    common = ["--scenario", "class", "--forget-class", "3", "--train-epochs", "2", "--cache-dir", str(tmp_path / "cache"),
+              "--out", str(run), "--threads", "1"]
+    salun = ["unlearn", "--method", "salun", *common, "--method-args", json.dumps({"epochs": 1, "batch_size": 128})]
+    assert main(salun) == 0
+    first = _snapshot(run)
+    assert {"run.json", "weights.safetensors", "mask.safetensors", "split.json"} <= set(first)
+    assert not (tmp_path / "run.partial").exists()
+
+    # a second run without --overwrite: exit 2, one line naming --overwrite, nothing touched
+    caplog.clear()
+    ga = ["unlearn", "--method", "ga", *common, "--method-args", json.dumps({"epochs": 1})]
+    assert main(ga) == 2
+    [err] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "--overwrite" in err and str(run) in err and "\n" not in err
+    assert _snapshot(run) == first and not (tmp_path / "run.partial").exists()
+
+    # --overwrite with a run that fails half-way: the first run stays whole, no .partial is left
+    def diverge(*args, **kwargs):
+        (kwargs["artifacts_dir"] / "half-written").write_text("x")
+        raise FloatingPointError("loss is nan")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "run_method", diverge)
+        assert main([*ga, "--overwrite"]) == 2
+    assert _snapshot(run) == first and not (tmp_path / "run.partial").exists()
+
+    # --overwrite: replaced by the new run as a whole (salun's mask does not survive into the ga run)
+    assert main([*ga, "--overwrite"]) == 0
+    assert read_json(run / "run.json")["method"] == "ga"
+    assert "mask.safetensors" not in set(_snapshot(run)) and (run / "weights.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]  # no .partial or .old folder left
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--forget-fraction", "1.5"], "forget fraction"),
     (["bench", "--forget-fraction", "0"], "forget fraction"),
