@@ -89,6 +89,7 @@ def _images(gallery) -> list[Path]:
     return [Path(it["image"] if isinstance(it["image"], str) else it["image"]["path"]) for it in items]
 
 
+@pytest.mark.slow
 def test_erase_then_compare_over_the_api(tiny_app):
     url, root = tiny_app
     c = _client(url)
@@ -149,6 +150,7 @@ def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_p
     assert len(_images(gal_a)) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHAPES_MODEL / "model_index.json").is_file(),
                     reason="the embedded shapes model (models/shapes-sd) is not present in this checkout")
 def test_erase_shape_on_embedded_model_and_judge(tmp_path):

@@ -214,6 +214,7 @@ def _cancel_at(service, step):
     return progress
 
 
+@pytest.mark.slow
 def test_interrupted_run_is_listed_resumed_and_bit_identical(fresh):
     import dataclasses
     import shutil
