@@ -89,7 +89,6 @@ def _images(gallery) -> list[Path]:
     return [Path(it["image"] if isinstance(it["image"], str) else it["image"]["path"]) for it in items]
 
 
-@pytest.mark.slow
 def test_erase_then_compare_over_the_api(tiny_app):
     url, root = tiny_app
     c = _client(url)

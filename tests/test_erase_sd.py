@@ -125,7 +125,6 @@ def test_distill_retain_loss_starts_at_zero_and_pulls_toward_the_original(tiny_m
     assert logs["denoise"][0]["retain_loss"] > 0.0
 
 
-@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, tmp_path, steps=4, checkpoint_every=2)
     full = erase(cfg, tmp_path / "full")

@@ -181,7 +181,7 @@ def test_concurrent_shard_merges_wait_for_the_lock_and_write_the_final_state(tmp
         for t in shards:
             t.start()
         for t in shards:
-            t.join(1.0)
+            t.join(0.5)
         assert all(t.is_alive() for t in shards) and not (out / "manifest.jsonl").exists()  # both wait
         for it in items[2:]:  # the holder finishes the last images before releasing
             write(it)
