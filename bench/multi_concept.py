@@ -51,9 +51,15 @@ def forget_prompts(preset: dict) -> dict[str, list[str]]:
 
 
 def evaluate(pipe, judge, erased: tuple[str, ...], prompts: dict[str, list[str]], rows: list[dict], forget_seeds: int,
-             retain_seeds: int, batch: int) -> dict:
+             retain_seeds: int, batch: int, known: dict | None = None) -> dict:
+    """Forget shares per erased shape and retain accuracies; ``known`` holds forget results measured before
+    (the original model's, per shape, shared by every set)."""
     res: dict = {"forget": {}, "forget_worst_prompt": {}}
     for name, plist in prompts.items():
+        if known and name in known.get("forget", {}):
+            res["forget"][name] = known["forget"][name]
+            res["forget_worst_prompt"][name] = known["forget_worst_prompt"][name]
+            continue
         ps = [p for p in plist for _ in range(forget_seeds)]
         seeds = [10_000 * i + s for i in range(len(plist)) for s in range(forget_seeds)]
         preds = judge.predict(generate(pipe, ps, seeds, steps=25, guidance=7.5, batch_size=batch))
@@ -165,11 +171,20 @@ def main() -> None:
         names = SETS[n]
         preset = multi_preset(names, ANCHOR)
         prompts = forget_prompts(preset)
-        entry = res["sets"].setdefault(str(n), {"concepts": list(names), "models": {}})
+        entry = res["sets"].setdefault(str(n), {"concepts": list(names), "models": {},
+                                                "seeds": [args.forget_seeds, args.retain_seeds]})
+        if entry.get("seeds", [args.forget_seeds, args.retain_seeds]) != [args.forget_seeds, args.retain_seeds]:
+            raise SystemExit(f"set {n} in {out} was measured with other seed counts {entry['seeds']}; use another --out")
         if "original" not in entry["models"]:
             t = time.time()
+            known = {"forget": {}, "forget_worst_prompt": {}}  # the original's per-shape results of other sets
+            for other in res["sets"].values():
+                o = other["models"].get("original")
+                if o and other.get("seeds") == [args.forget_seeds, args.retain_seeds]:
+                    known["forget"].update(o["forget"])
+                    known["forget_worst_prompt"].update(o["forget_worst_prompt"])
             entry["models"]["original"] = evaluate(load_pipeline("default"), judge, names, prompts, rows,
-                                                   args.forget_seeds, args.retain_seeds, args.batch)
+                                                   args.forget_seeds, args.retain_seeds, args.batch, known)
             entry["models"]["original"]["eval_s"] = round(time.time() - t, 1)
             logger.info("set %d original: %s", n, entry["models"]["original"])
         for method in args.methods:

@@ -28,6 +28,7 @@ __all__ = [
     "load_safetensors",
     "read_json",
     "file_sha256",
+    "publish_dir",
     "environment_info",
     "CorruptFileError",
     "optimizer_state_to_tensors",
@@ -54,6 +55,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def publish_dir(part: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Rename the finished folder ``part`` onto ``dest``; an existing ``dest`` is removed only after the rename."""
+    part, dest = Path(part), Path(dest)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    try:
+        os.replace(part, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -228,15 +228,12 @@ def _settings_id(settings: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    import fcntl
+    """Hold an exclusive inter-process lock on ``path`` (``filelock``: flock on POSIX, msvcrt on Windows)."""
+    from filelock import FileLock
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with FileLock(path):
+        yield
 
 
 def _load_pipe(cfg: GenerateConfig, device: Any):

@@ -13,4 +13,6 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 python -m pip install -q -e ".[dev]"
+# Every test runs, `slow` ones included (a developer skips them with: bash scripts/test.sh -m "not slow");
+# `weights` tests (real checkpoints) never run in CI, `gpu` tests skip themselves without CUDA (tests/conftest.py).
 python -m pytest -q -p no:cacheprovider "$@"

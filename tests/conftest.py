@@ -1,4 +1,4 @@
-"""Shared fixtures: offline environment, a tiny random SD pipeline folder, and markers."""
+"""Shared fixtures: offline environment, a tiny random SD pipeline folder, and the slow/weights/gpu markers."""
 
 from __future__ import annotations
 
@@ -13,13 +13,35 @@ os.environ.setdefault("DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: torch is imported only when a gpu test is selected
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("RUN_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow/gpu test: set RUN_SLOW=1")
+    """``slow`` tests run (deselect them with ``-m "not slow"``); ``weights`` tests run only with RUN_WEIGHTS=1 or
+    their weights variable set (``@pytest.mark.weights("ENV_VAR")``), never under CI=true; ``gpu`` tests run only
+    with CUDA."""
+    cuda = None
+    ci = os.environ.get("CI", "").lower() in ("1", "true")
     for item in items:
-        if "slow" in item.keywords or "gpu" in item.keywords:
-            item.add_marker(skip)
+        w = item.get_closest_marker("weights")
+        if w is not None and ci:
+            item.add_marker(pytest.mark.skip(reason="needs real weights: never run in CI"))
+            continue
+        if w is not None and os.environ.get("RUN_WEIGHTS") != "1":
+            env = [v for v in w.args if os.environ.get(v)]
+            if not env:
+                names = "".join(f" or {v}" for v in w.args)
+                item.add_marker(pytest.mark.skip(reason=f"needs real weights: set RUN_WEIGHTS=1{names}"))
+                continue
+        if item.get_closest_marker("gpu") is not None:
+            if cuda is None:
+                cuda = _cuda_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)"))
 
 
 @pytest.fixture(scope="session")

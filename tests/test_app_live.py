@@ -176,6 +176,7 @@ def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_p
     assert len(_images(gal_a)) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHAPES_MODEL / "model_index.json").is_file(),
                     reason="the embedded shapes model (models/shapes-sd) is not present in this checkout")
 def test_erase_shape_on_embedded_model_and_judge(tmp_path):

@@ -9,7 +9,6 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import threading  # noqa: E402
-import time  # noqa: E402
 import zipfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Literal  # noqa: E402
@@ -138,11 +137,17 @@ def test_method_args_in_form_and_config(service):
         _cfg(service, alpha=0.5)
 
 
-def test_erase_lists_inspects_and_compares(service, run_id):
-    runs = service.list_runs()
+def test_erase_lists_inspects_and_compares(service, run_id, fresh):
+    import shutil
+
+    # other tests of this module add and remove runs in service.runs_dir: list a runs folder holding only this run
+    shutil.copytree(service.runs_dir / run_id, fresh.runs_dir / run_id)
+    (fresh.runs_dir / "not-a-run").mkdir()  # a folder without run.json is not listed
+    runs = fresh.list_runs()
     assert [r["run"] for r in runs] == [run_id]
     assert runs[0]["method"] == "salun" and runs[0]["steps"] == 2
     assert runs[0]["method settings"] == "alpha=0.5, retain_loss=denoise"
+    assert run_id in service.run_ids()
     curve = service.loss_curve(run_id)
     assert {r["series"] for r in curve} >= {"loss", "forget_loss", "retain_loss"} and max(r["step"] for r in curve) == 2
     sparsity = service.mask_sparsity(run_id)
@@ -383,12 +388,13 @@ def test_evaluate_with_the_harness(tmp_path, tiny_model_dir, run_id, service):
         nude.evaluate("original", "csv", str(f))
 
 
-def test_create_demo_builds_with_named_endpoints(service):
+def test_create_demo_builds_with_named_endpoints(fresh):
     import gradio as gr
     from erasure_app.main import create_demo, launch_kwargs, parse_args
 
-    t0 = time.time()
+    service = fresh  # its own pipeline cache, still empty
     demo = create_demo(service)
+    assert service.cache.loads == 0 and service.cache.keys() == []  # building the UI loads no model
     assert isinstance(demo, gr.Blocks)
     fns = {d.api_name: d for d in demo.fns.values()}
     assert {"erase", "compare", "inspect", "evaluate", "rename_run", "delete_run", "list_interrupted", "resume_run",
@@ -416,7 +422,7 @@ def test_create_demo_builds_with_named_endpoints(service):
     assert kw["share"] is False
     defaults = launch_kwargs(parse_args([]))
     assert defaults["server_name"] == "127.0.0.1" and defaults["server_port"] == 7860 and defaults["auth"] is None
-    assert time.time() - t0 < 30
+    assert service.cache.loads == 0
 
 
 def _blocks(demo) -> dict:

@@ -73,10 +73,57 @@ def test_cli_unlearn_end_to_end(tmp_path, capsys):
                "--method-args", json.dumps({"epochs": 1, "batch_size": 128})])
     assert rc == 0
     rec = read_json(run / "run.json")
-    assert rec["method"] == "salun" and rec["config"]["epochs"] == 1 and rec["forget_classes"] == [3]
+    assert rec["method"] == "salun" and rec["method_config"]["epochs"] == 1 and rec["forget_classes"] == [3]
+    assert rec["config"]["method"] == "salun" and rec["config"]["out"] == str(run)
     assert (run / "weights.safetensors").is_file() and (run / "mask.safetensors").is_file()
     assert read_json(run / "split.json")["forget_classes"] == [3]
     assert "UA=" in capsys.readouterr().out
+
+
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_cli_unlearn_refuses_existing_out_and_replaces_atomically(tmp_path, caplog, monkeypatch):
+    import erasure.classification.pipeline as pipeline
+
+    run = tmp_path / "run"
+    common = ["--scenario", "class", "--forget-class", "3", "--train-epochs", "2", "--cache-dir", str(tmp_path / "cache"),
+              "--out", str(run), "--threads", "1"]
+    salun = ["unlearn", "--method", "salun", *common, "--method-args", json.dumps({"epochs": 1, "batch_size": 128})]
+    assert main(salun) == 0
+    first = _snapshot(run)
+    assert {"run.json", "weights.safetensors", "mask.safetensors", "split.json"} <= set(first)
+    assert not (tmp_path / "run.partial").exists()
+
+    # a second run without --overwrite: exit 2, one line naming --overwrite, nothing touched
+    caplog.clear()
+    ga = ["unlearn", "--method", "ga", *common, "--method-args", json.dumps({"epochs": 1})]
+    assert main(ga) == 2
+    [err] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "--overwrite" in err and str(run) in err and "\n" not in err
+    assert _snapshot(run) == first and not (tmp_path / "run.partial").exists()
+
+    # --overwrite with a run that fails half-way: the first run stays whole, no .partial is left
+    def diverge(*args, **kwargs):
+        (kwargs["artifacts_dir"] / "half-written").write_text("x")
+        raise FloatingPointError("loss is nan")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "run_method", diverge)
+        assert main([*ga, "--overwrite"]) == 2
+    assert _snapshot(run) == first and not (tmp_path / "run.partial").exists()
+
+    # --overwrite: replaced by the new run as a whole (salun's mask does not survive into the ga run)
+    assert main([*ga, "--overwrite"]) == 0
+    assert read_json(run / "run.json")["method"] == "ga"
+    from erasure.runs import CLS_RUN_FORMAT, list_runs, read_run
+
+    info = read_run(run)  # the run-directory object reads classification runs too
+    assert info["format"] == CLS_RUN_FORMAT and info["method"] == "ga" and info["config"]["method"] == "ga"
+    assert [r["method"] for r in list_runs(tmp_path, kind=CLS_RUN_FORMAT)] == ["ga"] and not list_runs(tmp_path)
+    assert "mask.safetensors" not in set(_snapshot(run)) and (run / "weights.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]  # no .partial or .old folder left
 
 
 @pytest.mark.parametrize("argv, message", [

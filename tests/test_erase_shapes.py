@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(not (default_model_path() / "model_index.json").
                                 reason="models/shapes-sd is not in this checkout")
 
 
+@pytest.mark.slow
 def test_short_salun_erasure_removes_circles(tmp_path):
     from erasure import ConceptSpec, EraseConfig
     from erasure.shapes import load_judge

@@ -155,6 +155,46 @@ def test_two_shards_cover_every_row_once_and_merge(tiny_model_dir, i2p, pipe, tm
     assert sorted(r["row_index"] for r in _manifest(out)) == [0, 1, 2, 3, 4]
 
 
+def test_concurrent_shard_merges_wait_for_the_lock_and_write_the_final_state(tmp_path):
+    """Two shards finishing at once: each merge waits for the folder lock, so the manifest written last lists every
+    image present when it ran, and manifest.jsonl/.csv and generation.json agree (no stale, interleaved writes)."""
+    import csv
+    import threading
+
+    from erasure_eval.generate import _locked, _save_png, merge_manifest, plan_items
+    from erasure_eval.prompts import PromptRow
+
+    out = tmp_path / "g"
+    (out / "images").mkdir(parents=True)
+    rows = [PromptRow(index=i, case_number=str(i), prompt=f"p{i}", seed=i, guidance=7.5) for i in range(4)]
+    items = plan_items(rows, samples=1, default_guidance=7.5, seed_base=0)
+    header = {"settings_id": "sid", "model": "m", "run_id": "r", "steps": 1, "height": 8, "width": 8}
+
+    def write(it):
+        _save_png(Image.new("RGB", (8, 8)), out / "images" / it.file, {"settings_id": "sid", "key": it.key()})
+
+    for it in items[:2]:
+        write(it)
+    results = []
+    with _locked(out / ".lock"):  # a third writer holds the lock
+        shards = [threading.Thread(target=lambda: results.append(merge_manifest(out, items, header))) for _ in range(2)]
+        for t in shards:
+            t.start()
+        for t in shards:
+            t.join(0.5)
+        assert all(t.is_alive() for t in shards) and not (out / "manifest.jsonl").exists()  # both wait
+        for it in items[2:]:  # the holder finishes the last images before releasing
+            write(it)
+    for t in shards:
+        t.join(30)
+    assert results == [{"planned": 4, "written": 4, "complete": True}] * 2
+    assert sorted(r["row_index"] for r in _manifest(out)) == [0, 1, 2, 3]
+    with open(out / "manifest.csv", newline="") as fh:
+        assert sorted(int(r["row_index"]) for r in csv.DictReader(fh)) == [0, 1, 2, 3]
+    assert json.loads((out / "generation.json").read_text())["status"]["written"] == 4
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_accelerate_processes_shard_rows_and_main_merges(tiny_model_dir, i2p, pipe, tmp_path, monkeypatch):
     """Under `accelerate launch` (WORLD_SIZE > 1) the shard comes from PartialState; the main process merges."""
     import accelerate

@@ -213,25 +213,123 @@ def test_frechet_distance_math():
     assert frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-8)
 
 
-def test_fid_with_user_inception_weights(tmp_path):
+def _random_inception(variant: str = "fid", seed: int = 0):
+    """A random Inception v3 whose activations keep their scale through the network (He-normal convolutions) and
+    whose batch norms all differ from the identity, so a wrong layer, pooling or order changes the features."""
     import torch
-    from erasure_eval.fid import FIDMetric, build_fid_inception
+    from erasure_eval.fid import build_fid_inception
+
+    net = build_fid_inception(variant)
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.normal_(0.0, 0.1, generator=g)
+            m.running_mean.normal_(0.0, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+    return net.eval()
+
+
+def _pytorch_fid_features(state_dict, images, monkeypatch) -> np.ndarray:
+    """2048-d pool3 features from pytorch-fid's own InceptionV3 (the reference this port follows), built with
+    ``state_dict`` in place of its download."""
+    import pytorch_fid.inception as pfi
+    import torch
+
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: state_dict)
+    net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 255
+    with torch.no_grad():
+        return net(x)[0].flatten(1).double().numpy()
+
+
+def test_fid_inception_port_matches_pytorch_fid_features(tmp_path, monkeypatch):
+    """Same random weights, same images (64 px, so the resize to 299 is exercised): the same 2048-d features."""
+    import torch
+    from erasure_eval.fid import InceptionFeatures
+
+    from erasure.shapes import render
+
+    sd = _random_inception("fid").state_dict()
+    torch.save(sd, tmp_path / "w.pth")
+    images = [render(s, c, f, seed=i, size=64) for i, (s, c, f) in enumerate(SPECS[:3])]
+    ours = InceptionFeatures(str(tmp_path / "w.pth"))(images)
+    ref = _pytorch_fid_features(sd, images, monkeypatch)
+    assert ours.shape == ref.shape == (3, 2048)
+    assert ref.std(axis=0).mean() > 0.1  # features that differ between images, not a collapsed network
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+
+    # torchvision's ImageNet layout (1000 classes): the features are torchvision's own avgpool output
+    net = _random_inception("torchvision")
+    torch.save(net.state_dict(), tmp_path / "tv.pth")
+    ext = InceptionFeatures(str(tmp_path / "tv.pth"))
+    assert ext.variant == "torchvision"
+    pooled = []
+    net.avgpool.register_forward_hook(lambda m, i, o: pooled.append(o.flatten(1)))
+    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]).float() / 255
+    with torch.no_grad():
+        net(2 * torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1)
+    np.testing.assert_allclose(ext(images), pooled[0].double().numpy(), rtol=0, atol=1e-5)
+
+
+def test_fid_metric_against_a_reference_folder(tmp_path, monkeypatch):
+    """The metric's FID between two different folders equals the Frechet distance of pytorch-fid's features of
+    exactly those images (generated set vs reference set, not one of them twice), and its caches are written."""
+    import torch
+    from erasure_eval.fid import FIDMetric
+
+    from erasure.shapes import render
 
     with pytest.raises(MetricError, match="needs Inception weights"):
         FIDMetric(reference=str(tmp_path))
-    torch.manual_seed(0)
-    net = build_fid_inception("fid")
-    for m in net.modules():  # a random, well-scaled network standing in for pt_inception-2015-12-05
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_var.fill_(1.0)
+    sd = _random_inception("fid").state_dict()
     w = tmp_path / "inception-fid.pth"
-    torch.save(net.state_dict(), w)
+    torch.save(sd, w)
     gen = _shapes_folder(tmp_path, SPECS[:3])
-    res = score_folder(gen, FIDMetric(reference=str(gen / "images"), weights=str(w)))
-    assert res["summary"]["fid"] == pytest.approx(0.0, abs=1e-3)  # FID(x, x) = 0
-    assert res["summary"]["reference_images"] == 3
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    ref_images = [render(s, c, f, seed=10 + i, size=64) for i, (s, c, f) in enumerate(SPECS[2:])]
+    for i, im in enumerate(ref_images):
+        im.save(ref_dir / f"r{i}.png")
+    res = score_folder(gen, FIDMetric(reference=str(ref_dir), weights=str(w)))
+
+    from PIL import Image
+
+    gen_images = [Image.open(gen / "images" / f"{i}_0.png").convert("RGB") for i in range(3)]
+    a, b = _pytorch_fid_features(sd, gen_images, monkeypatch), _pytorch_fid_features(sd, ref_images, monkeypatch)
+    # FID = |mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr sqrt(S_a S_b), with S = X^T X / (n - 1) for the centred
+    # features X; S_a S_b has the nonzero eigenvalues of the 3x3 (A B^T)(A B^T)^T / ((n_a - 1)(n_b - 1))
+    A, B = a - a.mean(0), b - b.mean(0)
+    C = A @ B.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(C @ C.T / ((len(a) - 1) * (len(b) - 1))), 0, None)).sum()
+    want = (((a.mean(0) - b.mean(0)) ** 2).sum() + (A**2).sum() / (len(a) - 1) + (B**2).sum() / (len(b) - 1)
+            - 2 * cross)
+    # rel 1e-5: the 2048-d eigensolver's round-off on the ~2045 zero eigenvalues adds ~5e-4 to Tr sqrt (scipy's
+    # sqrtm differs from the exact value by as much)
+    assert want > 1.0 and res["summary"]["fid"] == pytest.approx(want, rel=1e-5)
+    assert res["summary"]["images"] == 3 and res["summary"]["reference_images"] == 4
     assert res["record_config"]["weights_sha256"]
     assert list((gen / "scores").glob("fid-ref-*.safetensors"))
+
+
+@pytest.mark.weights("ERASURE_FID_WEIGHTS")
+def test_fid_port_matches_pytorch_fid_on_the_real_weights(monkeypatch):
+    """With pytorch-fid's pt_inception-2015-12-05-6726825d.pth at $ERASURE_FID_WEIGHTS: the same features."""
+    import matplotlib.cbook as cbook
+    import torch
+    from erasure_eval.fid import InceptionFeatures
+    from PIL import Image
+
+    path = os.environ.get("ERASURE_FID_WEIGHTS", "")
+    assert os.path.isfile(path), f"set ERASURE_FID_WEIGHTS to pytorch-fid's pt_inception-*.pth (got {path!r})"
+    photo = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    images = [photo, photo.rotate(90), photo.crop((100, 100, 400, 400))]
+    ext = InceptionFeatures(path)
+    assert ext.variant == "fid"
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    np.testing.assert_allclose(ext(images), _pytorch_fid_features(sd, images, monkeypatch), rtol=0, atol=1e-5)
 
 
 def test_judge_feature_frechet_distance_offline(tmp_path):

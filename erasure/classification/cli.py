@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON config file (flags override it)")
     add_config_arguments(p, ClsUnlearnConfig)
     p.add_argument("--method-args", dest="method_args_json", help="JSON object of method config overrides, e.g. '{\"lr\": 0.01}'")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run directory at --out (only once the new run is complete)")
     p = sub.add_parser("bench", help="every method x seed, then the paper's table")
     p.add_argument("--config", help="JSON config file (flags override it)")
     add_config_arguments(p, ClsBenchConfig)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("erasure.saliency").setLevel(logging.WARNING)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         logger.error("%s", err)
         return 2
 
@@ -163,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--method-args is not valid JSON ({err})") from err
         cfg = config_from_args(ClsUnlearnConfig, args, base)
         _threads(cfg.threads)
-        return _unlearn(cfg)
+        return _unlearn(cfg, overwrite=args.overwrite)
     if args.command == "bench":
         from erasure.classification.bench import run_bench
 
@@ -184,25 +186,40 @@ def _run(args: argparse.Namespace) -> int:
     raise ValueError(f"unknown command {args.command!r}")
 
 
-def _unlearn(cfg) -> int:
+def _unlearn(cfg, overwrite: bool = False) -> int:
+    """Write the run through :class:`erasure.runs.RunDir` (``OUT.partial``, renamed onto ``OUT`` when complete; an old
+    run is replaced only then), readable afterwards with :func:`erasure.runs.read_run`."""
     from erasure.classification.models import save_checkpoint
     from erasure.classification.pipeline import Workspace, resolve_method_config, run_method
     from erasure.io import atomic_write_json, environment_info
+    from erasure.runs import CLS_RUN_FORMAT, RunDir, RunExistsError
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ws = Workspace.create(cfg)
-    mcfg = resolve_method_config(cfg.method, cfg.dataset, cfg.scenario, cfg.presets, cfg.method_args)
-    original, oinfo = ws.original(cfg.seed)
-    split = ws.split(cfg.seed, save_to=out / "split.json")
-    cb, bar = _progress_bar(cfg.method)
-    model, rec = run_method(ws, cfg.method, mcfg, cfg.seed, original, split, progress=cb, artifacts_dir=out)
-    bar.close()
-    save_checkpoint(model, out / "weights.safetensors", extra={"method": cfg.method, "seed": cfg.seed})
-    rec["original"] = {k: v for k, v in oinfo.items() if k != "key"}
-    rec["run_config"] = cfg.to_dict()
-    rec.update(environment_info())
-    atomic_write_json(out / "run.json", rec)
+    run = RunDir(out)
+    try:
+        run.check_target(overwrite)
+    except RunExistsError as err:
+        raise FileExistsError(str(err).replace("output folder", "--out")) from None
+    shutil.rmtree(run.partial, ignore_errors=True)  # left by a killed run; unlearn runs do not resume
+    run.begin(overwrite)
+    part = run.partial
+    try:
+        ws = Workspace.create(cfg)
+        mcfg = resolve_method_config(cfg.method, cfg.dataset, cfg.scenario, cfg.presets, cfg.method_args)
+        original, oinfo = ws.original(cfg.seed)
+        split = ws.split(cfg.seed, save_to=part / "split.json")
+        cb, bar = _progress_bar(cfg.method)
+        model, rec = run_method(ws, cfg.method, mcfg, cfg.seed, original, split, progress=cb, artifacts_dir=part)
+        bar.close()
+        save_checkpoint(model, part / "weights.safetensors", extra={"method": cfg.method, "seed": cfg.seed})
+        rec["original"] = {k: v for k, v in oinfo.items() if k != "key"}
+        rec.update(environment_info())
+        # as in diffusion runs, "config" is the whole run's config; the method's resolved settings are "method_config"
+        atomic_write_json(part / "run.json", {**rec, "format": CLS_RUN_FORMAT, "method": cfg.method,
+                                              "method_config": rec.get("config"), "config": cfg.to_dict()})
+        run.publish()
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
     cols = ("UA", "MIA_efficacy", "RA", "TA", "MIA_auc", "RTE_s")
     sys.stdout.write(" ".join(f"{k}={rec[k]:.2f}" for k in cols) + f"\nrun directory: {out}\n")
     return 0

@@ -6,6 +6,7 @@ so an image does not depend on which batch it was generated in.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -17,11 +18,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# model_index.json ``_class_name`` values whose folders have the SD v1/v2 layout (one UNet, one CLIP text encoder)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 
 __all__ = [
     "ModelLoadError",
     "resolve_device",
     "resolve_model",
+    "check_pipeline_class",
     "load_pipeline",
     "validate_prompts",
     "encode_prompts",
@@ -64,10 +68,32 @@ def resolve_model(model: str | os.PathLike | None) -> str:
                 f"{s} is not a diffusers pipeline folder (no model_index.json); pass the folder that holds "
                 "unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
             )
+        check_pipeline_class(p)
         return str(p.resolve())
     if not _HUB_ID.match(s):
         raise ModelLoadError(f"model folder not found: {s}; check the path (hub ids look like owner/name)")
     return s
+
+
+def check_pipeline_class(folder: str | os.PathLike) -> None:
+    """Raise :class:`ModelLoadError` when ``folder/model_index.json`` names a pipeline other than SD v1/v2.
+
+    Read before diffusers loads anything, so an SDXL/SD3/FLUX folder gets one line naming what is supported
+    instead of an error from deep inside ``from_pretrained``. A missing ``_class_name`` is left to diffusers.
+    """
+    index_file = Path(folder) / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{index_file} is not readable JSON ({err}); is {folder} a diffusers pipeline folder?") from err
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{index_file} is not a diffusers model index (expected a JSON object)")
+    name = index.get("_class_name")
+    if name is not None and name not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(
+            f"{folder} is a {name} folder; supported: StableDiffusionPipeline (SD v1/v2 layout). "
+            "SDXL, SD3 and FLUX pipelines are not supported yet"
+        )
 
 
 def model_fingerprint(model: str) -> str:
