@@ -117,8 +117,8 @@ class _Inputs:
 # ------------------------------------------------------------------------------------------------ phases
 def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress | None = None) -> _Inputs:
     """Load the base pipeline and build Df (and Dr when the method's args use retain data)."""
+    model = resolve_model(cfg.model)  # a wrong model fails before any progress is drawn
     emit(progress, "loading", 0, 1)
-    model = resolve_model(cfg.model)
     pipe = load_pipeline(model, device=device)
     res = cfg.resolution or default_resolution(pipe)
     emit(progress, "loading", 1, 1)
