@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--out", default=None, help="JSON results (default bench/results/shapes_erasure_<preset>.json).")
     ap.add_argument("--keep-cache", action="store_true", help="Reuse Df/Dr images (time then excludes generation).")
+    ap.add_argument("--merge", action="store_true", help="Keep the other methods' rows of an existing --out file (same "
+                    "seeds); the original model is then not re-evaluated.")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -97,11 +99,18 @@ def main() -> None:
     forget_prompts = only + [p for p in pr.concept.forget_prompts[::3] if p not in only]
     results = {"preset": args.preset, "concept": concept, "kind": kind, "forget_seeds": args.forget_seeds,
                "retain_seeds": args.retain_seeds, "load_avg_start": os.getloadavg(), "models": {}}
+    out = Path(args.out or ROOT / "bench" / "results" / f"shapes_erasure_{args.preset}.json")
+    if args.merge and out.is_file():
+        old = json.loads(out.read_text())
+        if (old.get("forget_seeds"), old.get("retain_seeds")) != (args.forget_seeds, args.retain_seeds):
+            raise SystemExit(f"{out} was measured with other seed counts; drop --merge or match them")
+        results["models"] = old["models"]
     t = time.time()
-    base = load_pipeline(args.model)
-    results["models"]["original"] = evaluate(base, judge, concept, kind, forget_prompts, retain_rows,
-                                             args.forget_seeds, args.retain_seeds, args.batch)
-    results["models"]["original"]["eval_s"] = round(time.time() - t, 1)
+    if "original" not in results["models"]:
+        base = load_pipeline(args.model)
+        results["models"]["original"] = evaluate(base, judge, concept, kind, forget_prompts, retain_rows,
+                                                 args.forget_seeds, args.retain_seeds, args.batch)
+        results["models"]["original"]["eval_s"] = round(time.time() - t, 1)
     logger.info("original: %s", {k: v for k, v in results["models"]["original"].items() if k != "forget_per_prompt"})
     overrides = json.loads(args.override)
     for method in args.methods:
@@ -120,7 +129,6 @@ def main() -> None:
         results["models"][method] = r
         logger.info("%s: %s", method, {k: v for k, v in r.items() if k not in ("forget_per_prompt", "config")})
     results["load_avg_end"] = os.getloadavg()
-    out = Path(args.out or ROOT / "bench" / "results" / f"shapes_erasure_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(table(results))
