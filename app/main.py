@@ -22,6 +22,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
+
+from erasure.threads import help_text as threads_help  # noqa: E402
 from erasure_app.service import ORIGINAL, AppError, AppService  # noqa: E402
 from erasure_app.tabs import compare as compare_tab  # noqa: E402
 from erasure_app.tabs import erase as erase_tab  # noqa: E402
@@ -29,8 +31,6 @@ from erasure_app.tabs import evaluate as evaluate_tab  # noqa: E402
 from erasure_app.tabs import inspect as inspect_tab  # noqa: E402
 from erasure_app.tabs import runs as runs_tab  # noqa: E402
 from erasure_app.tabs.common import UIContext  # noqa: E402
-
-from erasure.threads import help_text as threads_help  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -341,10 +341,9 @@ class AppService:
 
         The config checks every value and names the field in its error (raised as :class:`AppError`).
         """
-        from erasure_app.forms import erase_form_fields, from_form, parse_method_args
-
         from erasure import ConceptSpec, EraseConfig
         from erasure.methods import METHODS
+        from erasure_app.forms import erase_form_fields, from_form, parse_method_args
 
         fields = erase_form_fields()
         unknown = sorted(set(settings) - set(fields))

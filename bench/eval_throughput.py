@@ -33,9 +33,10 @@ logger = logging.getLogger("bench.eval_throughput")
 
 def bench_nudenet(n: int, tmp: Path) -> dict:
     import numpy as np
+    from PIL import Image
+
     from erasure_eval.base import score_folder
     from erasure_eval.nudity import NudeNetMetric, to_bgr
-    from PIL import Image
 
     rng = np.random.default_rng(0)
     folder = tmp / "nn"

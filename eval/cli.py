@@ -155,14 +155,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from erasure.diffusion.pipeline import ModelLoadError
+    from erasure.io import CorruptFileError
+    from erasure.runs import RunDirError
     from erasure_eval.base import MetricError
     from erasure_eval.generate import GenerationError
     from erasure_eval.prompts import PromptFileError
     from erasure_eval.report import ReportError
-
-    from erasure.diffusion.pipeline import ModelLoadError
-    from erasure.io import CorruptFileError
-    from erasure.runs import RunDirError
 
     try:
         if args.cmd == "generate":

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
 from erasure_eval.base import MetricError, load_rgb, register_metric
 
 logger = logging.getLogger(__name__)

@@ -33,10 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from erasure_eval.prompts import PromptRow, filter_rows, load_prompts
-
 from erasure.io import atomic_path, atomic_write_json, atomic_write_text, environment_info, file_sha256, read_json
 from erasure.jsonconfig import JsonConfig, field
+from erasure_eval.prompts import PromptRow, filter_rows, load_prompts
 
 logger = logging.getLogger(__name__)
 

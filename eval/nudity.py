@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+
 from erasure_eval.base import MetricError, load_rgb, register_metric
 
 logger = logging.getLogger(__name__)

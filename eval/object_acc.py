@@ -22,9 +22,8 @@ import os
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
-from erasure_eval.base import MetricError, load_rgb, register_metric
-
 from erasure.registry import NAME_RULE, Registry
+from erasure_eval.base import MetricError, load_rgb, register_metric
 
 logger = logging.getLogger(__name__)
 

@@ -152,8 +152,9 @@ def _flagged_files(root: Path, threshold: float = 0.45) -> set[str]:
 
 def _image_grid(runs: list[dict[str, Any]], out: Path, per_model: int, show_flagged: bool) -> tuple[str | None, list[str]]:
     """One row per run, the same (first common) files in each row. Returns (grid file name, files shown)."""
-    from erasure_eval.generate import read_manifest
     from PIL import Image, ImageDraw, ImageFilter
+
+    from erasure_eval.generate import read_manifest
 
     lists = []
     for r in runs:

@@ -15,10 +15,10 @@ from typing import Literal  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from erasure_app.service import AppError, AppService, BusyError, PipelineCache, parse_seeds, read_prompt_csv  # noqa: E402
 
 from erasure.jsonconfig import field  # noqa: E402
 from erasure.methods import MethodConfig  # noqa: E402
+from erasure_app.service import AppError, AppService, BusyError, PipelineCache, parse_seeds, read_prompt_csv  # noqa: E402
 
 FAST = dict(steps=2, forget_images_per_prompt=2, retain_images_per_prompt=2, data_steps=2, batch_size=2)
 
@@ -390,6 +390,7 @@ def test_evaluate_with_the_harness(tmp_path, tiny_model_dir, run_id, service):
 
 def test_create_demo_builds_with_named_endpoints(fresh):
     import gradio as gr
+
     from erasure_app.main import create_demo, launch_kwargs, parse_args
 
     service = fresh  # its own pipeline cache, still empty
@@ -437,10 +438,10 @@ def _inside(block, box) -> bool:
 
 def test_form_has_a_control_group_for_every_method(service, toy_method):
     import gradio as gr
-    from erasure_app.forms import method_groups
-    from erasure_app.main import create_demo
 
     from erasure.methods import METHODS
+    from erasure_app.forms import method_groups
+    from erasure_app.main import create_demo
 
     demo = create_demo(service)
     blocks = _blocks(demo)
@@ -477,6 +478,7 @@ def test_form_has_a_control_group_for_every_method(service, toy_method):
 def test_erase_with_settings_from_generated_controls(fresh, toy_method):
     """The /erase handler builds method_args from the selected method's controls (and the method_args JSON)."""
     import gradio as gr
+
     from erasure_app.main import create_demo
 
     demo = create_demo(fresh)

@@ -13,9 +13,10 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from erasure_eval.generate import GenerateConfig, GenerationError, run_generation, shard_rows  # noqa: E402
 from erasure_eval.prompts import load_prompts  # noqa: E402
-from PIL import Image  # noqa: E402
 
 SIZE = 64
 

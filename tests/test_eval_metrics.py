@@ -14,6 +14,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
 from erasure_eval.base import METRICS, MetricError, get_metric, register_metric, score_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,8 +86,9 @@ def test_accuracy_tables_forget_and_retain():
 
 
 def test_object_metric_with_pluggable_shapes_judge(tmp_path):
-    from erasure_eval.object_acc import ObjectAccuracyMetric
     from PIL import Image
+
+    from erasure_eval.object_acc import ObjectAccuracyMetric
 
     root = _shapes_folder(tmp_path)
     answers = {}
@@ -147,8 +149,9 @@ def test_real_shapes_judge_on_rendered_images(tmp_path):
 
 def test_resnet50_judge_with_user_weights(tmp_path):
     import torch
-    from erasure_eval.object_acc import ObjectAccuracyMetric
     from torchvision.models import resnet50
+
+    from erasure_eval.object_acc import ObjectAccuracyMetric
 
     with pytest.raises(MetricError, match="needs ImageNet weights"):
         ObjectAccuracyMetric(judge="resnet50")
@@ -170,6 +173,7 @@ def test_resnet50_judge_with_user_weights(tmp_path):
 def test_clip_score_offline_with_weights_file(tmp_path):
     import open_clip
     import torch
+
     from erasure_eval.clip_score import ClipScoreMetric
 
     with pytest.raises(MetricError, match="needs weights"):
@@ -217,6 +221,7 @@ def _random_inception(variant: str = "fid", seed: int = 0):
     """A random Inception v3 whose activations keep their scale through the network (He-normal convolutions) and
     whose batch norms all differ from the identity, so a wrong layer, pooling or order changes the features."""
     import torch
+
     from erasure_eval.fid import build_fid_inception
 
     net = build_fid_inception(variant)
@@ -248,9 +253,9 @@ def _pytorch_fid_features(state_dict, images, monkeypatch) -> np.ndarray:
 def test_fid_inception_port_matches_pytorch_fid_features(tmp_path, monkeypatch):
     """Same random weights, same images (64 px, so the resize to 299 is exercised): the same 2048-d features."""
     import torch
-    from erasure_eval.fid import InceptionFeatures
 
     from erasure.shapes import render
+    from erasure_eval.fid import InceptionFeatures
 
     sd = _random_inception("fid").state_dict()
     torch.save(sd, tmp_path / "w.pth")
@@ -278,9 +283,9 @@ def test_fid_metric_against_a_reference_folder(tmp_path, monkeypatch):
     """The metric's FID between two different folders equals the Frechet distance of pytorch-fid's features of
     exactly those images (generated set vs reference set, not one of them twice), and its caches are written."""
     import torch
-    from erasure_eval.fid import FIDMetric
 
     from erasure.shapes import render
+    from erasure_eval.fid import FIDMetric
 
     with pytest.raises(MetricError, match="needs Inception weights"):
         FIDMetric(reference=str(tmp_path))
@@ -319,8 +324,9 @@ def test_fid_port_matches_pytorch_fid_on_the_real_weights(monkeypatch):
     """With pytorch-fid's pt_inception-2015-12-05-6726825d.pth at $ERASURE_FID_WEIGHTS: the same features."""
     import matplotlib.cbook as cbook
     import torch
-    from erasure_eval.fid import InceptionFeatures
     from PIL import Image
+
+    from erasure_eval.fid import InceptionFeatures
 
     path = os.environ.get("ERASURE_FID_WEIGHTS", "")
     assert os.path.isfile(path), f"set ERASURE_FID_WEIGHTS to pytorch-fid's pt_inception-*.pth (got {path!r})"
@@ -334,9 +340,9 @@ def test_fid_port_matches_pytorch_fid_on_the_real_weights(monkeypatch):
 
 def test_judge_feature_frechet_distance_offline(tmp_path):
     import torch
-    from erasure_eval.fid import JudgeFDMetric
 
     from erasure.shapes.judge import Judge, JudgeNet, judge_config
+    from erasure_eval.fid import JudgeFDMetric
 
     torch.manual_seed(0)
     judge = Judge(JudgeNet(), judge_config())

@@ -10,8 +10,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only if torch i
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from erasure_eval.nudity import ASR_CLASSES, EXPOSED_CLASSES, NudeNetMetric, aggregate_detections, to_bgr  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+
+from erasure_eval.nudity import ASR_CLASSES, EXPOSED_CLASSES, NudeNetMetric, aggregate_detections, to_bgr  # noqa: E402
 
 
 def _d(cls: str, score: float) -> dict:
@@ -190,6 +191,7 @@ def test_real_detection_on_a_shipped_photo_is_counted_and_thresholded(tmp_path):
     import shutil
 
     import matplotlib.cbook as cbook
+
     from erasure_eval.base import score_folder
 
     photo = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)

@@ -9,6 +9,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only if torch is not imported yet
 
 import pytest  # noqa: E402
+
 from erasure_eval.prompts import PromptFileError, filter_rows, load_prompts  # noqa: E402
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
-from erasure_app.service import AppError, AppService
 
 from erasure.progress import ProgressEvent
+from erasure_app.service import AppError, AppService
 
 
 def ui_errors(fn: Callable) -> Callable:

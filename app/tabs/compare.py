@@ -7,6 +7,7 @@ import random
 
 import gradio as gr
 import pandas as pd
+
 from erasure_app.service import LIMITS, ORIGINAL, AppService
 from erasure_app.tabs.common import UIContext, ui_errors
 

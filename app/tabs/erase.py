@@ -6,6 +6,7 @@ import inspect
 
 import gradio as gr
 import pandas as pd
+
 from erasure_app.forms import (
     FORM_FIELDS,
     erase_form_fields,

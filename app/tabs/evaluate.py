@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
+
 from erasure_app.service import AppService
 from erasure_app.tabs.common import UIContext, ui_errors
 

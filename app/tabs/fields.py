@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
+
 from erasure_app.forms import FormField, to_form
 
 SLIDER_STEP = 0.01

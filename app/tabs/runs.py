@@ -7,6 +7,7 @@ import tempfile
 
 import gradio as gr
 import pandas as pd
+
 from erasure_app.service import AppService
 from erasure_app.tabs.common import UIContext, erase_progress, session_id, ui_errors, wire_cancel
 
