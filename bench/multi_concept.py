@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--retain-seeds", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--override", default="{}", help='JSON: {"*": {...}, "salun": {...}} EraseConfig overrides.')
+    ap.add_argument("--tag", default="", help="Suffix of the result rows (e.g. '-300steps' beside the defaults).")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-multi"))
     ap.add_argument("--out", default=str(RESULTS / "multi_concept.json"))
     args = ap.parse_args()
@@ -188,7 +189,7 @@ def main() -> None:
             entry["models"]["original"]["eval_s"] = round(time.time() - t, 1)
             logger.info("set %d original: %s", n, entry["models"]["original"])
         for method in args.methods:
-            run_dir = Path(args.runs_dir) / f"set{n}-{method}"
+            run_dir = Path(args.runs_dir) / f"set{n}-{method}{args.tag}"
             cache = Path(args.runs_dir) / f"cache-set{n}"
             cfg = run_config(method, preset, cache, overrides)
             erase(cfg, run_dir, overwrite=True)
@@ -198,7 +199,7 @@ def main() -> None:
                          args.retain_seeds, args.batch)
             r.update(erase_s=info["timing_s"], eval_s=round(time.time() - t, 1), config=info["config"],
                      changed_params=info["changed_params"])
-            entry["models"][method] = r
+            entry["models"][method + args.tag] = r
             logger.info("set %d %s: forget %s retain %s", n, method, r["forget"], r["retain_acc"])
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(res, indent=2))
