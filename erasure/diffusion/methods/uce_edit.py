@@ -1,0 +1,243 @@
+"""UCE: Unified Concept Editing in Diffusion Models (Gandikota et al., WACV 2024, https://arxiv.org/abs/2308.14761).
+
+A closed-form edit of every cross-attention key and value projection (``attn2.to_k``, ``attn2.to_v``). For each
+projection ``W`` the edited weight minimises
+
+    lamb * ||W' - W||^2 + erase_scale * sum_i ||W' c_i - W g_i||^2 + preserve_scale * sum_j ||W' p_j - W p_j||^2
+
+where ``c_i`` is the text embedding of erase prompt ``i``, ``g_i`` that of its guide prompt and ``p_j`` that of
+preserve prompt ``j``. As in the official script (``trainscripts/uce_sd_erase.py``), each prompt contributes one
+token: the last token before the end-of-text token (the final word, which in CLIP's causal encoder carries the
+whole prompt); an empty prompt contributes its start-of-text token. The solution is
+``W' = (lamb W + es sum W g c^T + ps sum W p p^T) (lamb I + es sum c c^T + ps sum p p^T)^-1``.
+
+Because the K/V projections are bias-free, that solution factors as ``W' = W @ M`` with one ``d x d`` matrix ``M``
+shared by every edited projection (``d`` = text embedding width): :func:`edit_matrix` solves for ``M`` once, in
+float64, with ``torch.linalg.solve``. RECE (:mod:`erasure.diffusion.methods.rece_edit`) reuses these pieces.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from erasure.jsonconfig import JsonConfig, field
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "UCEConfig",
+    "uce_edit",
+    "cross_attention_kv",
+    "encode_prompt_tokens",
+    "last_token_embeddings",
+    "edit_matrix",
+    "apply_edit_matrix",
+    "write_weights",
+    "concept_prompt_sets",
+]
+
+
+def _check_number(name: str, value, minimum: float, strict: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+
+
+@dataclass
+class UCEConfig(JsonConfig):
+    """Knobs of the UCE closed-form edit (defaults: the official ``uce_sd_erase.py``)."""
+
+    lamb: float = field(0.5, help="Regulariser lambda pulling each edited weight towards its original value (> 0).")
+    erase_scale: float = field(1.0, help="Weight of the erase terms ||W' c_erase - W c_guide||^2 (> 0).")
+    preserve_scale: float = field(1.0, help="Weight of the preserve terms ||W' c_keep - W c_keep||^2 (>= 0).")
+
+    def __post_init__(self) -> None:
+        _check_number("UCE lamb", self.lamb, 0.0, strict=True)
+        _check_number("UCE erase_scale", self.erase_scale, 0.0, strict=True)
+        _check_number("UCE preserve_scale", self.preserve_scale, 0.0, strict=False)
+
+
+def cross_attention_kv(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The cross-attention key and value projections UCE edits, by module name.
+
+    Same selection as the official script: modules whose name contains ``attn2`` and ends in ``to_k`` or ``to_v``.
+
+    Raises:
+        ValueError: when there are none, or one has a bias (the closed form here assumes ``y = W c``).
+    """
+    out: dict[str, torch.nn.Linear] = {}
+    for name, module in unet.named_modules():
+        if "attn2" in name and (name.endswith("to_k") or name.endswith("to_v")):
+            if not isinstance(module, torch.nn.Linear):
+                raise ValueError(f"{name} is a {type(module).__name__}, expected torch.nn.Linear")
+            if module.bias is not None:
+                raise ValueError(f"{name} has a bias; UCE here edits bias-free K/V projections (as in SD)")
+            out[name] = module
+    if not out:
+        raise ValueError("the UNet has no cross-attention K/V projections (no '*attn2*to_k' / '*attn2*to_v' modules)")
+    return out
+
+
+@torch.no_grad()
+def encode_prompt_tokens(
+    text_encoder: torch.nn.Module, tokenizer, prompts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode prompts as the pipeline does (padded to the tokenizer's maximum length).
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the hidden states ``[n, max_length, d]`` in float64 on CPU and the
+        index of each prompt's last token before end-of-text (``attention_mask.sum() - 2``, at least 0) ``[n]``.
+    """
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a list of strings")
+    if not prompts:
+        raise ValueError("no prompts to encode")
+    tok = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    )
+    device = next(text_encoder.parameters()).device
+    hidden = text_encoder(tok.input_ids.to(device))[0]
+    last = (tok.attention_mask.sum(dim=1) - 2).clamp(min=0)
+    return hidden.detach().to("cpu", torch.float64), last
+
+
+def last_token_embeddings(text_encoder: torch.nn.Module, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """One embedding per prompt, ``[n, d]`` float64: the token UCE edits (see :func:`encode_prompt_tokens`)."""
+    hidden, last = encode_prompt_tokens(text_encoder, tokenizer, prompts)
+    return hidden[torch.arange(hidden.shape[0]), last]
+
+
+def edit_matrix(
+    erase_keys: torch.Tensor,
+    guide_keys: torch.Tensor,
+    preserve_keys: torch.Tensor | None,
+    lamb: float,
+    erase_scale: float,
+    preserve_scale: float,
+) -> torch.Tensor:
+    """The matrix ``M`` (``d x d``, float64) of the UCE closed form ``W' = W @ M``, shared by all projections.
+
+    ``M = (lamb I + es G^T C + ps P^T P) (lamb I + es C^T C + ps P^T P)^-1`` with the erase, guide and preserve
+    embeddings as the rows of ``C``, ``G`` and ``P``.
+
+    Args:
+        erase_keys (`torch.Tensor`): ``[n, d]`` embeddings to move.
+        guide_keys (`torch.Tensor`): ``[n, d]`` embeddings whose projections (under the weights being edited) the
+            erase keys must produce, paired by row.
+        preserve_keys (`torch.Tensor`, *optional*): ``[m, d]`` embeddings whose projections must not change.
+        lamb (`float`), erase_scale (`float`), preserve_scale (`float`): see :class:`UCEConfig`.
+    """
+    c = erase_keys.to(torch.float64)
+    g = guide_keys.to(torch.float64)
+    if c.ndim != 2 or c.shape != g.shape:
+        raise ValueError(f"erase keys {tuple(c.shape)} and guide keys {tuple(g.shape)} must both be [n, d]")
+    d = c.shape[1]
+    eye = torch.eye(d, dtype=torch.float64, device=c.device)
+    lhs = lamb * eye + erase_scale * (g.T @ c)
+    rhs = lamb * eye + erase_scale * (c.T @ c)
+    if preserve_keys is not None and preserve_keys.numel() and preserve_scale > 0:
+        p = preserve_keys.to(device=c.device, dtype=torch.float64)
+        if p.ndim != 2 or p.shape[1] != d:
+            raise ValueError(f"preserve keys must be [m, {d}], got {tuple(p.shape)}")
+        pp = preserve_scale * (p.T @ p)
+        lhs = lhs + pp
+        rhs = rhs + pp
+    # M = lhs @ rhs^-1  <=>  rhs^T M^T = lhs^T (rhs is symmetric positive definite for lamb > 0)
+    return torch.linalg.solve(rhs.T, lhs.T).T
+
+
+def apply_edit_matrix(weights: Mapping[str, torch.Tensor], m: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{name: W @ M}`` in float64 (``W`` of shape ``[out, d]``)."""
+    return {name: w.to(torch.float64) @ m.to(device=w.device, dtype=torch.float64) for name, w in weights.items()}
+
+
+@torch.no_grad()
+def write_weights(modules: Mapping[str, torch.nn.Linear], weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy ``weights`` (any float dtype) into the modules in place; return them by state-dict name, in the
+    modules' dtype and device."""
+    out = {}
+    for name, module in modules.items():
+        module.weight.copy_(weights[name].to(module.weight.device, module.weight.dtype))
+        out[f"{name}.weight"] = module.weight.detach().clone()
+    return out
+
+
+def _pair_guides(erase_prompts: Sequence[str], guide_prompts: Sequence[str]) -> list[str]:
+    if isinstance(erase_prompts, str) or isinstance(guide_prompts, str):
+        raise ValueError("erase and guide prompts must be lists of strings")
+    if not erase_prompts:
+        raise ValueError("no erase prompts: give at least one")
+    if len(guide_prompts) == 1:
+        return list(guide_prompts) * len(erase_prompts)
+    if len(guide_prompts) != len(erase_prompts):
+        raise ValueError(
+            f"give 1 guide prompt or one per erase prompt ({len(erase_prompts)}), got {len(guide_prompts)}"
+        )
+    return list(guide_prompts)
+
+
+def _resolve_device(device: str | torch.device | None, unet: torch.nn.Module) -> torch.device:
+    return torch.device(device) if device is not None else next(unet.parameters()).device
+
+
+@torch.no_grad()
+def uce_edit(
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    tokenizer,
+    erase_prompts: Sequence[str],
+    guide_prompts: Sequence[str],
+    preserve_prompts: Sequence[str],
+    cfg: UCEConfig,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Erase concepts with UCE: edit every ``attn2.to_k`` / ``attn2.to_v`` weight of ``unet`` in place.
+
+    Args:
+        unet (`torch.nn.Module`): a diffusers ``UNet2DConditionModel`` (edited in place).
+        text_encoder (`torch.nn.Module`), tokenizer: the pipeline's text encoder and tokenizer (not modified).
+        erase_prompts (`list[str]`): prompts of the concepts to erase (a concept spec's forget prompts).
+        guide_prompts (`list[str]`): what each erase prompt is mapped to: one prompt for all, or one per erase
+            prompt (a concept spec's anchor prompts). ``""`` maps to the start-of-text token, as officially.
+        preserve_prompts (`list[str]`): prompts whose K/V must not change (a concept spec's retain prompts); may be
+            empty.
+        cfg (`UCEConfig`): ``lamb``, ``erase_scale``, ``preserve_scale``.
+        device (`str` or `torch.device`, *optional*, defaults to the UNet's device): where the float64 solve runs.
+
+    Returns:
+        `dict[str, torch.Tensor]`: the new weights by ``unet.state_dict()`` name (``...attn2.to_k.weight``,
+        ``...attn2.to_v.weight``), in the UNet's dtype.
+    """
+    guides = _pair_guides(erase_prompts, guide_prompts)
+    preserve = list(preserve_prompts)
+    modules = cross_attention_kv(unet)
+    dev = _resolve_device(device, unet)
+    keys = last_token_embeddings(text_encoder, tokenizer, list(erase_prompts) + guides + preserve).to(dev)
+    n = len(erase_prompts)
+    m = edit_matrix(keys[:n], keys[n : 2 * n], keys[2 * n :], cfg.lamb, cfg.erase_scale, cfg.preserve_scale)
+    new = apply_edit_matrix({k: mod.weight.detach().to(dev) for k, mod in modules.items()}, m)
+    logger.info("UCE: %d erase, %d preserve prompts; edited %d K/V projections", n, len(preserve), len(modules))
+    return write_weights(modules, new)
+
+
+def concept_prompt_sets(concepts: Sequence) -> tuple[list[str], list[str], list[str]]:
+    """Erase, guide and preserve prompt lists for several ``ConceptSpec``s (their sets concatenated).
+
+    Forget prompts are erased, each mapped to its anchor (a concept's single anchor is repeated), and retain
+    prompts are preserved.
+    """
+    erase: list[str] = []
+    guide: list[str] = []
+    preserve: list[str] = []
+    for c in concepts:
+        erase.extend(c.forget_prompts)
+        guide.extend(c.anchor_for(i) for i in range(len(c.forget_prompts)))
+        preserve.extend(c.retain_prompts)
+    return erase, guide, preserve
