@@ -39,10 +39,14 @@ __all__ = [
     "apply_edit_matrix",
     "write_weights",
     "concept_prompt_sets",
+    "pair_guides",
+    "solve_device",
+    "check_number",
 ]
 
 
-def _check_number(name: str, value, minimum: float, strict: bool) -> None:
+def check_number(name: str, value, minimum: float, strict: bool) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number ``>= minimum`` (``> minimum`` when ``strict``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < minimum or (strict and value == minimum):
@@ -58,9 +62,9 @@ class UCEConfig(JsonConfig):
     preserve_scale: float = field(1.0, help="Weight of the preserve terms ||W' c_keep - W c_keep||^2 (>= 0).")
 
     def __post_init__(self) -> None:
-        _check_number("UCE lamb", self.lamb, 0.0, strict=True)
-        _check_number("UCE erase_scale", self.erase_scale, 0.0, strict=True)
-        _check_number("UCE preserve_scale", self.preserve_scale, 0.0, strict=False)
+        check_number("UCE lamb", self.lamb, 0.0, strict=True)
+        check_number("UCE erase_scale", self.erase_scale, 0.0, strict=True)
+        check_number("UCE preserve_scale", self.preserve_scale, 0.0, strict=False)
 
 
 def cross_attention_kv(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -169,7 +173,8 @@ def write_weights(modules: Mapping[str, torch.nn.Linear], weights: Mapping[str, 
     return out
 
 
-def _pair_guides(erase_prompts: Sequence[str], guide_prompts: Sequence[str]) -> list[str]:
+def pair_guides(erase_prompts: Sequence[str], guide_prompts: Sequence[str]) -> list[str]:
+    """One guide per erase prompt (a single guide is repeated); raises ``ValueError`` on a count mismatch."""
     if isinstance(erase_prompts, str) or isinstance(guide_prompts, str):
         raise ValueError("erase and guide prompts must be lists of strings")
     if not erase_prompts:
@@ -183,7 +188,8 @@ def _pair_guides(erase_prompts: Sequence[str], guide_prompts: Sequence[str]) -> 
     return list(guide_prompts)
 
 
-def _resolve_device(device: str | torch.device | None, unet: torch.nn.Module) -> torch.device:
+def solve_device(device: str | torch.device | None, unet: torch.nn.Module) -> torch.device:
+    """``device``, or the UNet's device when ``None``."""
     return torch.device(device) if device is not None else next(unet.parameters()).device
 
 
@@ -215,10 +221,10 @@ def uce_edit(
         `dict[str, torch.Tensor]`: the new weights by ``unet.state_dict()`` name (``...attn2.to_k.weight``,
         ``...attn2.to_v.weight``), in the UNet's dtype.
     """
-    guides = _pair_guides(erase_prompts, guide_prompts)
+    guides = pair_guides(erase_prompts, guide_prompts)
     preserve = list(preserve_prompts)
     modules = cross_attention_kv(unet)
-    dev = _resolve_device(device, unet)
+    dev = solve_device(device, unet)
     keys = last_token_embeddings(text_encoder, tokenizer, list(erase_prompts) + guides + preserve).to(dev)
     n = len(erase_prompts)
     m = edit_matrix(keys[:n], keys[n : 2 * n], keys[2 * n :], cfg.lamb, cfg.erase_scale, cfg.preserve_scale)
