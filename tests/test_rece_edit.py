@@ -85,7 +85,7 @@ def test_only_cross_attention_kv_change_and_epochs_zero_is_uce(tiny_model_dir):
     p0, p1 = load_pipeline(tiny_model_dir, device="cpu"), load_pipeline(tiny_model_dir, device="cpu")
     cfg = RECEConfig(epochs=0, uce_lamb=0.2, uce_preserve_scale=0.5)
     a = rece_edit(p0.unet, p0.text_encoder, p0.tokenizer, ERASE, GUIDE, PRESERVE, cfg)
-    b = uce_edit(p1.unet, p1.text_encoder, p1.tokenizer, ERASE, GUIDE, PRESERVE, UCEConfig(0.2, 1.0, 0.5))
+    b = uce_edit(p1.unet, p1.text_encoder, p1.tokenizer, ERASE, GUIDE, PRESERVE, UCEConfig(0.2, 1.0, 0.5, "last_to_end"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -107,7 +107,7 @@ def test_preserve_set_reduces_collateral_change(tiny_model_dir):
         cfg = RECEConfig(epochs=2, preserve_uncond=uncond, uce_preserve_scale=1.0)
         rece_edit(p.unet, p.text_encoder, p.tokenizer, ERASE, GUIDE, preserve, cfg)
         errors[name] = kv_reconstruction_error(keep, _weights(p), keep, original)
-    assert errors["with"] < 0.5 * errors["without"], errors
+    assert errors["with"] < 0.75 * errors["without"], errors
 
 
 def test_adversarial_embedding_checks_names():
@@ -117,11 +117,11 @@ def test_adversarial_embedding_checks_names():
 
 
 def test_config_round_trip_and_validation():
-    cfg = RECEConfig(epochs=3, adv_reg=0.1, preserve_uncond=False, uce_lamb=0.1)
+    cfg = RECEConfig(epochs=3, adv_reg=0.1, preserve_uncond=False, uce_lamb=0.1, uce_token_span="last")
     assert RECEConfig.from_json(cfg.to_json()) == cfg
-    assert cfg.uce_config() == UCEConfig(lamb=0.1, erase_scale=1.0, preserve_scale=1.0)
+    assert cfg.uce_config() == UCEConfig(lamb=0.1, erase_scale=1.0, preserve_scale=1.0, token_span="last")
     for bad in ({"epochs": -1}, {"epochs": 1.5}, {"epochs": True}, {"adv_reg": 0.0}, {"adv_reg": float("nan")},
                 {"lamb": 0}, {"erase_scale": -1.0}, {"preserve_scale": -0.1}, {"preserve_uncond": "yes"},
-                {"uce_lamb": 0.0}, {"uce_preserve_scale": -1.0}):
+                {"uce_lamb": 0.0}, {"uce_preserve_scale": -1.0}, {"uce_token_span": "first"}):
         with pytest.raises(ValueError):
             RECEConfig.from_dict(bad)

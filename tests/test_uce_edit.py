@@ -121,7 +121,7 @@ def test_bad_inputs(pipe):
 
 
 def test_config_round_trip_and_validation():
-    cfg = UCEConfig(lamb=0.1, erase_scale=2.0, preserve_scale=0.0)
+    cfg = UCEConfig(lamb=0.1, erase_scale=2.0, preserve_scale=0.0, token_span="last_to_end")
     assert UCEConfig.from_json(cfg.to_json()) == cfg
     assert UCEConfig.from_dict({}) == UCEConfig()
     for bad in ({"lamb": 0}, {"lamb": -1.0}, {"lamb": float("nan")}, {"lamb": True}, {"lamb": "0.5"},
@@ -140,3 +140,25 @@ def test_concept_prompt_sets():
     assert erase == ["a circle", "a red circle", "a red star", "red"]
     assert guide == ["a square", "a square", "a blue star", "blue"]
     assert preserve == ["a star"]
+
+
+def test_last_to_end_span(pipe):
+    """Paper-era spans: erase tokens from the last word on, paired with the guide's, cut to equal length; every
+    token of the preserve prompts and of the empty prompt is kept."""
+    from erasure.diffusion.methods.uce_edit import uce_keys
+
+    hidden_e, _ = encode_prompt_tokens(pipe.text_encoder, pipe.tokenizer, ["a circle"])
+    hidden_g, _ = encode_prompt_tokens(pipe.text_encoder, pipe.tokenizer, ["a red square"])
+    erase, guide, keep = uce_keys(pipe.text_encoder, pipe.tokenizer, ["a circle"], ["a red square"], ["a star"],
+                                  "last_to_end")
+    n = pipe.tokenizer.model_max_length
+    # "a circle": last word at 2; "a red square": at 3 -> spans [2, n-1) and [3, n)
+    assert torch.equal(erase, hidden_e[0, 2 : n - 1]) and torch.equal(guide, hidden_g[0, 3:n])
+    assert keep.shape == (2 * n, erase.shape[1])
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    out = uce_edit(pipe.unet, pipe.text_encoder, pipe.tokenizer, ERASE, GUIDE, PRESERVE,
+                   UCEConfig(token_span="last_to_end"))
+    after = pipe.unet.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == set(out)
+    with pytest.raises(ValueError, match="token_span"):
+        UCEConfig(token_span="all")

@@ -5,8 +5,9 @@ UCE followed by a few epochs of closed-form adversarial re-editing of the cross-
 after the official code (``train.py``, ``erase_methods/uce.py``, ``utils/embedding_calculation/close_form_emb.py``
 of github.com/CharlesGong12/RECE, the ``close_regzero`` variant):
 
-1. UCE edit (:func:`~erasure.diffusion.methods.uce_edit.uce_edit`, the erase prompts' last tokens mapped to the
-   guides').
+1. UCE edit (:func:`~erasure.diffusion.methods.uce_edit.uce_edit`). Officially RECE starts from checkpoints of the
+   paper-era UCE code, which edits each prompt's tokens from its last word to the end of the sequence: hence
+   ``uce_token_span="last_to_end"`` by default.
 2. For every erase prompt, derive the embedding that makes the EDITED projections reproduce the ORIGINAL
    projections of the prompt: ``c' = argmin sum_l ||W'_l c' - W_l c||^2 + adv_reg ||c'||^2``, i.e.
    ``c' = (sum W'^T W' + adv_reg I)^-1 (sum W'^T W) c``, for each of the prompt's token embeddings (all positions,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -48,9 +50,9 @@ __all__ = ["RECEConfig", "rece_edit", "adversarial_embedding", "kv_reconstructio
 class RECEConfig(JsonConfig):
     """Knobs of RECE: the initial UCE edit (``uce_*``), the adversarial embedding and the re-edits.
 
-    Defaults follow the official code: UCE as in its UCE checkpoints (lamb 0.5, erase 1, preserve 1 here), re-edits
-    with lamb 0.1, erase 1, preserve 0.1; ``adv_reg`` 1e-3 and 1 epoch is its setting for objects UCE finds hard
-    (0.1 for easy objects; nudity: 0.1 and 3 epochs).
+    Defaults follow the official code: UCE as in its UCE checkpoints (lamb 0.5, erase 1, preserve 1, tokens from the
+    last word to the end), re-edits with lamb 0.1, erase 1, preserve 0.1; ``adv_reg`` 1e-3 and 1 epoch is its
+    setting for objects UCE finds hard (0.1 for easy objects; nudity: 0.1 and 3 epochs).
     """
 
     epochs: int = field(1, help="Adversarial re-editing epochs after the UCE edit (0 = UCE only).")
@@ -64,6 +66,9 @@ class RECEConfig(JsonConfig):
     uce_lamb: float = field(0.5, help="Initial UCE edit: lamb (see UCEConfig).")
     uce_erase_scale: float = field(1.0, help="Initial UCE edit: erase_scale (see UCEConfig).")
     uce_preserve_scale: float = field(1.0, help="Initial UCE edit: preserve_scale (see UCEConfig).")
+    uce_token_span: Literal["last", "last_to_end"] = field(
+        "last_to_end", help="Initial UCE edit: token_span (see UCEConfig; RECE's UCE checkpoints used 'last_to_end')."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
@@ -78,7 +83,10 @@ class RECEConfig(JsonConfig):
 
     def uce_config(self) -> UCEConfig:
         """The :class:`UCEConfig` of the initial edit."""
-        return UCEConfig(lamb=self.uce_lamb, erase_scale=self.uce_erase_scale, preserve_scale=self.uce_preserve_scale)
+        return UCEConfig(
+            lamb=self.uce_lamb, erase_scale=self.uce_erase_scale, preserve_scale=self.uce_preserve_scale,
+            token_span=self.uce_token_span,
+        )
 
 
 def adversarial_embedding(

@@ -5,11 +5,21 @@ projection ``W`` the edited weight minimises
 
     lamb * ||W' - W||^2 + erase_scale * sum_i ||W' c_i - W g_i||^2 + preserve_scale * sum_j ||W' p_j - W p_j||^2
 
-where ``c_i`` is the text embedding of erase prompt ``i``, ``g_i`` that of its guide prompt and ``p_j`` that of
-preserve prompt ``j``. As in the official script (``trainscripts/uce_sd_erase.py``), each prompt contributes one
-token: the last token before the end-of-text token (the final word, which in CLIP's causal encoder carries the
-whole prompt); an empty prompt contributes its start-of-text token. The solution is
+where ``c_i`` is a token embedding of erase prompt ``i``, ``g_i`` the paired one of its guide prompt and ``p_j`` a
+token embedding of preserve prompt ``j``. The solution is
 ``W' = (lamb W + es sum W g c^T + ps sum W p p^T) (lamb I + es sum c c^T + ps sum p p^T)^-1``.
+
+Which tokens (``token_span``):
+
+* ``"last"`` (default; the current official script ``trainscripts/uce_sd_erase.py``): one token per prompt, the
+  last one before end-of-text (the final word, which in CLIP's causal encoder carries the whole prompt); an empty
+  prompt contributes its start-of-text token. Preserve prompts likewise.
+* ``"last_to_end"`` (the paper-era official code, ``train-scripts/train_erase.py`` up to commit ``bd5fb51``, which
+  also made the UCE checkpoints RECE starts from): the erase prompt's tokens from its last word to the end of the
+  padded sequence, paired position by position with the guide's tokens from its last word (the longer prompt's
+  tail is cut so both spans have the same length); preserve prompts contribute all their tokens, and the empty
+  prompt (the unconditional branch of classifier-free guidance) is always preserved. The end-of-text and padding
+  tokens also carry the prompt in a causal encoder, so this erases much more than ``"last"``.
 
 Because the K/V projections are bias-free, that solution factors as ``W' = W @ M`` with one ``d x d`` matrix ``M``
 shared by every edited projection (``d`` = text embedding width): :func:`edit_matrix` solves for ``M`` once, in
@@ -22,6 +32,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -29,12 +40,15 @@ from erasure.jsonconfig import JsonConfig, field
 
 logger = logging.getLogger(__name__)
 
+TOKEN_SPANS = ("last", "last_to_end")
+
 __all__ = [
     "UCEConfig",
     "uce_edit",
     "cross_attention_kv",
     "encode_prompt_tokens",
     "last_token_embeddings",
+    "uce_keys",
     "edit_matrix",
     "apply_edit_matrix",
     "write_weights",
@@ -60,11 +74,19 @@ class UCEConfig(JsonConfig):
     lamb: float = field(0.5, help="Regulariser lambda pulling each edited weight towards its original value (> 0).")
     erase_scale: float = field(1.0, help="Weight of the erase terms ||W' c_erase - W c_guide||^2 (> 0).")
     preserve_scale: float = field(1.0, help="Weight of the preserve terms ||W' c_keep - W c_keep||^2 (>= 0).")
+    token_span: Literal["last", "last_to_end"] = field(
+        "last",
+        help="Tokens edited: 'last' (the last word of each prompt, current official script) or 'last_to_end' (last "
+        "word to end of the padded sequence, preserving all tokens of the preserve prompts and of the empty prompt: "
+        "the paper-era official code).",
+    )
 
     def __post_init__(self) -> None:
         check_number("UCE lamb", self.lamb, 0.0, strict=True)
         check_number("UCE erase_scale", self.erase_scale, 0.0, strict=True)
         check_number("UCE preserve_scale", self.preserve_scale, 0.0, strict=False)
+        if self.token_span not in TOKEN_SPANS:
+            raise ValueError(f"UCE token_span must be one of {TOKEN_SPANS}, got {self.token_span!r}")
 
 
 def cross_attention_kv(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -116,6 +138,48 @@ def last_token_embeddings(text_encoder: torch.nn.Module, tokenizer, prompts: Seq
     """One embedding per prompt, ``[n, d]`` float64: the token UCE edits (see :func:`encode_prompt_tokens`)."""
     hidden, last = encode_prompt_tokens(text_encoder, tokenizer, prompts)
     return hidden[torch.arange(hidden.shape[0]), last]
+
+
+def uce_keys(
+    text_encoder: torch.nn.Module,
+    tokenizer,
+    erase_prompts: Sequence[str],
+    guide_prompts: Sequence[str],
+    preserve_prompts: Sequence[str],
+    token_span: str = "last",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The erase, guide and preserve embeddings UCE uses (rows, float64 on CPU), for a ``token_span``.
+
+    Args:
+        erase_prompts (`list[str]`), guide_prompts (`list[str]`): paired one to one.
+        preserve_prompts (`list[str]`): may be empty.
+        token_span (`str`, defaults to `"last"`): see :class:`UCEConfig`.
+
+    Returns:
+        `tuple`: erase keys ``[k, d]``, guide keys ``[k, d]`` (paired by row) and preserve keys ``[m, d]`` (``None``
+        when there are none).
+    """
+    if len(erase_prompts) != len(guide_prompts):
+        raise ValueError("erase and guide prompts must be paired one to one")
+    if token_span == "last":
+        keys = last_token_embeddings(text_encoder, tokenizer, list(erase_prompts) + list(guide_prompts)
+                                     + list(preserve_prompts))
+        n = len(erase_prompts)
+        keep = keys[2 * n :]
+        return keys[:n], keys[n : 2 * n], keep if keep.shape[0] else None
+    if token_span != "last_to_end":
+        raise ValueError(f"token_span must be one of {TOKEN_SPANS}, got {token_span!r}")
+    hidden_e, last_e = encode_prompt_tokens(text_encoder, tokenizer, erase_prompts)
+    hidden_g, last_g = encode_prompt_tokens(text_encoder, tokenizer, guide_prompts)
+    length = hidden_e.shape[1]
+    erase, guide = [], []
+    for i in range(len(erase_prompts)):
+        e, g = int(last_e[i]), int(last_g[i])
+        far = max(e, g)
+        erase.append(hidden_e[i, e : length - (far - e)])
+        guide.append(hidden_g[i, g : length - (far - g)])
+    keep, _ = encode_prompt_tokens(text_encoder, tokenizer, [""] + list(preserve_prompts))
+    return torch.cat(erase), torch.cat(guide), keep.reshape(-1, keep.shape[-1])
 
 
 def edit_matrix(
@@ -214,7 +278,7 @@ def uce_edit(
             prompt (a concept spec's anchor prompts). ``""`` maps to the start-of-text token, as officially.
         preserve_prompts (`list[str]`): prompts whose K/V must not change (a concept spec's retain prompts); may be
             empty.
-        cfg (`UCEConfig`): ``lamb``, ``erase_scale``, ``preserve_scale``.
+        cfg (`UCEConfig`): ``lamb``, ``erase_scale``, ``preserve_scale``, ``token_span``.
         device (`str` or `torch.device`, *optional*, defaults to the UNet's device): where the float64 solve runs.
 
     Returns:
@@ -225,11 +289,14 @@ def uce_edit(
     preserve = list(preserve_prompts)
     modules = cross_attention_kv(unet)
     dev = solve_device(device, unet)
-    keys = last_token_embeddings(text_encoder, tokenizer, list(erase_prompts) + guides + preserve).to(dev)
-    n = len(erase_prompts)
-    m = edit_matrix(keys[:n], keys[n : 2 * n], keys[2 * n :], cfg.lamb, cfg.erase_scale, cfg.preserve_scale)
+    erase, guide, keep = uce_keys(text_encoder, tokenizer, erase_prompts, guides, preserve, cfg.token_span)
+    keep = keep.to(dev) if keep is not None else None
+    m = edit_matrix(erase.to(dev), guide.to(dev), keep, cfg.lamb, cfg.erase_scale, cfg.preserve_scale)
     new = apply_edit_matrix({k: mod.weight.detach().to(dev) for k, mod in modules.items()}, m)
-    logger.info("UCE: %d erase, %d preserve prompts; edited %d K/V projections", n, len(preserve), len(modules))
+    logger.info(
+        "UCE (%s): %d erase prompts (%d tokens), %d preserve prompts; edited %d K/V projections", cfg.token_span,
+        len(erase_prompts), erase.shape[0], len(preserve), len(modules),
+    )
     return write_weights(modules, new)
 
 
