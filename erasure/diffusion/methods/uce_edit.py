@@ -14,12 +14,13 @@ Which tokens (``token_span``):
 * ``"last"`` (default; the current official script ``trainscripts/uce_sd_erase.py``): one token per prompt, the
   last one before end-of-text (the final word, which in CLIP's causal encoder carries the whole prompt); an empty
   prompt contributes its start-of-text token. Preserve prompts likewise.
-* ``"last_to_end"`` (the paper-era official code, ``train-scripts/train_erase.py`` up to commit ``bd5fb51``, which
-  also made the UCE checkpoints RECE starts from): the erase prompt's tokens from its last word to the end of the
-  padded sequence, paired position by position with the guide's tokens from its last word (the longer prompt's
-  tail is cut so both spans have the same length); preserve prompts contribute all their tokens, and the empty
-  prompt (the unconditional branch of classifier-free guidance) is always preserved. The end-of-text and padding
-  tokens also carry the prompt in a causal encoder, so this erases much more than ``"last"``.
+* ``"last_to_end"`` (the paper-era official code, ``train-scripts/train_erase.py``, last changed in ``bd5fb51`` and
+  replaced by ``uce_sd_erase.py`` in ``4502388``; RECE's UCE checkpoints were made with it): the erase prompt's
+  tokens from its last word to the end of the padded sequence, paired position by position with the guide's tokens
+  from its last word (the longer prompt's tail is cut so both spans have the same length); preserve prompts
+  contribute all their tokens, and the empty prompt (the unconditional branch of classifier-free guidance) is
+  always preserved. The end-of-text and padding tokens also carry the prompt in a causal encoder, so this erases
+  much more than ``"last"``.
 
 Because the K/V projections are bias-free, that solution factors as ``W' = W @ M`` with one ``d x d`` matrix ``M``
 shared by every edited projection (``d`` = text embedding width): :func:`edit_matrix` solves for ``M`` once, in
