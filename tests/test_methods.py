@@ -33,6 +33,8 @@ METHOD_CASES: dict[str, tuple[dict, str]] = {
     "rl": ({}, "all"),
     "esd-x": ({"method_args": {"sample_steps": 3}}, "xattn"),
     "esd-u": ({"method_args": {"sample_steps": 3}}, "noxattn"),
+    "uce": ({}, "attn2_kv"),
+    "rece": ({"method_args": {"epochs": 2}}, "attn2_kv"),
 }
 # the training options of the engine, each on the masked method (mixed precision, accumulation, clipping, ...)
 TRAINING_CASES: dict[str, dict] = {
