@@ -10,7 +10,8 @@ For each set (``circle``; ``circle star heart``; ``circle star heart triangle cr
   accuracy (bar: drops <= 3 points), and colour/fill accuracy on every row that names no erased shape.
 
     python bench/multi_concept.py --sets 3 --methods salun          # the bar
-    python bench/multi_concept.py --sets 1 3 5 --methods salun uce   # the table and plot
+    python bench/multi_concept.py --sets 1 3 5 --methods salun uce --steps-per-concept 100 --forget-seeds 16 \
+        --retain-seeds 4 --out bench/results/multi_concept_scaling.json   # the table and plot
 
 Results: ``bench/results/multi_concept.json``, ``.md`` and ``.svg`` (merged across invocations).
 """
@@ -156,6 +157,8 @@ def main() -> None:
     ap.add_argument("--retain-seeds", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--override", default="{}", help='JSON: {"*": {...}, "salun": {...}} EraseConfig overrides.')
+    ap.add_argument("--steps-per-concept", type=int, default=0,
+                    help="Give per-step methods this many steps per erased concept (0 = the preset's steps).")
     ap.add_argument("--tag", default="", help="Suffix of the result rows (e.g. '-300steps' beside the defaults).")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-multi"))
     ap.add_argument("--out", default=str(RESULTS / "multi_concept.json"))
@@ -192,6 +195,8 @@ def main() -> None:
             run_dir = Path(args.runs_dir) / f"set{n}-{method}{args.tag}"
             cache = Path(args.runs_dir) / f"cache-set{n}"
             cfg = run_config(method, preset, cache, overrides)
+            if args.steps_per_concept and cfg.spec.shape == "loss":
+                cfg = EraseConfig.from_dict({**cfg.to_dict(), "steps": args.steps_per_concept * n})
             erase(cfg, run_dir, overwrite=True)
             info = read_run(run_dir)
             t = time.time()
