@@ -228,18 +228,28 @@ def cmd_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from erasure.diffusion.pipeline import generate, load_pipeline
+    from erasure.diffusion.pipeline import check_guidance, check_seed, generate, load_pipeline
     from erasure.io import atomic_path
     from erasure.runs import load_erased_pipeline
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file, got {out}")
-    seeds = args.seed or [0]
+    seeds = [check_seed(s) for s in (args.seed or [0])]
+    check_guidance(args.guidance)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    for name in ("height", "width"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0 (0 = the model's native size), got {getattr(args, name)}")
     targets = [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}_seed{s}.png") for s in seeds]
     for t in targets:
+        if t.is_dir():
+            raise FileExistsError(f"--out {t} is a folder; give a .png file path")
         if t.exists() and not args.overwrite:
             raise FileExistsError(f"{t} exists; pass --overwrite or choose another --out")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise FileExistsError(f"the folder of --out is a file: {out.parent}")
     if args.run:
         pipe = load_erased_pipeline(args.run, device=args.device, base_model=args.model)
     else:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +23,7 @@ import torch
 
 __all__ = [
     "atomic_path",
+    "clean_stale_temps",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_safetensors",
@@ -45,7 +47,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
+    # the writer's pid is in the name, so a later run can tell a dead process's leftover (see clean_stale_temps)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -55,6 +58,41 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep its file
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` when its writer was killed.
+
+    A temp file is removed when the process whose pid its name carries is no longer running on this machine;
+    files of live writers (another run sharing the folder) are kept. Returns the number of files removed.
+    """
+    d = Path(folder)
+    if not d.is_dir():
+        return 0
+    removed = 0
+    for f in d.iterdir():
+        m = _TEMP_NAME.match(f.name)
+        if m is None or not f.is_file() or _pid_alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+            removed += 1
+    return removed
 
 
 def publish_dir(part: str | os.PathLike, dest: str | os.PathLike) -> None:
