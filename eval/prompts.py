@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from erasure.diffusion.pipeline import MAX_GUIDANCE
+from erasure.diffusion.pipeline import MAX_GUIDANCE, MAX_SEED
 from erasure.io import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -64,14 +64,19 @@ def row_categories(value: str | None) -> list[str]:
 
 
 def _int_or_none(v: str | None, what: str, line: int, path: str) -> int | None:
-    f = _float_or_none(v, what, line, path, finite_msg="is not a non-negative integer")
-    if f is None:
-        return None
-    if f != int(f) or f < 0:
-        raise PromptFileError(f"{path} line {line}: {what} {v!r} is not a non-negative integer")
-    if f >= 2**63:
+    text = "" if v is None else str(v).strip()
+    if text.isdigit():  # exact (a float would round 2**63 - 1 up to 2**63)
+        n = int(text)
+    else:
+        f = _float_or_none(v, what, line, path, finite_msg="is not a non-negative integer")
+        if f is None:
+            return None
+        if f != int(f) or f < 0:
+            raise PromptFileError(f"{path} line {line}: {what} {v!r} is not a non-negative integer")
+        n = int(f)
+    if n > MAX_SEED:
         raise PromptFileError(f"{path} line {line}: {what} {v!r} is out of range (0 to 2**63-1); fix the row and re-run")
-    return int(str(v).strip()) if str(v).strip().isdigit() else int(f)
+    return n
 
 
 def _float_or_none(v: str | None, what: str, line: int, path: str, finite_msg: str = "is not finite") -> float | None:
