@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "atomic_path",
     "clean_stale_temps",
+    "check_output_path",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_safetensors",
@@ -58,6 +59,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def check_output_path(path: str | os.PathLike, flag: str, kind: str) -> Path:
+    """Refuse an output path before any work: ``kind`` is ``"file"`` or ``"folder"``.
+
+    Raises ``FileExistsError`` when ``path`` exists as the other kind, or when one of its parent folders is a file.
+    """
+    p = Path(path)
+    if p.exists() and kind == "file" and p.is_dir():
+        raise FileExistsError(f"{flag} {p} is a folder; give a file path")
+    if p.exists() and kind == "folder" and not p.is_dir():
+        raise FileExistsError(f"{flag} {p} is a file; give a folder path")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(f"{flag} {p}: {parent} is a file, not a folder")
+            break
+    return p
 
 
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)?$")

@@ -44,6 +44,7 @@ from erasure.io import (
     atomic_path,
     atomic_write_json,
     atomic_write_text,
+    check_output_path,
     clean_stale_temps,
     environment_info,
     file_sha256,
@@ -320,9 +321,11 @@ def run_generation(
         `dict`: ``{"planned", "shard_planned", "generated", "skipped", "seconds", "manifest"}``.
     """
     out = Path(cfg.out)
-    for folder in (out, out / "images"):
-        if folder.exists() and not folder.is_dir():
-            raise GenerationError(f"--out {out}: {folder} is a file; give a folder path for the images and manifest")
+    try:
+        check_output_path(out / "images", "--out", "folder")
+        check_output_path(out, "--out", "folder")
+    except FileExistsError as err:
+        raise GenerationError(f"{err} (the images and manifest are written into this folder)") from None
     prompt_set = load_prompts(cfg.prompts)
     rows = filter_rows(prompt_set.rows, cfg.category or None, cfg.start, cfg.end, cfg.limit)
     num_shards, shard_index, device, state = _shard_context(cfg)

@@ -73,9 +73,9 @@ def _evalgen(e, *extra, prompts="prompts.csv"):
 
 CASES = [
     # erasure erase
-    ("erase seed 2**63", "erase", lambda e: _erase(e, "--seed", str(2**63)), "seed"),
-    ("erase seed -1", "erase", lambda e: _erase(e, "--seed", "-1"), "seed"),
-    ("erase data guidance 1e300", "erase", lambda e: _erase(e, "--data-guidance", "1e300"), "guidance"),
+    ("erase seed 2**63", "erase", lambda e: _erase(e, "--seed", str(2**63)), "--seed: seed must be >= 0 and <= 9223"),
+    ("erase seed -1", "erase", lambda e: _erase(e, "--seed", "-1"), "--seed"),
+    ("erase data guidance 1e300", "erase", lambda e: _erase(e, "--data-guidance", "1e300"), "--data-guidance"),
     ("erase mask ratio 2", "erase", lambda e: _erase(e, "--mask-ratio", "2"), "mask ratio"),
     ("erase steps 0", "erase", lambda e: _erase(e, "--steps", "0"), "steps"),
     ("erase lr nan", "erase", lambda e: _erase(e, "--lr", "nan"), "learning rate"),
@@ -100,7 +100,7 @@ CASES = [
     # erasure mask
     ("mask out is a dir", "mask", lambda e: _mask(e, "--out", f"{e['inp']}/a-dir", "--overwrite"), "a-dir"),
     ("mask seed 2**63", "mask", lambda e: _mask(e, "--seed", str(2**63), "--out", f"{e['work']}/m.safetensors"),
-     "seed"),
+     "--seed"),
     # erasure generate
     ("generate seed 2**63", "generate", lambda e: _gen(e, "--seed", str(2**63)), "--seed"),
     ("generate seed -1", "generate", lambda e: _gen(e, "--seed", "-1"), "--seed"),
@@ -117,11 +117,24 @@ CASES = [
      "a-file.txt"),
     ("export over user folder", "export",
      lambda e: ["export", "--run", f"{e['work']}/no-run", "--out", f"{e['inp']}/a-dir", "--overwrite"], "a-dir"),
-    # erasure-eval generate
+    ("mask out under a file", "mask", lambda e: _mask(e, "--out", f"{e['inp']}/a-file.txt/m.safetensors"),
+     "a-file.txt is a file"),
+    ("erase out under a file", "erase", lambda e: _erase(e, "--out", f"{e['inp']}/a-file.txt/run"),
+     "a-file.txt is a file"),
+    ("generate out under a file", "generate", lambda e: _gen(e, "--out", f"{e['inp']}/a-file.txt/x.png"),
+     "a-file.txt is a file"),
+    # erasure-eval generate, score, report
+    ("eval out under a file", "eval", lambda e: _evalgen(e, "--out", f"{e['inp']}/a-file.txt/g"), "a-file.txt is a file"),
+    ("score out is a dir", "eval", lambda e: ["score", "--images", f"{e['inp']}/a-dir", "--metric", "nudenet", "--out",
+                                              f"{e['inp']}/a-dir"], "a-dir is a folder"),
+    ("report out is a file", "eval", lambda e: ["report", f"{e['inp']}/a-dir", "--out", f"{e['inp']}/a-file.txt"],
+     "a-file.txt is a file"),
     ("eval out is a file", "eval", lambda e: _evalgen(e, "--out", f"{e['inp']}/a-file.txt"), "a-file.txt"),
     ("eval guidance 1e300", "eval", lambda e: _evalgen(e, "--guidance", "1e300", "--out", f"{e['work']}/g"),
-     "guidance"),
-    ("eval seed 2**63", "eval", lambda e: _evalgen(e, "--seed", str(2**63), "--out", f"{e['work']}/g"), "seed"),
+     "--guidance"),
+    ("eval seed 2**63", "eval", lambda e: _evalgen(e, "--seed", str(2**63), "--out", f"{e['work']}/g"), "--seed"),
+    ("erase esd flag out of range", "erase",
+     lambda e: _erase(e, "--method", "esd-x", "--esd-negative-guidance", "1e300"), "--esd-negative-guidance"),
     ("eval samples 0", "eval", lambda e: _evalgen(e, "--samples", "0", "--out", f"{e['work']}/g"), "samples"),
     ("eval prompts missing", "eval", lambda e: _evalgen(e, "--out", f"{e['work']}/g", prompts="nope.csv"),
      "nope.csv"),

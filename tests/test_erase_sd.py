@@ -358,7 +358,7 @@ def test_cli_erase_mask_generate(tiny_model_dir, tmp_path, capsys):
     rc = cli_main(["erase", *common, "--forget-prompt", FORGET, "--anchor-prompt", "x", "--retain-prompt", "y",
                    "--mask-ratio", "2", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith("erasure erase: error: mask ratio") and not (tmp_path / "bad").exists()
+    assert rc == 2 and err[-1].startswith("erasure erase: error: --mask-ratio: mask ratio") and not (tmp_path / "bad").exists()
     rc = cli_main(["erase", *common, "--forget-prompt", FORGET, "--anchor-prompt", "x", "--retain-prompt", "y",
                    "--steps", "1", "--out", str(tmp_path / "run")])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
