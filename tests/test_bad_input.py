@@ -31,6 +31,7 @@ def env(tiny_model_dir, tmp_path_factory):
     (inp / "badjson.json").write_text("{oops")
     (inp / "latin1.json").write_bytes('{"name": "caf\xe9"}'.encode("latin-1"))
     (inp / "lr-str.json").write_text(json.dumps({"lr": "1e-4"}))
+    (inp / "mask-guidance-str.json").write_text(json.dumps({"mask_guidance": "x"}))
     (inp / "concepts-str.json").write_text(json.dumps({"concepts": "abc"}))
     (inp / "concept-images.json").write_text(json.dumps(
         {"name": "c", "forget_prompts": [FORGET], "anchor_prompts": ["x"], "forget_images": 5}))
@@ -88,6 +89,14 @@ CASES = [
      "concepts"),
     ("erase concept file images 5", "erase",
      lambda e: _erase(e, "--concept-file", f"{e['inp']}/concept-images.json"), "concept-images.json"),
+    ("erase concept file latin-1", "erase", lambda e: _erase(e, "--concept-file", f"{e['inp']}/latin1.json"),
+     "latin1.json"),
+    ("erase concept file bad json", "erase", lambda e: _erase(e, "--concept-file", f"{e['inp']}/badjson.json"),
+     "badjson.json"),
+    ("erase concept file list of numbers", "erase", lambda e: _erase(e, "--concept-file", f"{e['inp']}/list.json"),
+     "list.json"),
+    ("erase config mask guidance string", "erase",
+     lambda e: _erase(e, "--config", f"{e['inp']}/mask-guidance-str.json"), "mask guidance"),
     ("erase mask path missing", "erase", lambda e: _erase(e, "--mask-path", f"{e['inp']}/nope.safetensors"),
      "nope.safetensors"),
     ("erase mask path truncated", "erase", lambda e: _erase(e, "--mask-path", f"{e['inp']}/trunc.safetensors"),
