@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 __all__ = [
     "atomic_path",
     "clean_stale_temps",
+    "temp_prefix",
     "check_output_path",
     "atomic_write_text",
     "atomic_write_json",
@@ -48,8 +50,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # the writer's pid is in the name, so a later run can tell a dead process's leftover (see clean_stale_temps)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=dest.parent)
+    # the writer's host and pid are in the name, so a later run can tell a dead process's leftover (clean_stale_temps)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest.name), suffix=".tmp" + suffix, dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -79,7 +81,18 @@ def check_output_path(path: str | os.PathLike, flag: str, kind: str) -> Path:
     return p
 
 
-_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)?$")
+_TEMP_NAME = re.compile(r"^\..+\.([A-Za-z0-9]*)-(\d+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)?$")
+FOREIGN_TEMP_AGE_S = 24 * 3600
+"""A temp file written from another host (a shared folder) is removed only when older than this."""
+
+
+def _host_tag() -> str:
+    return "".join(ch for ch in platform.node() if ch.isalnum())[:24]
+
+
+def temp_prefix(name: str, pid: int | None = None) -> str:
+    """The name prefix of :func:`atomic_path`'s temp file for ``name``: ``.NAME.HOST-PID.``."""
+    return f".{name}.{_host_tag()}-{os.getpid() if pid is None else pid}."
 
 
 def _pid_alive(pid: int) -> bool:
@@ -98,7 +111,8 @@ def clean_stale_temps(folder: str | os.PathLike) -> int:
     """Delete the temporary files :func:`atomic_path` left in ``folder`` when its writer was killed.
 
     A temp file is removed when the process whose pid its name carries is no longer running on this machine;
-    files of live writers (another run sharing the folder) are kept. Returns the number of files removed.
+    files of live writers (another run sharing the folder) are kept, and so are other hosts' files younger than
+    ``FOREIGN_TEMP_AGE_S`` (a folder shared between machines). Returns the number of files removed.
     """
     d = Path(folder)
     if not d.is_dir():
@@ -106,8 +120,15 @@ def clean_stale_temps(folder: str | os.PathLike) -> int:
     removed = 0
     for f in d.iterdir():
         m = _TEMP_NAME.match(f.name)
-        if m is None or not f.is_file() or _pid_alive(int(m.group(1))):
+        if m is None or not f.is_file():
             continue
+        if m.group(1) == _host_tag():
+            if _pid_alive(int(m.group(2))):
+                continue
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - f.stat().st_mtime < FOREIGN_TEMP_AGE_S:
+                    continue
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
             removed += 1

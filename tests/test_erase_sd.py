@@ -382,7 +382,9 @@ def test_dfdr_cache_resume_regenerates_whole_batch_bit_identically(tiny_model_di
     part = run(tmp_path / "b")
     for p in part[1:3]:  # killed after writing images 0 and 3 of the first batch
         p.unlink()
-    stale = part[0].parent / f".{part[1].name}.{2**22 + 99}.x1y2.tmp.png"
+    from erasure.io import temp_prefix
+
+    stale = part[0].parent / f"{temp_prefix(part[1].name, 2**22 + 99)}x1y2.tmp.png"
     stale.write_bytes(b"half")
     again = run(tmp_path / "b")
     assert [p.name for p in again] == [p.name for p in ref]

@@ -115,7 +115,9 @@ def reference_run(tiny_model_dir, tmp_path_factory):
 def _stale_temp(folder: Path) -> Path:
     """A temp file as a killed writer leaves it (atomic_path's name, with a dead writer's pid)."""
     folder.mkdir(parents=True, exist_ok=True)
-    p = folder / f".leftover.png.{DEAD_PID}.abc123.tmp.png"
+    from erasure.io import temp_prefix
+
+    p = folder / f"{temp_prefix('leftover.png', DEAD_PID)}abc123.tmp.png"
     p.write_bytes(b"\x89PNG half-written")
     return p
 
@@ -213,3 +215,18 @@ def test_real_cli_sigterm_checkpoints_and_exits_130(tiny_model_dir, tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "re-run" in err
     assert (out.with_name("run.partial") / "latest_checkpoint").is_file() and not out.exists()
+
+
+def test_clean_stale_temps_keeps_live_writers_and_recent_files_of_other_hosts(tmp_path):
+    from erasure.io import FOREIGN_TEMP_AGE_S, clean_stale_temps, temp_prefix
+
+    dead = tmp_path / f"{temp_prefix('a.png', DEAD_PID)}x.tmp.png"
+    live = tmp_path / f"{temp_prefix('b.png')}x.tmp.png"  # this process: a writer still at work
+    other = tmp_path / ".c.png.otherhost-7.x.tmp.png"  # another machine writing into a shared folder
+    old_other = tmp_path / ".d.png.otherhost-7.x.tmp.png"
+    user = tmp_path / "notes.tmp"  # not a temp name of ours
+    for p in (dead, live, other, old_other, user):
+        p.write_bytes(b"x")
+    os.utime(old_other, (time.time() - FOREIGN_TEMP_AGE_S - 60,) * 2)
+    assert clean_stale_temps(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, user.name])
