@@ -46,6 +46,7 @@ def _fork(main, argv, log: Path, slow: bool) -> int:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             os.dup2(fd, 2)
             os.dup2(fd, 1)
+            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # not pytest's capture objects
             for s in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(s, signal.SIG_DFL)
             os.environ.update(SLOW if slow else {k: "0" for k in SLOW})
