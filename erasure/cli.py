@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from erasure.jsonconfig import add_config_arguments, given_fields
+from erasure.jsonconfig import FieldValueError, add_config_arguments, given_fields
 from erasure.progress import TqdmProgress
 from erasure.threads import help_text as threads_help
 
@@ -189,7 +189,9 @@ def _cancel_on_signal():
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from erasure.diffusion.train import EraseCancelled, erase
+    from erasure.io import check_output_path
 
+    check_output_path(args.out, "--out", "folder")
     cfg = _build_config(args)
     bars = TqdmProgress() if _is_main_process() else None
     try:
@@ -213,8 +215,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 def cmd_mask(args: argparse.Namespace) -> int:
     from erasure.diffusion.train import compute_mask
+    from erasure.io import check_output_path
     from erasure.saliency import mask_stats
 
+    check_output_path(args.out, "--out", "file")
     cfg = _build_config(args, for_mask=True)
     bars = TqdmProgress() if _is_main_process() else None
     try:
@@ -228,18 +232,28 @@ def cmd_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from erasure.diffusion.pipeline import generate, load_pipeline
-    from erasure.io import atomic_path
+    from erasure.diffusion.pipeline import check_guidance, check_seed, generate, load_pipeline
+    from erasure.io import atomic_path, check_output_path
     from erasure.runs import load_erased_pipeline
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file, got {out}")
-    seeds = args.seed or [0]
+    seeds = [check_seed(s) for s in (args.seed or [0])]
+    check_guidance(args.guidance)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    for name in ("height", "width"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0 (0 = the model's native size), got {getattr(args, name)}")
     targets = [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}_seed{s}.png") for s in seeds]
     for t in targets:
+        if t.is_dir():
+            raise FileExistsError(f"--out {t} is a folder; give a .png file path")
         if t.exists() and not args.overwrite:
             raise FileExistsError(f"{t} exists; pass --overwrite or choose another --out")
+    for t in targets:
+        check_output_path(t, "--out", "file")
     if args.run:
         pipe = load_erased_pipeline(args.run, device=args.device, base_model=args.model)
     else:
@@ -412,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
-        print(f"erasure {args.command}: error: {err}", file=sys.stderr)
+        flag = f"{err.flag}: " if isinstance(err, FieldValueError) and err.flag not in str(err) else ""
+        print(f"erasure {args.command}: error: {flag}{err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"erasure {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -11,9 +11,11 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,9 @@ import torch
 
 __all__ = [
     "atomic_path",
+    "clean_stale_temps",
+    "temp_prefix",
+    "check_output_path",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_safetensors",
@@ -45,7 +50,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
+    # the writer's host and pid are in the name, so a later run can tell a dead process's leftover (clean_stale_temps)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest.name), suffix=".tmp" + suffix, dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -55,6 +61,78 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def check_output_path(path: str | os.PathLike, flag: str, kind: str) -> Path:
+    """Refuse an output path before any work: ``kind`` is ``"file"`` or ``"folder"``.
+
+    Raises ``FileExistsError`` when ``path`` exists as the other kind, or when one of its parent folders is a file.
+    """
+    p = Path(path)
+    if p.exists() and kind == "file" and p.is_dir():
+        raise FileExistsError(f"{flag} {p} is a folder; give a file path")
+    if p.exists() and kind == "folder" and not p.is_dir():
+        raise FileExistsError(f"{flag} {p} is a file; give a folder path")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(f"{flag} {p}: {parent} is a file, not a folder")
+            break
+    return p
+
+
+_TEMP_NAME = re.compile(r"^\..+\.([A-Za-z0-9]*)-(\d+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)?$")
+FOREIGN_TEMP_AGE_S = 24 * 3600
+"""A temp file written from another host (a shared folder) is removed only when older than this."""
+
+
+def _host_tag() -> str:
+    return "".join(ch for ch in platform.node() if ch.isalnum())[:24]
+
+
+def temp_prefix(name: str, pid: int | None = None) -> str:
+    """The name prefix of :func:`atomic_path`'s temp file for ``name``: ``.NAME.HOST-PID.``."""
+    return f".{name}.{_host_tag()}-{os.getpid() if pid is None else pid}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep its file
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` when its writer was killed.
+
+    A temp file is removed when the process whose pid its name carries is no longer running on this machine;
+    files of live writers (another run sharing the folder) are kept, and so are other hosts' files younger than
+    ``FOREIGN_TEMP_AGE_S`` (a folder shared between machines). Returns the number of files removed.
+    """
+    d = Path(folder)
+    if not d.is_dir():
+        return 0
+    removed = 0
+    for f in d.iterdir():
+        m = _TEMP_NAME.match(f.name)
+        if m is None or not f.is_file():
+            continue
+        if m.group(1) == _host_tag():
+            if _pid_alive(int(m.group(2))):
+                continue
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - f.stat().st_mtime < FOREIGN_TEMP_AGE_S:
+                    continue
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+            removed += 1
+    return removed
 
 
 def publish_dir(part: str | os.PathLike, dest: str | os.PathLike) -> None:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T", bound="JsonConfig")
 
-__all__ = ["JsonConfig", "add_config_arguments", "config_from_args", "field", "field_label", "field_bounds", "given_fields"]
+__all__ = ["JsonConfig", "FieldValueError", "add_config_arguments", "config_from_args", "field", "field_label", "field_bounds", "given_fields"]
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING, **meta: Any):
@@ -34,6 +34,14 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
     else:
         kwargs["default"] = default
     return dataclasses.field(**kwargs)
+
+
+class FieldValueError(ValueError):
+    """A config field's value is refused; ``flag`` is its command-line flag (``--seed``), for the CLI's message."""
+
+    def __init__(self, message: str, flag: str) -> None:
+        super().__init__(message)
+        self.flag = flag
 
 
 class JsonConfig:
@@ -75,8 +83,13 @@ class JsonConfig:
         Raises ``ValueError`` naming the field and what it accepts. Call it first in ``__post_init__``.
         """
         hints = typing.get_type_hints(type(self))
+        prefix = getattr(type(self), "cli_prefix", "") or ""
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            _check_value(f, hints[f.name], getattr(self, f.name))
+            try:
+                _check_value(f, hints[f.name], getattr(self, f.name))
+            except ValueError as err:
+                flag = "--" + flag_dest(f.name, prefix).replace("_", "-")
+                raise FieldValueError(str(err), flag) from None
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)

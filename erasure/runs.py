@@ -194,8 +194,12 @@ class RunDir:
         return Interrupted(self.partial, step if isinstance(step, int) and not isinstance(step, bool) else 0, cfg, note)
 
     def clear_checkpoints(self) -> None:
-        for ck in self.partial.glob("checkpoint-*"):
+        """Remove checkpoints, half-written checkpoint folders and temp files a killed writer left."""
+        from erasure.io import clean_stale_temps
+
+        for ck in [*self.partial.glob("checkpoint-*"), *self.partial.glob(".checkpoint-*.tmp")]:
             shutil.rmtree(ck, ignore_errors=True)
+        clean_stale_temps(self.partial)
         with contextlib.suppress(FileNotFoundError):
             (self.partial / "latest_checkpoint").unlink()
 

@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 
-from erasure.jsonconfig import add_config_arguments, config_from_args
+from erasure.jsonconfig import FieldValueError, add_config_arguments, config_from_args
 from erasure.threads import help_text as threads_help
 
 logger = logging.getLogger("erasure_eval")
@@ -121,6 +121,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     if args.threshold is not None and args.metric != "nudenet":
         raise ValueError("--threshold applies to --metric nudenet only")
+    if args.out is not None:
+        from erasure.io import check_output_path
+
+        check_output_path(args.out, "--out", "file")
     metric = get_metric(args.metric, **_metric_params(args))
     cb, bar = _tqdm_progress(f"score {args.metric}", sys.stderr.isatty())
     try:
@@ -144,8 +148,10 @@ def _short(res: dict) -> dict:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from erasure.io import check_output_path
     from erasure_eval.report import build_report
 
+    check_output_path(args.out, "--out", "folder")
     build_report(args.dirs, args.out, show_prompts=args.show_prompts, show_flagged=args.show_flagged,
                  grid_images=args.grid_images, nudenet_threshold=args.nudenet_threshold)
     logger.info("report written to %s (report.html, report.md, summary.json, summary.csv)", args.out)
@@ -178,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(f"{name:10s} {(cls.__doc__ or '').strip().splitlines()[0]}\n")
             return 0
     except (PromptFileError, GenerationError, MetricError, ModelLoadError, RunDirError, ReportError, CorruptFileError,
-            FileNotFoundError, ValueError) as err:
-        logger.error("%s", err)
+            FileNotFoundError, FileExistsError, ValueError) as err:
+        flag = f"{err.flag}: " if isinstance(err, FieldValueError) and err.flag not in str(err) else ""
+        logger.error("%s%s", flag, err)
         return EXIT_BAD_INPUT
     return 1
 

@@ -12,6 +12,12 @@ Sample ``k`` of a row uses seed ``evaluation_seed + k`` (rows without a seed use
 the row's ``evaluation_guidance`` (else ``--guidance``). Re-running the same command skips images that are
 already written and match their record, so a killed run loses at most the batch in flight.
 
+Batches are fixed: this shard's images, ordered by (guidance, row, sample), are cut into slices of
+``--batch-size`` per guidance value, and a slice with any image missing is generated whole. A diffusers image's
+pixels depend on the batch it was generated in (a few uint8 values), so this keeps a resumed run bit-identical
+to an uninterrupted one; ``--batch-size`` is therefore part of the settings (as is the shard count, in effect:
+resume with the same one). Temp files left by a killed run are removed when the next run starts.
+
 Sharding: rows are dealt round-robin over shards (row ``i`` of the filtered list goes to shard ``i % n``),
 so shards never overlap and together cover every row. Under ``accelerate launch`` the shard count and
 index come from accelerate's ``PartialState``; otherwise ``--num-shards/--shard-index`` run shards by hand.
@@ -33,7 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from erasure.io import atomic_path, atomic_write_json, atomic_write_text, environment_info, file_sha256, read_json
+from erasure.diffusion.pipeline import MAX_GUIDANCE, MAX_SEED
+from erasure.io import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_path,
+    clean_stale_temps,
+    environment_info,
+    file_sha256,
+    read_json,
+)
 from erasure.jsonconfig import JsonConfig, field
 from erasure_eval.prompts import PromptRow, filter_rows, load_prompts
 
@@ -76,8 +92,9 @@ class GenerateConfig(JsonConfig):
     end: int | None = field(None, help="Stop before this CSV row.")
     limit: int | None = field(None, help="Keep at most this many rows (after the other filters).")
     steps: int = field(25, help="Denoising steps (DDIM).")
-    guidance: float = field(7.5, help="CFG scale for rows without evaluation_guidance.")
-    seed: int = field(0, help="Seed base for rows without evaluation_seed (seed = this + row index).")
+    guidance: float = field(7.5, help="CFG scale for rows without evaluation_guidance.", min=0.0, max=MAX_GUIDANCE)
+    seed: int = field(0, help="Seed base for rows without evaluation_seed (seed = this + row index).", min=0,
+                      max=MAX_SEED)
     height: int | None = field(None, help="Image height (default: the model's native size).")
     width: int | None = field(None, help="Image width (default: the model's native size).")
     negative_prompt: str | None = field(None, help="Negative prompt for every image.")
@@ -87,6 +104,7 @@ class GenerateConfig(JsonConfig):
     shard_index: int | None = field(None, help="Which shard this process generates (0-based).")
 
     def __post_init__(self) -> None:
+        self.check_fields()
         if not self.prompts:
             raise ValueError("--prompts is required")
         if not self.out:
@@ -169,6 +187,25 @@ def _png_record(path: Path) -> dict[str, Any] | None:
 def _is_done(images_dir: Path, item: ImageItem, settings_id: str) -> bool:
     rec = _png_record(images_dir / item.file)
     return rec is not None and rec.get("settings_id") == settings_id and rec.get("key") == item.key()
+
+
+def _fixed_batches(items: list[ImageItem], batch_size: int) -> list[list[ImageItem]]:
+    """``items`` ordered by (guidance, row, sample), cut into slices of ``batch_size`` per guidance value.
+
+    The slices depend on the planned list only, never on what is already written, so a resumed run generates
+    each missing image in the same batch as an uninterrupted run would (pixels depend on the batch)."""
+    order = sorted(items, key=lambda it: (it.guidance, it.row_index, it.sample))
+    out: list[list[ImageItem]] = []
+    for it in order:
+        if out and len(out[-1]) < batch_size and out[-1][0].guidance == it.guidance:
+            out[-1].append(it)
+        else:
+            out.append([it])
+    return out
+
+
+def _has_images(images_dir: Path) -> bool:
+    return images_dir.is_dir() and any(f.suffix == ".png" and not f.name.startswith(".") for f in images_dir.iterdir())
 
 
 def _save_png(img, path: Path, record: dict[str, Any]) -> None:
@@ -283,6 +320,12 @@ def run_generation(
     Returns:
         `dict`: ``{"planned", "shard_planned", "generated", "skipped", "seconds", "manifest"}``.
     """
+    out = Path(cfg.out)
+    try:
+        check_output_path(out / "images", "--out", "folder")
+        check_output_path(out, "--out", "folder")
+    except FileExistsError as err:
+        raise GenerationError(f"{err} (the images and manifest are written into this folder)") from None
     prompt_set = load_prompts(cfg.prompts)
     rows = filter_rows(prompt_set.rows, cfg.category or None, cfg.start, cfg.end, cfg.limit)
     num_shards, shard_index, device, state = _shard_context(cfg)
@@ -291,15 +334,14 @@ def run_generation(
     settings = {
         "model_fingerprint": ident["fingerprint"], "steps": cfg.steps, "default_guidance": cfg.guidance,
         "seed_base": cfg.seed, "height": height, "width": width, "negative_prompt": cfg.negative_prompt,
-        "prompt_sha256": prompt_set.sha256,
+        "prompt_sha256": prompt_set.sha256, "batch_size": cfg.batch_size,
     }
     sid = _settings_id(settings)
-    out = Path(cfg.out)
     images_dir = out / "images"
     gen_json = out / "generation.json"
     if gen_json.is_file():
         prev = read_json(gen_json)
-        if prev.get("settings_id") != sid:
+        if prev.get("settings_id") != sid and _has_images(images_dir):
             diff = [k for k in settings if prev.get("settings", {}).get(k) != settings[k]]
             raise GenerationError(
                 f"{out} holds images made with other settings (differs in: {', '.join(diff) or 'model'}); "
@@ -325,9 +367,15 @@ def run_generation(
     }
     images_dir.mkdir(parents=True, exist_ok=True)
     with _locked(out / ".lock"):
-        if not gen_json.is_file():
+        # a record of a run that wrote no image yet (e.g. refused a bad CSV row) is replaced, never held against
+        # the corrected command
+        if not gen_json.is_file() or (read_json(gen_json).get("settings_id") != sid and not _has_images(images_dir)):
             atomic_write_json(gen_json, dict(header, status={"planned": len(items_all), "written": 0, "complete": False}))
-    pending = [it for it in my_items if not _is_done(images_dir, it, sid)]
+    clean_stale_temps(images_dir)
+    batches = _fixed_batches(my_items, cfg.batch_size)
+    done_flags = {it.file: _is_done(images_dir, it, sid) for it in my_items}
+    todo = [b for b in batches if not all(done_flags[it.file] for it in b)]
+    pending = [it for it in my_items if not done_flags[it.file]]
     skipped = len(my_items) - len(pending)
     logger.info("shard %d/%d: %d images planned, %d already written, %d to generate",
                 shard_index, num_shards, len(my_items), skipped, len(pending))
@@ -338,17 +386,16 @@ def run_generation(
 
         if pipe is None:
             pipe = _load_pipe(cfg, device)
-        pending.sort(key=lambda it: (it.guidance, it.row_index, it.sample))
-        for b in range(0, len(pending), cfg.batch_size):
-            batch = pending[b: b + cfg.batch_size]
+        for batch in todo:
             imgs = generate(
                 pipe, [it.prompt for it in batch], [it.seed for it in batch], steps=cfg.steps,
                 guidance=[it.guidance for it in batch], height=height, width=width, batch_size=cfg.batch_size,
                 negative_prompt=cfg.negative_prompt,
             )
             for it, im in zip(batch, imgs):
-                _save_png(im, images_dir / it.file, {"settings_id": sid, "key": it.key(), "run_id": ident["run_id"]})
-            done += len(batch)
+                if not done_flags[it.file]:
+                    _save_png(im, images_dir / it.file, {"settings_id": sid, "key": it.key(), "run_id": ident["run_id"]})
+                    done += 1
             if progress is not None:
                 progress(skipped + done, len(my_items))
     elif progress is not None:

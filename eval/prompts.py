@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from erasure.diffusion.pipeline import MAX_GUIDANCE, MAX_SEED
 from erasure.io import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -63,12 +64,19 @@ def row_categories(value: str | None) -> list[str]:
 
 
 def _int_or_none(v: str | None, what: str, line: int, path: str) -> int | None:
-    f = _float_or_none(v, what, line, path, finite_msg="is not a non-negative integer")
-    if f is None:
-        return None
-    if f != int(f) or f < 0:
-        raise PromptFileError(f"{path} line {line}: {what} {v!r} is not a non-negative integer")
-    return int(f)
+    text = "" if v is None else str(v).strip()
+    if text.isdigit():  # exact (a float would round 2**63 - 1 up to 2**63)
+        n = int(text)
+    else:
+        f = _float_or_none(v, what, line, path, finite_msg="is not a non-negative integer")
+        if f is None:
+            return None
+        if f != int(f) or f < 0:
+            raise PromptFileError(f"{path} line {line}: {what} {v!r} is not a non-negative integer")
+        n = int(f)
+    if n > MAX_SEED:
+        raise PromptFileError(f"{path} line {line}: {what} {v!r} is out of range (0 to 2**63-1); fix the row and re-run")
+    return n
 
 
 def _float_or_none(v: str | None, what: str, line: int, path: str, finite_msg: str = "is not finite") -> float | None:
@@ -124,12 +132,16 @@ def load_prompts(path: str | os.PathLike) -> PromptSet:
             continue
         extra = {k: v for k, v in rec.items() if k and k not in (
             "prompt", "case_number", "evaluation_seed", "evaluation_guidance", "categories")}
+        guidance = _float_or_none(rec.get("evaluation_guidance"), "evaluation_guidance", line, str(p))
+        if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE:
+            raise PromptFileError(f"{p} line {line}: evaluation_guidance {guidance!r} is out of range (0 to "
+                                  f"{MAX_GUIDANCE:g}); fix the row and re-run")
         rows.append(PromptRow(
             index=i,
             case_number=case,
             prompt=prompt,
             seed=_int_or_none(rec.get("evaluation_seed"), "evaluation_seed", line, str(p)),
-            guidance=_float_or_none(rec.get("evaluation_guidance"), "evaluation_guidance", line, str(p)),
+            guidance=guidance,
             categories=row_categories(rec.get("categories")),
             extra=extra,
         ))

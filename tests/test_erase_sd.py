@@ -358,7 +358,36 @@ def test_cli_erase_mask_generate(tiny_model_dir, tmp_path, capsys):
     rc = cli_main(["erase", *common, "--forget-prompt", FORGET, "--anchor-prompt", "x", "--retain-prompt", "y",
                    "--mask-ratio", "2", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith("erasure erase: error: mask ratio") and not (tmp_path / "bad").exists()
+    assert rc == 2 and err[-1].startswith("erasure erase: error: --mask-ratio: mask ratio") and not (tmp_path / "bad").exists()
     rc = cli_main(["erase", *common, "--forget-prompt", FORGET, "--anchor-prompt", "x", "--retain-prompt", "y",
                    "--steps", "1", "--out", str(tmp_path / "run")])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_dfdr_cache_resume_regenerates_whole_batch_bit_identically(tiny_model_dir, tmp_path):
+    """A kill mid-batch leaves some images of a batch: the resumed run regenerates that batch whole (pixels depend on
+    the batch), so every image equals the uninterrupted run's; temp files of dead writers are removed."""
+    import numpy as np
+    from PIL import Image
+
+    from erasure.diffusion.data import generate_cached
+
+    pipe = load_pipeline(tiny_model_dir, device="cpu")
+    prompts, seeds = [FORGET, "a red square", "a blue star"] * 2, list(range(6))
+
+    def run(cache):
+        return generate_cached(pipe, "m", prompts, seeds, 2, 7.5, 64, cache, batch_size=4)
+
+    ref = run(tmp_path / "a")
+    part = run(tmp_path / "b")
+    for p in part[1:3]:  # killed after writing images 0 and 3 of the first batch
+        p.unlink()
+    from erasure.io import temp_prefix
+
+    stale = part[0].parent / f"{temp_prefix(part[1].name, 2**22 + 99)}x1y2.tmp.png"
+    stale.write_bytes(b"half")
+    again = run(tmp_path / "b")
+    assert [p.name for p in again] == [p.name for p in ref]
+    for a, b in zip(ref, again):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert not stale.exists()

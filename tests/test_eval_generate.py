@@ -320,3 +320,43 @@ def test_erased_run_dir_is_generated_and_labelled(tiny_model_dir, i2p, pipe, tmp
     from erasure_eval.cli import main
 
     assert main(["generate", "--run", str(tmp_path / "nope"), "--prompts", str(i2p), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_failed_first_run_leaves_no_record_that_refuses_the_corrected_csv(tiny_model_dir, pipe, tmp_path):
+    """A run that wrote no image (here: the pipeline fails on a row) must not lock the folder to its CSV."""
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,evaluation_seed\na photo of a circle,1\na red square,2\n")
+    out = tmp_path / "g"
+
+    class Broken:
+        def __getattr__(self, name):
+            raise RuntimeError("pipeline failed")
+
+    with pytest.raises(RuntimeError):
+        run_generation(_cfg(tiny_model_dir, csv, out), pipe=Broken())
+    assert (out / "generation.json").is_file()
+    csv.write_text("prompt,evaluation_seed\na photo of a circle,1\na red square,3\n")  # the corrected file
+    assert run_generation(_cfg(tiny_model_dir, csv, out), pipe=pipe)["manifest"]["complete"]
+    with pytest.raises(GenerationError, match="prompt_sha256"):  # once images exist, other settings are refused
+        csv.write_text("prompt,evaluation_seed\na photo of a circle,1\na red square,4\n")
+        run_generation(_cfg(tiny_model_dir, csv, out), pipe=pipe)
+
+
+def test_csv_seed_out_of_range_names_file_and_line(tmp_path):
+    from erasure_eval.prompts import PromptFileError
+
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,evaluation_seed\nok,1\nbad,1e30\n")
+    with pytest.raises(PromptFileError, match=r"p\.csv line 3: evaluation_seed '1e30' is out of range"):
+        load_prompts(csv)
+    csv.write_text(f"prompt,evaluation_seed\nok,{2**63 - 1}\n")
+    assert load_prompts(csv).rows[0].seed == 2**63 - 1  # exact, not rounded through a float
+
+
+def test_batches_are_fixed_slices_of_the_plan_not_of_what_is_missing():
+    from erasure_eval.generate import ImageItem, _fixed_batches
+
+    items = [ImageItem(file=f"{i}_0.png", case_number=str(i), sample=0, row_index=i, prompt="p", seed=i,
+                       guidance=7.5 if i < 5 else 9.0, categories=[], extra={}) for i in range(7)]
+    assert [[it.row_index for it in b] for b in _fixed_batches(items, 2)] == [[0, 1], [2, 3], [4], [5, 6]]
+    assert [[it.row_index for it in b] for b in _fixed_batches(items[::-1], 2)] == [[0, 1], [2, 3], [4], [5, 6]]
