@@ -5,7 +5,8 @@
 
 Named API endpoints (for ``gradio_client``): ``/erase``, ``/compare``, ``/inspect``, ``/evaluate``,
 ``/rename_run``, ``/delete_run``, ``/download_run``, ``/export_run``, ``/list_interrupted``, ``/resume_run``,
-``/delete_interrupted``.
+``/delete_interrupted``, ``/job_status`` (the running job and the queue) and ``/cancel`` (the running job, or a
+run's job by name).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import gradio as gr  # noqa: E402
 
 from erasure.threads import help_text as threads_help  # noqa: E402
 from erasure_app.service import ORIGINAL, AppError, AppService  # noqa: E402
+from erasure_app.tabs import banner as banner_tab  # noqa: E402
 from erasure_app.tabs import compare as compare_tab  # noqa: E402
 from erasure_app.tabs import erase as erase_tab  # noqa: E402
 from erasure_app.tabs import evaluate as evaluate_tab  # noqa: E402
@@ -38,7 +40,7 @@ __all__ = ["create_demo", "parse_args", "launch_kwargs", "main"]
 
 CSS = """
 #compare-gallery-a, #compare-gallery-b { min-height: 200px; }
-"""
+""" + banner_tab.CSS
 
 
 def default_gen_concurrency(service: AppService) -> int:
@@ -54,6 +56,7 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
     with gr.Blocks(title="SalUn concept erasure", analytics_enabled=False) as demo:
         gr.Markdown("## SalUn concept erasure\nErase a concept from a diffusion model, then compare the original "
                     "and the unlearned model side by side.")
+        banner, banner_cancel, timer = banner_tab.build(service, ctx)
         with gr.Tabs():
             with gr.Tab("Erase", id="erase"):
                 erase_tab.build(service, ctx)
@@ -65,6 +68,7 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
                 evaluate_tab.build(service, ctx)
             with gr.Tab("Runs", id="runs") as runs_page:
                 runs_tab.build(service, ctx)
+        tick, job_changed = banner_tab.wire(service, ctx, banner, banner_cancel, timer)
         # opening the Runs tab shows runs that finished or were interrupted meanwhile
         ctx.runs_changed.append(runs_page.select(lambda: None, None, None, api_visibility="private", queue=False))
 
@@ -97,6 +101,12 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
         def refresh_new(new_run, *current):
             return refresh(*current, new_run=new_run)
 
+        def refresh_if(changed, *current):
+            return refresh(*current) if changed else [gr.skip()] * len(outputs)
+
+        # a job started or ended (in any window): refresh the runs views
+        tick.then(refresh_if, [job_changed] + inputs, outputs, api_visibility="private", queue=False,
+                  show_progress="hidden")
         for ev in ctx.runs_changed:
             ev.then(refresh, inputs, outputs, api_visibility="private", queue=False)
         for ev, comp in ctx.new_run:

@@ -110,7 +110,8 @@ def test_erase_then_compare_over_the_api(tiny_app):
     # manage: download, rename, delete
     z = c.predict(run_id="api-apple", api_name="/download_run")
     assert Path(z).name == "api-apple-run.zip" and Path(z).stat().st_size > 0
-    assert "renamed" in c.predict(run_id="api-apple", new="api-apple-2", api_name="/rename_run")
+    msg, selected = c.predict(run_id="api-apple", new="api-apple-2", api_name="/rename_run")
+    assert "renamed" in msg and selected == "api-apple-2"  # the selection follows the renamed run
     assert not (root / "runs" / "api-apple").exists() and (root / "runs" / "api-apple-2" / "run.json").is_file()
     msg, _ = c.predict(run_id="api-apple-2", ok=True, api_name="/delete_run")
     assert "deleted" in msg and not (root / "runs" / "api-apple-2").exists()
@@ -157,8 +158,15 @@ def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_p
     # settings are checked by their config, whose message names the field (gradio checks the controls' bounds first)
     with pytest.raises(AppError, match="learning rate must be > 0"):
         c.predict(**dict(TINY_ERASE, lr=0), run_name="", api_name="/erase")
-    with pytest.raises(AppError, match="greater than maximum"):
+    with pytest.raises(AppError, match=r"learning rate must be > 0.0 and <= 1.0, got 5.0"):
         c.predict(**dict(TINY_ERASE, lr=5.0), run_name="", api_name="/erase")
+    for ratio in (0, 1.5):  # no silent clamping to 0.01 or 1
+        with pytest.raises(AppError, match=rf"mask ratio must be > 0.0 and <= 1.0, got {ratio}"):
+            c.predict(**dict(TINY_ERASE, mask_ratio=ratio), run_name="", api_name="/erase")
+    with pytest.raises(AppError, match="the limit is 256 per list"):
+        c.predict(**dict(TINY_ERASE, forget="\n".join(["an apple"] * 1000)), run_name="", api_name="/erase")
+    assert c.predict(api_name="/job_status")["running"] is False
+    assert "Nothing to cancel" in c.predict(api_name="/cancel")
     with pytest.raises(AppError, match=r"retain weight \(alpha\) must be >= 0"):
         c.predict(**TINY_ERASE, method_args='{"alpha": -1}', run_name="", api_name="/erase")
     with pytest.raises(AppError, match="method_args is not valid JSON"):

@@ -17,7 +17,7 @@ from erasure_app.forms import (
     to_form,
 )
 from erasure_app.service import AppService, method_settings
-from erasure_app.tabs.common import UIContext, erase_progress, session_id, ui_errors, wire_cancel
+from erasure_app.tabs.common import UIContext, session_id, ui_errors
 from erasure_app.tabs.fields import control
 
 CUSTOM = "custom"
@@ -93,13 +93,14 @@ def build(service: AppService, ctx: UIContext) -> None:
     named["preset"] = preset
     with gr.Row():
         erase_btn = gr.Button("Erase", variant="primary", elem_id="erase-button")
-        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
-    status = gr.Markdown(service.status_text(), elem_id="erase-status")
+    ctx.job_buttons.append(erase_btn)
+    status = gr.Markdown("", elem_id="erase-status")
     with gr.Row():
         run_id = gr.Textbox(label="Saved run", interactive=False, elem_id="erase-run-id")
         summary = gr.Markdown("", elem_id="erase-summary")
     loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series", title="Training loss",
-                            label="Training loss", height=260)
+                            label="Training loss", height=260, elem_id="erase-loss")
+    ctx.live_loss = loss_plot
 
     def show_method(name: str):
         cls = METHODS[name].config_cls if name in METHODS else None
@@ -141,7 +142,7 @@ def build(service: AppService, ctx: UIContext) -> None:
     @ui_errors
     def run_erase(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha,
                   forget_images_per_prompt, retain_images_per_prompt, data_steps, batch_size, seed, run_name,
-                  retain_loss, method_args, request: gr.Request, progress=gr.Progress(), **settings):
+                  retain_loss, method_args, request: gr.Request, **settings):
         """Erase a concept into a new saved run; returns (run id, summary, loss curve).
 
         The method's own settings: ``alpha`` and ``retain_loss`` (SalUn and RL), the other methods' by name
@@ -153,8 +154,7 @@ def build(service: AppService, ctx: UIContext) -> None:
                                        forget_images_per_prompt, retain_images_per_prompt, data_steps, batch_size,
                                        seed, run_name, retain_loss, method_args), strict=True))
         cfg = _config(values, settings)
-        progress(0, desc="starting")
-        rid = service.erase(cfg, run_name or None, progress=erase_progress(progress), owner=session_id(request))
+        rid = service.erase(cfg, run_name or None, owner=session_id(request))
         info = service.read_run(rid)
         t = info.get("timing_s", {})
         mask = info.get("mask") or {}
@@ -181,17 +181,14 @@ def build(service: AppService, ctx: UIContext) -> None:
         service.check_new_run(values[positional.index("run_name")], cfg)
         st = service.erase_status()
         if st["running"]:
-            gr.Warning("Another erasure is training; yours waits in the queue and starts when it finishes "
-                       "(one erasure trains at a time).")
-        return service.status_text()
+            gr.Warning("Another erasure is training; yours waits in the queue (shown in the banner) and starts when "
+                       "it finishes (one erasure trains at a time).")
+        return ""
 
     # the precheck is queued (so its warning reaches the page) but never waits: no concurrency limit
     ev = erase_btn.click(precheck, inputs, status, inputs_kwargs=keyword_inputs, api_visibility="private",
                          concurrency_limit=None, show_progress="hidden")
+    # no gradio concurrency limit: the service queues erasures itself (one trains; the queue is in the banner)
     erase_ev = ev.success(run_erase, inputs, [run_id, summary, loss_plot], inputs_kwargs=keyword_inputs,
-                          api_name="erase", concurrency_limit=1, concurrency_id="erase")
+                          api_name="erase", concurrency_limit=None, show_progress="hidden")
     ctx.new_run.append((erase_ev, run_id))
-    wire_cancel(service, ctx, cancel_btn, status, erase_ev)
-
-    timer = gr.Timer(2.0)
-    timer.tick(service.status_text, None, status, api_visibility="private", queue=False, show_progress="hidden")
