@@ -350,6 +350,20 @@ class AppService:
                  preset=p.name)
         return d
 
+    def custom_form(self) -> dict[str, Any]:
+        """The form values of "custom": no prompts and the defaults of every setting (the config's defaults for
+        this model; never the previously chosen preset's)."""
+        from erasure.config import EraseConfig
+        from erasure.methods import METHODS
+        from erasure_app.forms import FORM_FIELDS
+
+        defaults = {f: EraseConfig.__dataclass_fields__[f].default for f in FORM_FIELDS}
+        method = EraseConfig.__dataclass_fields__["method"].default
+        return dict(defaults, method=method, method_args=METHODS[method].config_cls().to_dict(), name="", forget="",
+                    anchor="", retain="", preset="custom",
+                    description="Custom: type your own forget, anchor and retain prompts (open **Prompts**); every "
+                                "setting starts from its default.")
+
     def make_config(
         self,
         concept: str,

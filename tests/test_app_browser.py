@@ -13,6 +13,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib.util  # noqa: E402
+import re  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -86,9 +87,17 @@ def _fill(page, selector: str, value) -> None:
     expect(el).to_have_value(str(value))
 
 
+def _open_prompts(page) -> None:
+    """Open the collapsed prompt lists (their title shows the counts)."""
+    if not page.locator("#erase-forget textarea").first.is_visible():
+        page.get_by_text(re.compile(r"^Prompts: \d+ forget")).first.click()
+        page.locator("#erase-forget textarea").first.wait_for(state="visible")
+
+
 def _start_erasure(page, steps: int, run_name: str) -> None:
     """Fill the Erase tab with typed prompts and a tiny data config, then click Erase."""
     _fill(page, "#erase-concept textarea, #erase-concept input", "apple")
+    _open_prompts(page)
     _fill(page, "#erase-forget textarea", "an apple\na photo of an apple")
     _fill(page, "#erase-anchor textarea", "a pear")
     _fill(page, "#erase-retain textarea", "a car")
@@ -154,37 +163,65 @@ def test_erase_and_compare_in_the_browser(app_url):
     assert not outside, f"requests left the machine: {outside}"
 
 
-def test_cancel_lists_the_run_under_interrupted_runs_then_resume_and_delete(app_url):
+def test_job_banner_in_two_windows_cancel_from_the_second_reload_resume_and_delete(app_url):
+    """The running job belongs to the app, not to the window that started it: a second window sees it in the
+    banner and cancels it; a reloaded window re-attaches; "cancelling" turns into "cancelled"."""
     from playwright.sync_api import expect, sync_playwright
 
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(app_url)
             page.wait_for_selector("#erase-button", timeout=60_000)
             _start_erasure(page, steps=5000, run_name="browser-cancel")  # long enough to cancel
-            expect(page.locator("#erase-status")).to_contain_text("fine-tuning", timeout=120_000)
-            page.locator("#cancel-button").click()
+            banner = page.locator("#job-banner")
+            expect(banner).to_contain_text("fine-tuning", timeout=120_000)
+            expect(banner).to_contain_text("browser-cancel")
+            expect(banner).to_contain_text("% overall")
+            expect(banner).to_contain_text(re.compile(r"ETA \d+ (s|min)"), timeout=30_000)
+            expect(page.locator("#erase-button")).to_be_disabled(timeout=10_000)
+            page.screenshot(path=str(ARTIFACTS / "banner-running-1280.png"))
 
-            # once it has stopped, the Runs tab lists it under Interrupted runs (refreshed after the cancel)
+            # a second window (its own browser session) sees the job; the first, reloaded, re-attaches
+            other = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+            other.goto(app_url)
+            other_banner = other.locator("#job-banner")
+            expect(other_banner).to_contain_text("browser-cancel", timeout=60_000)
+            expect(other_banner).to_contain_text("fine-tuning")
+            expect(other.locator("#erase-button")).to_be_disabled(timeout=10_000)
+            page.reload()
+            expect(page.locator("#job-banner")).to_contain_text("fine-tuning", timeout=60_000)
+            other.screenshot(path=str(ARTIFACTS / "banner-running-390.png"))
+
+            # cancel from the second window (on another tab): cancelling..., then cancelled
+            other.get_by_role("tab", name="Compare").click()
+            other.locator("#job-cancel").click()
+            expect(other_banner).to_contain_text("ancelling", timeout=10_000)
+            expect(other_banner).to_contain_text("'browser-cancel' cancelled at step", timeout=120_000)
+            expect(page.locator("#job-banner")).to_contain_text("cancelled at step", timeout=30_000)
+            expect(page.locator("#erase-button")).to_be_enabled(timeout=10_000)
+
+            # the first window's Runs tab lists it under Interrupted runs (refreshed when the job ended)
             page.get_by_role("tab", name="Runs").click()
             table = page.locator("#interrupted-table")
-            expect(table).to_contain_text("browser-cancel", timeout=120_000)
-            expect(page.locator("#erase-status")).to_contain_text("listed under Interrupted runs", timeout=10_000)
+            expect(table).to_contain_text("browser-cancel", timeout=60_000)
             expect(page.locator("#interrupted-run input").first).to_have_value("browser-cancel")
             first = _interrupted_step(table, "browser-cancel")
             assert first >= 1
 
-            # resume it, cancel again from the Runs tab: listed again with a later step; then delete it
+            # resume it, cancel again from the second window: listed again with a later step; then delete it
             page.locator("#resume-button").click()
-            page.wait_for_timeout(3000)
-            page.locator("#resume-cancel-button").click()
-            expect(page.locator("#interrupted-message")).to_contain_text("Cancelling 'browser-cancel'", timeout=30_000)
-            expect(page.locator("#erase-status")).to_contain_text("No erasure is training", timeout=120_000)
+            expect(other_banner).to_contain_text("Resumed erasure of run 'browser-cancel'", timeout=60_000)
+            expect(other_banner).to_contain_text("fine-tuning", timeout=120_000)
+            other.wait_for_timeout(2000)
+            other.locator("#job-cancel").click()
+            expect(other_banner).to_contain_text("cancelled at step", timeout=120_000)
             page.wait_for_function(
-                "([sel, n]) => { const m = document.querySelector(sel).innerText.match(/browser-cancel\\s+apple\\s+salun"
-                "\\s+(\\d+)/); return m && Number(m[1]) > n; }", arg=["#interrupted-table", first], timeout=30_000)
+                "([sel, n]) => { const m = document.querySelector(sel).innerText.match(/browser-cancel\\s+apple\\s+"
+                "salun\\s+(\\d+)/); return m && Number(m[1]) > n; }", arg=["#interrupted-table", first],
+                timeout=60_000)
             page.get_by_label("Yes, delete this interrupted run").check()
             page.get_by_role("button", name="Delete interrupted run").click()
             expect(page.locator("#interrupted-message")).to_contain_text("deleted interrupted run 'browser-cancel'",

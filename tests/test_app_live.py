@@ -111,7 +111,7 @@ def test_erase_then_compare_over_the_api(tiny_app):
     z = c.predict(run_id="api-apple", api_name="/download_run")
     assert Path(z).name == "api-apple-run.zip" and Path(z).stat().st_size > 0
     msg, selected = c.predict(run_id="api-apple", new="api-apple-2", api_name="/rename_run")
-    assert "renamed" in msg and selected == "api-apple-2"  # the selection follows the renamed run
+    assert "renamed" in msg and selected["value"] == "api-apple-2"  # the selection follows the renamed run
     assert not (root / "runs" / "api-apple").exists() and (root / "runs" / "api-apple-2" / "run.json").is_file()
     msg, _ = c.predict(run_id="api-apple-2", ok=True, api_name="/delete_run")
     assert "deleted" in msg and not (root / "runs" / "api-apple-2").exists()

@@ -18,12 +18,16 @@ from erasure_app.tabs.common import UIContext
 POLL_S = 1.0
 
 CSS = """
-#job-banner { position: sticky; top: 0; z-index: 20; }
-#job-banner .job { border: 1px solid var(--border-color-primary); border-radius: 6px; padding: 6px 10px;
-  background: var(--background-fill-secondary); font-size: 0.95em; }
-#job-banner .job.running { border-color: var(--color-accent); }
-#job-banner .bar { height: 6px; background: var(--border-color-primary); border-radius: 3px; margin-top: 4px; }
+#job-banner { position: fixed; left: 0; right: 0; bottom: 0; z-index: 50; margin: 0; padding: 4px 12px;
+  background: var(--background-fill-primary); border-top: 1px solid var(--border-color-primary);
+  box-shadow: 0 -2px 8px rgba(0, 0, 0, 0.12); flex-wrap: wrap; gap: 6px; }
+#job-banner-text { min-width: 240px; flex: 100 1 240px; }
+#job-cancel { flex: 0 0 auto; align-self: center; max-width: 140px; }
+body, .gradio-container { padding-bottom: 96px !important; }
+#job-banner .job { font-size: 0.95em; line-height: 1.35; }
+#job-banner .bar { height: 6px; background: var(--border-color-primary); border-radius: 3px; margin-top: 3px; }
 #job-banner .bar > div { height: 6px; background: var(--color-accent); border-radius: 3px; }
+.small-note { font-size: 0.85em; color: var(--body-text-color); }
 """
 
 
@@ -73,9 +77,9 @@ def banner_html(st: dict[str, Any]) -> str:
 
 def build(service: AppService, ctx: UIContext) -> tuple[Any, Any, Any]:
     """The banner (HTML), its Cancel button and the poll timer; call before the tabs."""
-    with gr.Row(elem_id="job-banner", equal_height=True):
-        banner = gr.HTML(banner_html(service.job_status()), elem_id="job-banner-text", scale=6, padding=False)
-        cancel = gr.Button("Cancel job", variant="stop", elem_id="job-cancel", scale=1, min_width=110, size="sm",
+    with gr.Row(elem_id="job-banner"):
+        banner = gr.HTML(banner_html(service.job_status()), elem_id="job-banner-text", padding=False)
+        cancel = gr.Button("Cancel job", variant="stop", elem_id="job-cancel", scale=0, min_width=110, size="sm",
                            interactive=service.job_status()["running"])
     timer = gr.Timer(POLL_S)
     ctx.banner = banner
