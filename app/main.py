@@ -40,7 +40,7 @@ __all__ = ["create_demo", "parse_args", "launch_kwargs", "main"]
 
 CSS = """
 #compare-gallery-a, #compare-gallery-b { min-height: 200px; }
-""" + banner_tab.CSS
+""" + banner_tab.CSS + compare_tab.CSS
 
 
 def default_gen_concurrency(service: AppService) -> int:

@@ -140,26 +140,34 @@ def test_erase_and_compare_in_the_browser(app_url):
             _fill(page, "#compare-seeds textarea, #compare-seeds input", "0, 1")
             _fill(page, "#compare-steps input[type=number]", 2)
             page.locator("#compare-button").click()
-            imgs_a = page.locator("#compare-gallery-a img")
-            imgs_b = page.locator("#compare-gallery-b img")
-            expect(imgs_a).to_have_count(2, timeout=120_000)
-            expect(imgs_b).to_have_count(2, timeout=120_000)
-            for loc in (imgs_a.first, imgs_b.first):
-                loc.scroll_into_view_if_needed()
-                page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=loc.element_handle())
+            imgs = page.locator("#compare-grid img")
+            expect(imgs).to_have_count(4, timeout=120_000)
+            for i in range(4):
+                page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=imgs.nth(i).element_handle())
+            expect(page.locator("#compare-grid .cmp-head")).to_contain_text("browser-apple")
+            expect(page.locator("#compare-grid .cmp-head")).to_contain_text("original")
+            expect(page.locator("#compare-grid figcaption").first).to_contain_text("NudeNet")
             expect(page.locator("#compare-table")).to_contain_text("NudeNet")
-            page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / "compare-1280.png"), full_page=True)
+            boxes = [imgs.nth(i).bounding_box() for i in range(4)]
 
-            a, b = imgs_a.first.bounding_box(), imgs_b.first.bounding_box()
-            ga, gb = page.locator("#compare-gallery-a").bounding_box(), page.locator("#compare-gallery-b").bounding_box()
+            # 390 px wide: stacked per seed, nothing wider than the page
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.wait_for_timeout(500)
+            overflow = page.evaluate("document.documentElement.scrollWidth")
+            narrow = [imgs.nth(i).bounding_box() for i in range(4)]
+            page.screenshot(path=str(ARTIFACTS / "compare-390.png"), full_page=True)
         finally:
             browser.close()
-    assert (ARTIFACTS / "compare.png").stat().st_size > 10_000
-    # side by side: the left gallery's first image and the right one's share a row, left before right
-    assert abs(a["y"] - b["y"]) < 4, (a, b)
-    assert a["x"] + a["width"] <= b["x"], (a, b)
-    assert abs(ga["y"] - gb["y"]) < 4 and ga["x"] + ga["width"] <= gb["x"] + 1, (ga, gb)
-    assert a["width"] > 50 and b["width"] > 50
+    assert (ARTIFACTS / "compare-1280.png").stat().st_size > 10_000
+    # one row per seed: the original and the run side by side, each image at least 256 px wide
+    a, b = boxes[0], boxes[1]
+    assert abs(a["y"] - b["y"]) < 4 and a["x"] + a["width"] <= b["x"], (a, b)
+    assert boxes[2]["y"] > a["y"] + a["height"]  # the next seed below
+    assert all(bx["width"] >= 256 for bx in boxes), boxes
+    assert overflow <= 390, overflow
+    assert all(bx["x"] >= 0 and bx["x"] + bx["width"] <= 390 for bx in narrow), narrow
+    assert narrow[1]["y"] > narrow[0]["y"] + narrow[0]["height"] - 1  # stacked
     assert not outside, f"requests left the machine: {outside}"
 
 

@@ -98,13 +98,14 @@ def test_erase_then_compare_over_the_api(tiny_app):
     assert rid == "api-apple" and "apple" in summary
     assert (root / "runs" / "api-apple" / "weights.safetensors").is_file()
     assert [row[0] for row in loss["data"]][-1] == 2
-    gal_a, gal_b, table = c.predict(prompt="an apple", seeds="0, 1, 2", steps=2, guidance=7.5, model_a="original",
+    gal_a, gal_b, table, grid = c.predict(prompt="an apple", seeds="0, 1, 2", steps=2, guidance=7.5, model_a="original",
                                     model_b="api-apple", api_name="/compare")
     a, b = _images(gal_a), _images(gal_b)
     assert len(a) == len(b) == 3 and all(p.is_file() for p in a + b)
     assert [r[0] for r in table["data"]] == [0, 1, 2] and table["headers"][2] == "right (api-apple)"
+    assert grid.count("<img") == 6 and "api-apple" in grid and "seed 2" in grid
     # two runs against each other
-    gal_a, gal_b, _ = c.predict(prompt="an apple", seeds="5", steps=2, guidance=7.5, model_a="api-apple",
+    gal_a, gal_b, _, _ = c.predict(prompt="an apple", seeds="5", steps=2, guidance=7.5, model_a="api-apple",
                                 model_b="api-apple", api_name="/compare")
     assert len(_images(gal_a)) == len(_images(gal_b)) == 1
     # manage: download, rename, delete
@@ -179,8 +180,8 @@ def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_p
         c.predict(run_id="x", source="csv", upload=handle_file(str(csv)), limit=3, steps=2, guidance=7.5,
                   api_name="/evaluate")
     # still serving
-    gal_a, gal_b, _ = c.predict(prompt="a pear", seeds="0", steps=2, guidance=7.5, model_a="original",
-                                model_b="original", api_name="/compare")
+    gal_a, gal_b, _, _ = c.predict(prompt="a pear", seeds="0", steps=2, guidance=7.5, model_a="original",
+                                   model_b="original", api_name="/compare")
     assert len(_images(gal_a)) == 1
 
 
@@ -216,8 +217,8 @@ def test_erase_shape_on_embedded_model_and_judge(tmp_path):
             retain_images_per_prompt=2, data_steps=10, batch_size=8, seed=0, run_name="circle-test", api_name="/erase",
         )
         assert rid == "circle-test"
-        gal_a, gal_b, table = cl.predict(prompt="a circle", seeds="0, 1, 2, 3", steps=20, guidance=7.5,
-                                         model_a="original", model_b="circle-test", api_name="/compare")
+        gal_a, gal_b, table, _ = cl.predict(prompt="a circle", seeds="0, 1, 2, 3", steps=20, guidance=7.5,
+                                            model_a="original", model_b="circle-test", api_name="/compare")
     finally:
         stop_app(proc)
     # judge the returned PNGs ourselves (the page shows the same verdicts under the images)
