@@ -1092,6 +1092,17 @@ class AppService:
         read_prompt_csv(path, 1)  # readable, with a 'prompt' column and at least one prompt
         return path
 
+    def prompt_sources(self) -> list[tuple[str, str]]:
+        """``(label, source)`` of the prompt sets this model can be evaluated on: its own set and I2P only where the
+        file is present (I2P only for Stable Diffusion models), an uploaded CSV always."""
+        out = []
+        own = prompt_file("shapes.csv" if self.model_kind == "shapes" else "sd_prompts.csv")
+        if own.is_file():
+            out.append(("model's prompt set", "model"))
+        if self.model_kind != "shapes" and self.i2p_path() is not None:
+            out.append(("I2P", "i2p"))
+        return out + [("uploaded CSV", "csv")]
+
     @staticmethod
     def i2p_path() -> Path | None:
         # in a source checkout, the reference data beside it (../shared/data); never shipped

@@ -282,3 +282,80 @@ def _interrupted_step(table, run: str) -> int:
     m = re.search(rf"{re.escape(run)}\s+apple\s+salun\s+(\d+)", table.inner_text())
     assert m, table.inner_text()
     return int(m.group(1))
+
+
+def test_rename_keeps_selection_custom_clears_preset_and_numbers_are_not_clamped(app_url):
+    from gradio_client import Client
+    from playwright.sync_api import expect, sync_playwright
+
+    c = Client(app_url, verbose=False)
+    tiny = dict(preset="custom", concept="apple", forget="an apple", anchor="a pear", retain="a car", method="salun",
+                mask_ratio=0.5, steps=1, lr=1e-5, alpha=0.5, forget_images_per_prompt=1, retain_images_per_prompt=1,
+                data_steps=1, batch_size=1, seed=0)
+    for name in ("rename-a", "rename-b"):
+        c.predict(**tiny, run_name=name, api_name="/erase")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(app_url)
+            page.wait_for_selector("#erase-button", timeout=60_000)
+            # Erase and the job banner above the fold at 1280x800
+            for sel in ("#erase-button", "#job-banner"):
+                box = page.locator(sel).first.bounding_box()
+                assert box and box["y"] + box["height"] <= 800, (sel, box)
+            page.screenshot(path=str(ARTIFACTS / "erase-1280.png"))
+
+            # custom starts from the defaults, not from the preset's prompts and settings
+            _open_prompts(page)
+            expect(page.locator("#erase-retain textarea").first).not_to_have_value("")  # the preset's
+            page.locator("#erase-preset input").first.click()
+            page.get_by_role("option", name="custom (type your prompts)").click()
+            expect(page.locator("#erase-preset input").first).to_have_value("custom (type your prompts)")
+            expect(page.locator("#erase-retain textarea").first).to_have_value("", timeout=15_000)
+            expect(page.get_by_text(re.compile(r"^Prompts: 0 forget · 0 anchor · 0 retain"))).to_be_visible(
+                timeout=15_000)
+            expect(page.locator("#erase-concept input, #erase-concept textarea").first).to_have_value("")
+            expect(page.locator("#erase-steps input").first).to_have_value("100")
+
+            # a mask ratio of 0 or 1.5 is an error naming the field, never clamped
+            _fill(page, "#erase-concept textarea, #erase-concept input", "apple")
+            _fill(page, "#erase-forget textarea", "an apple")
+            _fill(page, "#erase-anchor textarea", "a pear")
+            _fill(page, "#erase-retain textarea", "a car")
+            for bad in ("0", "1.5"):
+                _fill(page, "#erase-mask-ratio input", bad)
+                page.locator("#erase-button").click()
+                expect(page.get_by_text(f"mask ratio must be > 0.0 and <= 1.0, got {bad}").first).to_be_visible(
+                    timeout=15_000)
+                expect(page.locator("#erase-mask-ratio input").first).to_have_value(bad)
+                for close in page.locator(".toast-close").all():
+                    close.click()
+
+            # rename keeps the selection on the renamed run and confirms next to the button
+            page.get_by_role("tab", name="Runs").click()
+            run = page.locator("#runs-run input").first
+            run.click()
+            page.get_by_role("option", name="rename-a", exact=True).click()
+            expect(run).to_have_value("rename-a")
+            _fill(page, "#runs-new-name textarea, #runs-new-name input", "rename-a2")
+            page.locator("#runs-rename").click()
+            msg = page.locator("#runs-rename-message")
+            expect(msg).to_contain_text("renamed 'rename-a' to 'rename-a2'", timeout=30_000)
+            expect(run).to_have_value("rename-a2", timeout=10_000)
+            page.wait_for_timeout(2500)  # a later refresh (the banner's poll) must not move it
+            expect(run).to_have_value("rename-a2")
+            btn, m = page.locator("#runs-rename").bounding_box(), msg.bounding_box()
+            assert abs(btn["y"] - m["y"]) < 80, (btn, m)  # next to the button, not at the bottom
+            # a name ending in .partial is refused
+            _fill(page, "#runs-new-name textarea, #runs-new-name input", "rename-b.partial")
+            page.locator("#runs-rename").click()
+            expect(page.get_by_text("may not end in .partial").first).to_be_visible(timeout=15_000)
+            expect(run).to_have_value("rename-a2")
+            page.screenshot(path=str(ARTIFACTS / "runs-1280.png"), full_page=True)
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.wait_for_timeout(500)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            page.screenshot(path=str(ARTIFACTS / "runs-390.png"), full_page=True)
+        finally:
+            browser.close()

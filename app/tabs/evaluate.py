@@ -20,9 +20,8 @@ def build(service: AppService, ctx: UIContext) -> None:
     with gr.Row():
         run = ctx.add_run_dropdown(gr.Dropdown(runs, value=runs[0] if runs else None, label="Run",
                                                allow_custom_value=True, elem_id="eval-run"))
-        default = "model" if service.model_kind == "shapes" else ("i2p" if service.i2p_path() else "csv")
-        source = gr.Radio([("model's prompt set", "model"), ("uploaded CSV", "csv"), ("I2P", "i2p")],
-                          value=default, label="Prompts")
+        sources = service.prompt_sources()
+        source = gr.Radio(sources, value=sources[0][1], label="Prompts", elem_id="eval-source")
         upload = gr.File(label="CSV with a 'prompt' column (optional 'seed')", file_types=[".csv"], type="filepath")
     with gr.Row():
         limit = gr.Number(12, label="Prompts (at most)", precision=0, minimum=1)
