@@ -5,7 +5,7 @@
 
 Named API endpoints (for ``gradio_client``): ``/erase``, ``/compare``, ``/inspect``, ``/evaluate``,
 ``/rename_run``, ``/delete_run``, ``/download_run``, ``/export_run``, ``/list_interrupted``, ``/resume_run``,
-``/delete_interrupted``, ``/job_status`` (the running job and the queue) and ``/cancel`` (the running job, or a
+``/delete_interrupted``, ``/delete_damaged``, ``/job_status`` (the running job and the queue) and ``/cancel`` (the running job, or a
 run's job by name).
 """
 

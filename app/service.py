@@ -63,6 +63,9 @@ setting is also checked by its config."""
 LIMITS_TEXT = (f"Limits per erasure: {LIMITS['prompts']} prompts per list, {LIMITS['job_images']:,} generated images, "
                f"{LIMITS['job_work']:,} work units (images x sampling steps + steps x batch size).")
 
+FIRST_PRESETS = ("shape_circle", "nudity")
+"""Presets listed first (the README's quick start erases shape_circle from the shapes model)."""
+
 RESERVED_SUFFIXES = (".partial", ".tmp")
 """Run names may not end with these (the run store's own folders)."""
 
@@ -324,7 +327,10 @@ class AppService:
                 continue
             label = f"{p.concept.name} ({p.kind or 'concept'})" if p.kind else p.concept.name
             (out if p.model == self.model_kind else other).append((label, name))
-        return out or other
+        out = out or other
+        # the README's examples first: the default preset is the one the quick start erases
+        out.sort(key=lambda lab_name: lab_name[1] not in FIRST_PRESETS)
+        return out
 
     def _preset(self, name: str):
         """``(preset, its EraseConfig)``; a preset's older top-level method keys are read into ``method_args``."""
@@ -735,6 +741,12 @@ class AppService:
         out["others"] = [j.status() for j in jobs[1:]]
         out["last"] = self._last
         return out
+
+    def job_owner(self) -> str | None:
+        """The browser session that started the running job (None when none runs or it came from the API)."""
+        with self._state_lock:
+            jobs = ([self._job] if self._job else []) + list(self._other_jobs)
+        return jobs[0].owner if jobs else None
 
     def job_losses(self) -> list[dict[str, Any]]:
         """The running erasure's losses so far (rows ``{step, series, value}``); [] when none trains."""

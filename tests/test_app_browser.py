@@ -194,10 +194,14 @@ def test_job_banner_in_two_windows_cancel_from_the_second_reload_resume_and_dele
 
             # a second window (its own browser session) sees the job; the first, reloaded, re-attaches
             other = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+            dialogs: list[str] = []
+            other.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
             other.goto(app_url)
             other_banner = other.locator("#job-banner")
             expect(other_banner).to_contain_text("browser-cancel", timeout=60_000)
             expect(other_banner).to_contain_text("fine-tuning")
+            expect(other_banner).to_contain_text("started in another window")
+            expect(page.locator("#job-banner")).not_to_contain_text("another window")
             expect(other.locator("#erase-button")).to_be_disabled(timeout=10_000)
             page.reload()
             expect(page.locator("#job-banner")).to_contain_text("fine-tuning", timeout=60_000)
@@ -207,6 +211,7 @@ def test_job_banner_in_two_windows_cancel_from_the_second_reload_resume_and_dele
             other.get_by_role("tab", name="Compare").click()
             other.locator("#job-cancel").click()
             expect(other_banner).to_contain_text("ancelling", timeout=10_000)
+            assert dialogs and "another window" in dialogs[0]  # confirmed: it was started elsewhere
             expect(other_banner).to_contain_text("'browser-cancel' cancelled at step", timeout=120_000)
             expect(page.locator("#job-banner")).to_contain_text("cancelled at step", timeout=30_000)
             expect(page.locator("#erase-button")).to_be_enabled(timeout=10_000)

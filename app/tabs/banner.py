@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from erasure_app.service import AppService
-from erasure_app.tabs.common import UIContext
+from erasure_app.tabs.common import UIContext, session_id
 
 POLL_S = 1.0
 
@@ -45,14 +45,26 @@ def fmt_seconds(s: float | None) -> str:
 KIND_WORDS = {"erase": "Erasure", "resume": "Resumed erasure", "evaluate": "Evaluation"}
 
 
-def banner_html(st: dict[str, Any]) -> str:
+ELSEWHERE = "started in another window"
+
+CONFIRM_JS = f"""(ok) => {{
+  const t = document.querySelector('#job-banner-text');
+  if (t && t.innerText.includes('{ELSEWHERE}')) {{
+    return confirm('This job was {ELSEWHERE}. Cancel it?');
+  }}
+  return true;
+}}"""
+
+
+def banner_html(st: dict[str, Any], elsewhere: bool = False) -> str:
     """The banner's HTML for a :meth:`~erasure_app.service.AppService.job_status` answer."""
     esc = html.escape
     if not st.get("running"):
         last = st.get("last") or ""
         return ('<div class="job idle"><b>No job is running.</b>' + (f" Last: {esc(last)}" if last else "")
                 + "</div>")
-    parts = [f"<b>{KIND_WORDS.get(st['kind'], st['kind'])} of run '{esc(str(st['run']))}'</b>"]
+    parts = [f"<b>{KIND_WORDS.get(st['kind'], st['kind'])} of run '{esc(str(st['run']))}'</b>"
+             + (f" ({ELSEWHERE})" if elsewhere else "")]
     if st.get("cancelling"):
         parts.append("<b>cancelling…</b> (stops after its current step)")
     stage = esc(str(st.get("stage") or ""))
@@ -96,11 +108,13 @@ def wire(service: AppService, ctx: UIContext, banner: Any, cancel: Any, timer: A
     seen = gr.State(None)
     changed = gr.State(False)
 
-    def poll(last):
+    def poll(last, request: gr.Request):
         st = service.job_status()
+        owner = service.job_owner()
+        elsewhere = bool(st["running"] and owner and owner != session_id(request))
         key = (st["kind"], st["run"]) if st["running"] else None
         training = st["running"] and st["kind"] in ("erase", "resume")
-        out = [banner_html(st), gr.Button(interactive=bool(st["running"])), key, key != last]
+        out = [banner_html(st, elsewhere), gr.Button(interactive=bool(st["running"])), key, key != last]
         out += [gr.Button(interactive=not training) for _ in ctx.job_buttons]
         if ctx.live_loss is not None:
             losses = service.job_losses() if training else []
@@ -124,7 +138,10 @@ def wire(service: AppService, ctx: UIContext, banner: Any, cancel: Any, timer: A
     gr.api(job_status, api_name="job_status", queue=False)
     gr.api(cancel_job, api_name="cancel", queue=False)
 
-    def do_cancel():
+    def do_cancel(ok):
+        st = service.job_status()
+        if not ok:  # the confirmation (a job started in another window) was declined
+            return gr.skip(), None
         msg = service.cancel()
         gr.Info(msg)
         st = service.job_status()
@@ -135,8 +152,10 @@ def wire(service: AppService, ctx: UIContext, banner: Any, cancel: Any, timer: A
             service.wait_stopped(run=run, timeout=300)
 
     stopping = gr.State(None)
-    ev = cancel.click(do_cancel, None, [banner, stopping], api_visibility="private", queue=False,
-                      show_progress="hidden")
+    confirmed = gr.Checkbox(True, visible=False)
+    # a job started in another window (or over the API) is cancelled only after a confirmation in the browser
+    ev = cancel.click(do_cancel, confirmed, [banner, stopping], js=CONFIRM_JS, api_visibility="private",
+                      queue=False, show_progress="hidden")
     ctx.runs_changed.append(ev.then(wait_stopped, stopping, None, api_visibility="private", concurrency_limit=None,
                                     show_progress="hidden"))
     return tick, changed

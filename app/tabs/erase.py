@@ -112,8 +112,9 @@ def build(service: AppService, ctx: UIContext) -> None:
     with gr.Row():
         run_id = gr.Textbox(label="Saved run", interactive=False, elem_id="erase-run-id")
         summary = gr.Markdown("", elem_id="erase-summary")
-    loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series", title="Training loss",
-                            label="Training loss", height=260, elem_id="erase-loss")
+    loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series", color_title="loss term",
+                            title="Training loss", label="Training loss", height=260, y_lim=[0, None],
+                            y_title="loss", elem_id="erase-loss")
     ctx.live_loss = loss_plot
 
     def count_label(forget, anchor, retain):

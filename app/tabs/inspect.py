@@ -23,9 +23,11 @@ def build(service: AppService, ctx: UIContext) -> None:
         show = gr.Button("Show", variant="primary", scale=0)
     mask_plot = gr.BarPlot(_mask_frame([]), x="layer", y="kept",
                            title="Saliency mask: fraction of weights kept per UNet block", x_label_angle=-45,
-                           height=360, label="Mask sparsity", sort=None)
-    loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series",
-                            title="Training loss", height=280, label="Loss curve")
+                           height=360, label="Mask sparsity", sort=None, y_lim=[0, 1], y_title="kept fraction",
+                           elem_id="inspect-mask")
+    loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series", color_title="loss term",
+                            title="Training loss", height=280, label="Loss curve", y_lim=[0, None], y_title="loss",
+                            elem_id="inspect-loss")
     info = gr.JSON(label="run.json")
 
     @ui_errors
