@@ -70,6 +70,9 @@ RESERVED_SUFFIXES = (".partial", ".tmp")
 """Run names may not end with these (the run store's own folders)."""
 
 
+_JOB_WORDS = {"evaluate": "evaluation", "erase": "erasure", "resume": "resumed erasure"}
+
+
 class AppError(ValueError):
     """A problem with the user's input or request, worded for the page."""
 
@@ -920,10 +923,10 @@ class AppService:
             yield job
         except AppError as err:
             if job.cancel.is_set():
-                self._last = f"{job.kind} of run '{job.run_id}' cancelled during {job.stage}."
+                self._last = f"{_JOB_WORDS.get(job.kind, job.kind)} of run '{job.run_id}' cancelled during {job.stage}."
             raise err
         else:
-            self._last = f"{job.kind} of run '{job.run_id}' finished ({time.time() - job.started:.0f} s)."
+            self._last = f"{_JOB_WORDS.get(job.kind, job.kind)} of run '{job.run_id}' finished ({time.time() - job.started:.0f} s)."
         finally:
             with self._state_lock:
                 self._other_jobs.remove(job)
@@ -1149,6 +1152,7 @@ class AppService:
         limit = _num("number of prompts", limit, 1, LIMITS["eval_prompts"], integer=True)
         steps = _num("sampling steps", steps, *LIMITS["gen_steps"], integer=True)
         guidance = float(_num("guidance", guidance, *LIMITS["guidance"]))
+        prompts = sample_prompt_csv(prompts, limit, self.runs_dir / ".eval-prompts")
         digest = hashlib.sha256(prompts.read_bytes()).hexdigest()[:12]
         tag = hashlib.sha256(json.dumps([self.model, digest, limit, steps, guidance]).encode()).hexdigest()[:12]
         name = f"{_slug(prompts.stem, 24)}-{tag}"
@@ -1230,6 +1234,73 @@ def _transpose(rows: list[dict[str, Any]]) -> list[list[Any]]:
         if all(v in (None, "") for v in vals):
             continue
         out.append([k] + [round(v, 4) if isinstance(v, float) else ("" if v is None else v) for v in vals])
+    return out
+
+
+STRATA = ("shape", "class", "concept", "categories", "target", "color")
+"""Columns a prompt sample is stratified by (the first one the file has)."""
+
+
+def sample_prompt_csv(path: str | os.PathLike, limit: int, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """At most ``limit`` rows of a prompt CSV, drawn across the whole file, written as a CSV the harness reads.
+
+    Rows are stratified by the first of :data:`STRATA` the file has (round-robin over its values, a seeded shuffle
+    within each), else a seeded random sample; the picked rows keep their file order. Column names are matched
+    case-insensitively: ``Prompt`` is the prompt and a ``seed`` column (or ``evaluation_seed``) becomes the
+    harness's ``evaluation_seed``, so user seeds are honoured. Returns the written file (named by its content).
+    """
+    import hashlib
+    import random
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+        reader = csv.DictReader(io.StringIO(text))
+        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in rec.items() if k is not None}
+                for rec in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise AppError(f"cannot read {p.name}: {err}") from err
+    indexed = [(i, r) for i, r in enumerate(rows) if r.get("prompt")]
+    if not indexed:
+        raise AppError(f"{p.name} has no non-empty prompts")
+    rng = random.Random(seed)
+    column = next((c for c in STRATA if any(r.get(c) for _, r in indexed)), None)
+    if column is None:
+        picked = rng.sample(indexed, min(limit, len(indexed)))
+    else:
+        groups: dict[str, list] = {}
+        for item in indexed:
+            groups.setdefault(item[1].get(column, ""), []).append(item)
+        for g in groups.values():
+            rng.shuffle(g)
+        picked, queues = [], list(groups.values())
+        while len(picked) < min(limit, len(indexed)):
+            for q in queues:
+                if q and len(picked) < limit:
+                    picked.append(q.pop())
+    picked.sort(key=lambda item: item[0])
+    extra = sorted({k for _, r in picked for k in r} - {"prompt", "seed", "evaluation_seed", "case_number", ""})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case_number", "prompt", "evaluation_seed"] + extra)
+    for i, r in picked:
+        seed_s = r.get("seed") or r.get("evaluation_seed") or ""
+        if seed_s:
+            try:
+                seed_v = int(float(seed_s))
+            except ValueError:
+                raise AppError(f"{p.name} row {i + 2}: seed {seed_s!r} is not a number") from None
+            if not 0 <= seed_v < 2**32:
+                raise AppError(f"{p.name} row {i + 2}: seed {seed_s} is outside 0 to 2**32 - 1")
+            seed_s = str(seed_v)
+        w.writerow([r.get("case_number") or i, r["prompt"][: LIMITS["prompt_chars"]], seed_s] + [r.get(k, "") for k in extra])
+    data = buf.getvalue()
+    out = Path(out_dir) / f"{_slug(p.stem, 24)}-{hashlib.sha256(data.encode()).hexdigest()[:12]}.csv"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, out)
     return out
 
 

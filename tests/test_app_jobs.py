@@ -141,3 +141,38 @@ def test_partial_suffix_damaged_run_and_download(service, tmp_path):
     assert z1 == z2 and z2.stat().st_mtime_ns == mtime
     assert set(os.listdir(tempfile.gettempdir())) - before == set()
     assert [p.name for p in z1.parent.iterdir()] == [f"{rid}-run.zip"]
+
+
+def test_evaluation_prompts_are_sampled_across_the_file_and_seeds_honoured(tmp_path):
+    import csv
+
+    from erasure.resources import prompt_file
+    from erasure_app.service import sample_prompt_csv
+
+    out = sample_prompt_csv(prompt_file("shapes.csv"), 4, tmp_path)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 4 and len({r["shape"] for r in rows}) == 4  # not the first 4 rows (all circles)
+    assert sample_prompt_csv(prompt_file("shapes.csv"), 4, tmp_path) == out  # seeded: the same sample
+    src = tmp_path / "mine.csv"
+    src.write_text("Prompt,SEED\nan apple,7\na pear,8\na car,9\n")
+    rows = list(csv.DictReader(sample_prompt_csv(src, 2, tmp_path).open()))
+    assert len(rows) == 2 and {(r["prompt"], r["evaluation_seed"]) for r in rows} <= {
+        ("an apple", "7"), ("a pear", "8"), ("a car", "9")}
+
+
+def test_evaluation_is_a_job_in_the_banner_and_can_be_cancelled(service, tmp_path):
+    rid = service.erase(_cfg(service), "eval-run")
+    f = tmp_path / "p.csv"
+    f.write_text("prompt,seed\nan apple,0\na car,1\n")
+    seen = []
+
+    def progress(stage, done, total):
+        seen.append(service.job_status())
+        if stage.startswith("generating"):
+            service.cancel()
+
+    with pytest.raises(AppError, match="evaluation of run 'eval-run' cancelled"):
+        service.evaluate(rid, "csv", str(f), limit=2, steps=1, guidance=7.5, progress=progress)
+    assert seen[0]["running"] and seen[0]["kind"] == "evaluate" and seen[0]["run"] == rid
+    st = service.job_status()
+    assert not st["running"] and "evaluation of run 'eval-run' cancelled" in st["last"]

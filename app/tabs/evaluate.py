@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from erasure_app.service import AppService
+from erasure_app.service import LIMITS, AppService
 from erasure_app.tabs.common import UIContext, ui_errors
 
 
@@ -22,15 +22,19 @@ def build(service: AppService, ctx: UIContext) -> None:
                                                allow_custom_value=True, elem_id="eval-run"))
         sources = service.prompt_sources()
         source = gr.Radio(sources, value=sources[0][1], label="Prompts", elem_id="eval-source")
-        upload = gr.File(label="CSV with a 'prompt' column (optional 'seed')", file_types=[".csv"], type="filepath")
+        upload = gr.File(label="CSV with a 'prompt' column (optional 'seed'; any letter case)", file_types=[".csv"],
+                         type="filepath")
     with gr.Row():
-        limit = gr.Number(12, label="Prompts (at most)", precision=0, minimum=1)
+        limit = gr.Number(12, label="Prompts (at most)", precision=0, elem_id="eval-limit",
+                          info=f"Drawn across the file (stratified by its shape/class column, else seeded random); "
+                               f"1 to {LIMITS['eval_prompts']}.")
         steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps")
         guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
     go = gr.Button("Evaluate", variant="primary", elem_id="eval-button")
-    table = gr.Dataframe(label="The harness's report: one column per model", interactive=False,
-                         elem_id="eval-table")
-    charts = gr.Gallery(label="Charts and sample grid", columns=2, format="png", height="auto", preview=False)
+    table = gr.Dataframe(pd.DataFrame(columns=["metric"]), label="The harness's report: one column per model",
+                         interactive=False, elem_id="eval-table", wrap=True)
+    charts = gr.Gallery(label="Charts and sample grid", columns=1, format="png", height="auto", preview=False,
+                        object_fit="contain", elem_id="eval-charts")
     report = gr.File(label="report.html", interactive=False)
 
     @ui_errors
