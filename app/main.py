@@ -40,7 +40,16 @@ __all__ = ["create_demo", "parse_args", "launch_kwargs", "main"]
 
 CSS = """
 #compare-gallery-a, #compare-gallery-b { min-height: 200px; }
+/* help text readable (the theme's default is about 1.9:1 on white) */
+.gradio-container { --block-info-text-color: #4b5563; }
+.dark .gradio-container, .gradio-container.dark { --block-info-text-color: #c4c9d1; }
 """ + banner_tab.CSS + compare_tab.CSS
+
+FAVICON = ("<link rel=\"icon\" type=\"image/svg+xml\" href=\"data:image/svg+xml,"
+           "%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 32 32'%3E%3Crect width='32' height='32' rx='6' "
+           "fill='%23ea580c'/%3E%3Ccircle cx='16' cy='16' r='9' fill='none' stroke='white' stroke-width='3'/%3E"
+           "%3Cpath d='M8 24 24 8' stroke='white' stroke-width='3'/%3E%3C/svg%3E\">")
+"""The app's own favicon (an erased circle), inline: no file to ship, no request leaves the page."""
 
 
 def default_gen_concurrency(service: AppService) -> int:
@@ -57,7 +66,7 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
         gr.Markdown("## SalUn concept erasure\nErase a concept from a diffusion model, then compare the original "
                     "and the unlearned model side by side.")
         banner, banner_cancel, timer = banner_tab.build(service, ctx)
-        with gr.Tabs():
+        with gr.Tabs(overflow_behavior="wrap"):  # every tab name visible on a phone, not behind "..."
             with gr.Tab("Erase", id="erase"):
                 erase_tab.build(service, ctx)
             with gr.Tab("Compare", id="compare"):
@@ -155,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``gr.Blocks.launch`` keyword arguments for these flags (never a share link)."""
     return dict(server_name=args.host, server_port=args.port, auth=_auth(args.auth), share=False, show_error=True,
-                ssr_mode=False, css=CSS, footer_links=["api", "settings"], allowed_paths=None)
+                ssr_mode=False, css=CSS, head=FAVICON, footer_links=["api", "settings"], allowed_paths=None)
 
 
 def main(argv: list[str] | None = None) -> int:

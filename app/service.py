@@ -459,7 +459,8 @@ class AppService:
                 read_run(d)
             except RunDirError as err:
                 if not d.exists():
-                    raise AppError(f"no saved run named {run_id!r} (see the Runs tab)") from None
+                    raise AppError(f"no saved run named {run_id!r}: press Refresh runs to update the list "
+                                   "(it may have been renamed or deleted in another window)") from None
                 raise AppError(str(err)) from err
         return d
 

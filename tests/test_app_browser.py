@@ -181,6 +181,8 @@ def test_job_banner_in_two_windows_cancel_from_the_second_reload_resume_and_dele
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
+            asked: list[str] = []
+            page.on("dialog", lambda d: (asked.append(d.message), d.accept()))
             page.goto(app_url)
             page.wait_for_selector("#erase-button", timeout=60_000)
             _start_erasure(page, steps=5000, run_name="browser-cancel")  # long enough to cancel
@@ -226,6 +228,8 @@ def test_job_banner_in_two_windows_cancel_from_the_second_reload_resume_and_dele
 
             # resume it, cancel again from the second window: listed again with a later step; then delete it
             page.locator("#resume-button").click()
+            page.wait_for_timeout(500)
+            assert any("Resume the interrupted run 'browser-cancel'" in m for m in asked), asked  # asked first
             expect(other_banner).to_contain_text("Resumed erasure of run 'browser-cancel'", timeout=60_000)
             expect(other_banner).to_contain_text("fine-tuning", timeout=120_000)
             other.wait_for_timeout(2000)

@@ -134,8 +134,10 @@ def build(service: AppService, ctx: UIContext) -> None:
         return row[0] if row else gr.update()
 
     @ui_errors
-    def do_resume(run_id, request: gr.Request):
+    def do_resume(run_id, confirmed: bool = True, request: gr.Request = None):
         """Resume an interrupted run from its last checkpoint; returns a message (progress: /job_status)."""
+        if not confirmed:
+            return "Not resumed."
         rid = service.resume_run(run_id, owner=session_id(request))
         info = service.read_run(rid)
         return (f"resumed **{rid}** from step {info.get('resumed_from_step') or 0} and saved it "
@@ -152,8 +154,12 @@ def build(service: AppService, ctx: UIContext) -> None:
     ctx.runs_changed.append(refresh.click(interrupted_table, None, itable, api_name="list_interrupted",
                                           concurrency_limit=None, show_progress="hidden"))
     itable.select(pick, None, irun, api_visibility="private", queue=False)
-    resume_ev = resume.click(do_resume, irun, imsg, api_name="resume_run", concurrency_limit=None,
-                             show_progress="hidden")
+    confirmed = gr.Checkbox(True, visible=False)
+    # the page asks first: resuming starts a long job at once
+    resume_ev = resume.click(do_resume, [irun, confirmed], imsg, api_name="resume_run", concurrency_limit=None,
+                             show_progress="hidden",
+                             js="(run, ok) => [run, confirm(`Resume the interrupted run '${run}' from its last "
+                                "checkpoint? It trains until it finishes or is cancelled.`)]")
     ctx.new_run.append((resume_ev, irun))
     ctx.runs_changed.append(idelete.click(do_delete_interrupted, [irun, iconfirm], [imsg, iconfirm],
                                           api_name="delete_interrupted", concurrency_limit=1))
