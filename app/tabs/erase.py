@@ -39,8 +39,11 @@ def _elem_id(name: str, prefix: str = "erase-") -> str:
     return prefix + name.replace("_", "-")
 
 
-def _loss_frame(rows: list[dict]) -> pd.DataFrame:
-    """Loss rows as a frame with numeric step/value columns even when empty (the plot reads the dtypes)."""
+def _loss_frame(rows: list[dict]) -> pd.DataFrame | None:
+    """Loss rows as a frame with numeric step/value columns; None when there are none (an empty frame would leave
+    gradio's plot without colours: it then draws no lines and an empty legend, even after data arrives)."""
+    if not rows:
+        return None
     frame = pd.DataFrame(rows, columns=["step", "series", "value"])
     return frame.astype({"step": "int64", "series": "str", "value": "float64"})
 
@@ -112,8 +115,8 @@ def build(service: AppService, ctx: UIContext) -> None:
     with gr.Row():
         run_id = gr.Textbox(label="Saved run", interactive=False, elem_id="erase-run-id")
         summary = gr.Markdown("", elem_id="erase-summary")
-    loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series", color_title="loss term",
-                            title="Training loss", label="Training loss", height=260, y_lim=[0, None],
+    loss_plot = gr.LinePlot(None, x="step", y="value", color="series", color_title="loss term",
+                            title="Training loss", label="Training loss", height=330, y_lim=[0, None],
                             y_title="loss", elem_id="erase-loss")
     ctx.live_loss = loss_plot
 
