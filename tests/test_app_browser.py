@@ -212,7 +212,8 @@ def test_job_banner_in_two_windows_cancel_from_the_second_reload_resume_and_dele
             # cancel from the second window (on another tab): cancelling..., then cancelled
             other.get_by_role("tab", name="Compare").click()
             other.locator("#job-cancel").click()
-            expect(other_banner).to_contain_text("ancelling", timeout=10_000)
+            # "cancelling..." (shown at once) turns into "cancelled" (a fast step may skip straight to it)
+            expect(other_banner).to_contain_text(re.compile(r"ancelling|cancelled at step"), timeout=10_000)
             assert dialogs and "another window" in dialogs[0]  # confirmed: it was started elsewhere
             expect(other_banner).to_contain_text("'browser-cancel' cancelled at step", timeout=120_000)
             expect(page.locator("#job-banner")).to_contain_text("cancelled at step", timeout=30_000)
@@ -339,7 +340,10 @@ def test_rename_keeps_selection_custom_clears_preset_and_numbers_are_not_clamped
                     timeout=15_000)
                 expect(page.locator("#erase-mask-ratio input").first).to_have_value(bad)
                 for close in page.locator(".toast-close").all():
-                    close.click()
+                    try:  # a toast may close by itself meanwhile
+                        close.click(timeout=1000)
+                    except Exception:  # noqa: BLE001
+                        pass
 
             # rename keeps the selection on the renamed run and confirms next to the button
             page.get_by_role("tab", name="Runs").click()
