@@ -43,7 +43,7 @@ CSS = """
 /* help text readable (the theme's default is about 1.9:1 on white) */
 .gradio-container { --block-info-text-color: #4b5563; }
 .dark .gradio-container, .gradio-container.dark { --block-info-text-color: #c4c9d1; }
-""" + banner_tab.CSS + compare_tab.CSS
+""" + banner_tab.CSS + compare_tab.CSS + evaluate_tab.CSS
 
 FAVICON = ("<link rel=\"icon\" type=\"image/svg+xml\" href=\"data:image/svg+xml,"
            "%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 32 32'%3E%3Crect width='32' height='32' rx='6' "

@@ -176,3 +176,15 @@ def test_evaluation_is_a_job_in_the_banner_and_can_be_cancelled(service, tmp_pat
     assert seen[0]["running"] and seen[0]["kind"] == "evaluate" and seen[0]["run"] == rid
     st = service.job_status()
     assert not st["running"] and "evaluation of run 'eval-run' cancelled" in st["last"]
+
+
+def test_prompt_sets_offered_only_where_they_exist(service, monkeypatch):
+    from erasure.resources import prompt_file
+
+    monkeypatch.delenv("SALUN_I2P_CSV", raising=False)
+    monkeypatch.setattr(AppService, "i2p_path", staticmethod(lambda: None))
+    sources = [s for _, s in service.prompt_sources()]
+    own = prompt_file("sd_prompts.csv").is_file()
+    assert sources == (["model"] if own else []) + ["csv"]  # no I2P without its file
+    monkeypatch.setattr(AppService, "i2p_path", staticmethod(lambda: prompt_file("shapes.csv")))
+    assert "i2p" in [s for _, s in service.prompt_sources()]

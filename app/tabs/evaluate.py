@@ -3,11 +3,31 @@ judged as the evaluation harness judges it, with a summary table, a chart and th
 
 from __future__ import annotations
 
+import base64
+import html
+from pathlib import Path
+
 import gradio as gr
 import pandas as pd
 
 from erasure_app.service import LIMITS, AppService
 from erasure_app.tabs.common import UIContext, ui_errors
+
+CSS = """
+#eval-chart-view img { display: block; max-width: 100%; height: auto; margin: 8px 0; image-rendering: auto; }
+"""
+
+
+def charts_html(paths: list[str]) -> str:
+    """The report's charts and sample grid as whole images (inline PNGs, at most their own width)."""
+    out = []
+    for p in paths:
+        try:
+            data = Path(p).read_bytes()
+        except OSError:
+            continue
+        out.append(f'<img alt="{html.escape(Path(p).stem)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">')
+    return "".join(out)
 
 
 def build(service: AppService, ctx: UIContext) -> None:
@@ -33,8 +53,11 @@ def build(service: AppService, ctx: UIContext) -> None:
     go = gr.Button("Evaluate", variant="primary", elem_id="eval-button")
     table = gr.Dataframe(pd.DataFrame(columns=["metric"]), label="The harness's report: one column per model",
                          interactive=False, elem_id="eval-table", wrap=True)
-    charts = gr.Gallery(label="Charts and sample grid", columns=1, format="png", height="auto", preview=False,
-                        object_fit="contain", elem_id="eval-charts")
+    # the charts and the sample grid whole, at their own size (a gallery crops them to tiles)
+    chart_view = gr.HTML("", elem_id="eval-chart-view", padding=False)
+    with gr.Accordion("Charts as a gallery (click to zoom)", open=False):
+        charts = gr.Gallery(label="Charts and sample grid", columns=2, format="png", height="auto", preview=False,
+                            object_fit="contain", elem_id="eval-charts")
     report = gr.File(label="report.html", interactive=False)
 
     @ui_errors
@@ -44,7 +67,7 @@ def build(service: AppService, ctx: UIContext) -> None:
                                progress=lambda stage, d, t: progress((d, t) if t else 0, desc=stage))
         rows = res["table"]
         frame = pd.DataFrame(rows[1:], columns=rows[0]) if rows else pd.DataFrame()
-        return frame, res["charts"], res["report"]
+        return frame, res["charts"], res["report"], charts_html(res["charts"])
 
-    go.click(evaluate, [run, source, upload, limit, steps, guidance], [table, charts, report], api_name="evaluate",
-             concurrency_id="generate", concurrency_limit=ctx.gen_concurrency)
+    go.click(evaluate, [run, source, upload, limit, steps, guidance], [table, charts, report, chart_view],
+             api_name="evaluate", concurrency_id="generate", concurrency_limit=ctx.gen_concurrency)
