@@ -58,8 +58,8 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     losses: list[dict[str, Any]] = field(default_factory=list)
     finished_stages: list[str] = field(default_factory=list)
+    planned_images: int = 0  # the Df/Dr images the plan counts
     _rate: float | None = None  # seconds per unit of work, measured
-    _planned_images: int = 0
 
     def update(self, event: ProgressEvent) -> None:
         """Take one progress event from the engine."""
@@ -68,11 +68,10 @@ class Job:
             if self.stage not in ("waiting", event.stage) and self.stage not in self.finished_stages:
                 self.finished_stages.append(self.stage)
             self.stage, self.stage_started = event.stage, now
-        if event.stage == GENERATION and event.total and self.plan.get(GENERATION):
-            # the engine knows the real image count (cached images are not generated again)
-            per_image = self.plan[GENERATION] / max(1, self._planned_images or event.total)
-            self._planned_images = event.total
-            self.plan[GENERATION] = per_image * event.total
+        if event.stage == GENERATION and event.total and self.plan.get(GENERATION) and self.planned_images:
+            # the engine knows how many images it really generates (cached ones are not generated again)
+            self.plan[GENERATION] *= event.total / self.planned_images
+            self.planned_images = event.total
         self.done, self.total = event.done, event.total
         if event.info:
             self.info = dict(event.info)

@@ -805,7 +805,7 @@ class AppService:
         run_id = self.check_new_run(run_id, cfg)
         check_job_size(cfg)
         job = Job(run_id=run_id, owner=owner, concept=cfg.concepts[0].name, method=cfg.method,
-                  kind="resume" if resuming else "erase", plan=erase_plan(cfg))
+                  kind="resume" if resuming else "erase", plan=erase_plan(cfg), planned_images=job_work(cfg)[0])
         with self._state_lock:  # checked again with the lock held: two requests for one name, or a delete
             if self._busy_locked(run_id):
                 raise AppError(f"an erasure named {run_id!r} is already training or waiting")

@@ -32,9 +32,10 @@ def _cfg(service, concept="apple", **kw):
 
 
 def test_job_percent_and_eta_from_measured_steps():
-    job = Job("r", None, plan={"generating Df/Dr": 100.0, "fine-tuning": 100.0})
+    job = Job("r", None, plan={"generating Df/Dr": 200.0, "fine-tuning": 100.0}, planned_images=20)
     assert job.percent == 0.0 and job.eta_s is None
-    job.update(ProgressEvent("generating Df/Dr", 0, 10))
+    job.update(ProgressEvent("generating Df/Dr", 0, 10))  # 10 of the 20 images were cached: half the work
+    assert job.plan["generating Df/Dr"] == 100.0
     time.sleep(0.05)
     job.update(ProgressEvent("generating Df/Dr", 10, 10))
     job.update(ProgressEvent("fine-tuning", 0, 4))

@@ -33,6 +33,7 @@ CSS = """
   #compare-grid .cmp-head { display: none; }
   #compare-grid .cmp-row { grid-template-columns: minmax(0, 1fr); }
   #compare-grid .cmp-model { display: block; }
+  #compare-table { display: none; }  /* the verdicts are under the images; the wide table would be cut off */
 }
 """
 
