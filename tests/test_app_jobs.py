@@ -89,6 +89,20 @@ def test_job_status_queue_and_cancel_from_anyone(service):
     assert "Nothing to cancel" in service.cancel()
 
 
+def test_cancel_during_data_generation(service):
+    """A job is stoppable before training too (a long Df/Dr generation), through the same cancel."""
+
+    def progress(event):
+        if event.stage == "generating Df/Dr":
+            service.cancel()
+
+    # stopped at the next progress event: the next batch of images, or the stage after the last one
+    with pytest.raises(AppError, match="cancelled during (generating Df/Dr|encoding images)"):
+        service.erase(_cfg(service, forget_images_per_prompt=4), "gen-cancel", progress=progress)
+    st = service.job_status()
+    assert not st["running"] and "'gen-cancel' cancelled during" in st["last"] and "fine-tuning" not in st["last"]
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(forget="\n".join(f"p{i}" for i in range(LIMITS["prompts"] + 1))), "the limit is 256 per list"),
     (dict(concept="x" * (LIMITS["concept_chars"] + 1)), "concept name is 101 characters"),
