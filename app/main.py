@@ -77,7 +77,7 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
                 evaluate_tab.build(service, ctx)
             with gr.Tab("Runs", id="runs") as runs_page:
                 runs_tab.build(service, ctx)
-        tick, job_changed = banner_tab.wire(service, ctx, banner, banner_cancel, timer)
+        tick, job_changed = banner_tab.wire(service, ctx, banner, banner_cancel, timer, demo)
         # opening the Runs tab shows runs that finished or were interrupted meanwhile
         ctx.runs_changed.append(runs_page.select(lambda: None, None, None, api_visibility="private", queue=False))
 

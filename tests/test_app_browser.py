@@ -207,6 +207,8 @@ def test_job_banner_in_two_windows_cancel_from_the_second_reload_resume_and_dele
             expect(other.locator("#erase-button")).to_be_disabled(timeout=10_000)
             page.reload()
             expect(page.locator("#job-banner")).to_contain_text("fine-tuning", timeout=60_000)
+            page.wait_for_timeout(1500)
+            expect(page.locator("#job-banner")).not_to_contain_text("another window")  # a reload is the same window
             other.screenshot(path=str(ARTIFACTS / "banner-running-390.png"))
 
             # cancel from the second window (on another tab): cancelling..., then cancelled

@@ -8,6 +8,7 @@ Named API endpoints: ``/job_status`` (the service's :meth:`~erasure_app.service.
 from __future__ import annotations
 
 import html
+from collections import OrderedDict
 from typing import Any
 
 import gradio as gr
@@ -98,7 +99,18 @@ def build(service: AppService, ctx: UIContext) -> tuple[Any, Any, Any]:
     return banner, cancel, timer
 
 
-def wire(service: AppService, ctx: UIContext, banner: Any, cancel: Any, timer: Any) -> Any:
+CLIENT_JS = """() => {
+  let id = sessionStorage.getItem('salun-job-client');
+  if (!id) { id = Math.random().toString(36).slice(2) + Date.now().toString(36);
+             sessionStorage.setItem('salun-job-client', id); }
+  return id;
+}"""
+"""A per-window id that survives a reload (sessionStorage): a reloaded window is not "another window"."""
+
+MAX_CLIENTS = 1000
+
+
+def wire(service: AppService, ctx: UIContext, banner: Any, cancel: Any, timer: Any, demo: Any = None) -> Any:
     """Poll the service into the banner, the job buttons and the live loss chart; wire Cancel and the API.
 
     Returns the poll event (its ``changed`` state output is True when a job started or ended since the last poll).
@@ -107,11 +119,22 @@ def wire(service: AppService, ctx: UIContext, banner: Any, cancel: Any, timer: A
 
     seen = gr.State(None)
     changed = gr.State(False)
+    client = gr.Textbox("", visible=False, elem_id="job-client")
+    if demo is not None:
+        demo.load(None, None, client, js=CLIENT_JS)
+    windows: OrderedDict[str, str] = OrderedDict()  # browser session -> window id (bounded)
 
-    def poll(last, request: gr.Request):
+    def poll(last, client_id, request: gr.Request):
         st = service.job_status()
+        me = session_id(request)
+        if me and client_id:
+            windows[me] = client_id
+            windows.move_to_end(me)
+            while len(windows) > MAX_CLIENTS:
+                windows.popitem(last=False)
         owner = service.job_owner()
-        elsewhere = bool(st["running"] and owner and owner != session_id(request))
+        mine = owner == me or (bool(client_id) and windows.get(owner or "") == client_id)
+        elsewhere = bool(st["running"] and owner and not mine)
         key = (st["kind"], st["run"]) if st["running"] else None
         training = st["running"] and st["kind"] in ("erase", "resume")
         out = [banner_html(st, elsewhere), gr.Button(interactive=bool(st["running"])), key, key != last]
@@ -124,7 +147,7 @@ def wire(service: AppService, ctx: UIContext, banner: Any, cancel: Any, timer: A
     outputs = [banner, cancel, seen, changed] + list(ctx.job_buttons)
     if ctx.live_loss is not None:
         outputs.append(ctx.live_loss)
-    tick = timer.tick(poll, seen, outputs, api_visibility="private", queue=False, show_progress="hidden")
+    tick = timer.tick(poll, [seen, client], outputs, api_visibility="private", queue=False, show_progress="hidden")
 
     def job_status() -> dict:
         """The running job and the queue: ``running``, ``kind``, ``run``, ``stage``, ``step``, ``total``,
