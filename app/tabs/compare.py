@@ -96,8 +96,10 @@ def build(service: AppService, ctx: UIContext) -> None:
                            elem_id="compare-seeds")
         reroll = gr.Button("Re-roll seeds", scale=1, elem_id="compare-reroll")
     with gr.Row():
-        steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps", elem_id="compare-steps")
-        guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
+        steps = gr.Number(25, precision=0, label="Sampling steps", elem_id="compare-steps",
+                          info=f"{LIMITS['gen_steps'][0]} to {LIMITS['gen_steps'][1]}.")
+        guidance = gr.Number(7.5, label="Guidance", elem_id="compare-guidance",
+                             info=f"Classifier-free guidance, {LIMITS['guidance'][0]:g} to {LIMITS['guidance'][1]:g}.")
     with gr.Row():
         model_a = ctx.add_run_dropdown(gr.Dropdown([ORIGINAL] + runs, value=ORIGINAL, label="Left model",
                                                    allow_custom_value=True, elem_id="compare-model-a"), True, False)

@@ -48,8 +48,10 @@ def build(service: AppService, ctx: UIContext) -> None:
         limit = gr.Number(12, label="Prompts (at most)", precision=0, elem_id="eval-limit",
                           info=f"Drawn across the file (stratified by its shape/class column, else seeded random); "
                                f"1 to {LIMITS['eval_prompts']}.")
-        steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps")
-        guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
+        steps = gr.Number(25, precision=0, label="Sampling steps", elem_id="eval-steps",
+                          info=f"{LIMITS['gen_steps'][0]} to {LIMITS['gen_steps'][1]}.")
+        guidance = gr.Number(7.5, label="Guidance", elem_id="eval-guidance",
+                             info=f"Classifier-free guidance, {LIMITS['guidance'][0]:g} to {LIMITS['guidance'][1]:g}.")
     go = gr.Button("Evaluate", variant="primary", elem_id="eval-button")
     table = gr.Dataframe(pd.DataFrame(columns=["metric"]), label="The harness's report: one column per model",
                          interactive=False, elem_id="eval-table", wrap=True)
