@@ -9,7 +9,6 @@ from typing import Any
 
 import gradio as gr
 
-from erasure.progress import ProgressEvent
 from erasure_app.service import AppError
 
 
@@ -56,15 +55,3 @@ class UIContext:
     def add_refresher(self, fn: Callable[..., list[Any]], inputs: list[Any], outputs: list[Any]) -> None:
         """Refresh ``outputs`` with ``fn(*inputs)`` wherever the runs tables and dropdowns are refreshed."""
         self.refreshers.append((list(inputs), list(outputs), fn))
-
-
-def erase_progress(progress: Any) -> Callable[[ProgressEvent], None]:
-    """The engine's progress events (:class:`~erasure.progress.ProgressEvent`) shown on a ``gr.Progress`` bar."""
-
-    def on_progress(event: ProgressEvent) -> None:
-        desc = event.stage
-        if "loss" in event.info:
-            desc += f" (loss {event.info['loss']:.4g})"
-        progress((event.done, event.total) if event.total else 0, desc=desc)
-
-    return on_progress
