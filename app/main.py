@@ -5,7 +5,8 @@
 
 Named API endpoints (for ``gradio_client``): ``/erase``, ``/compare``, ``/inspect``, ``/evaluate``,
 ``/rename_run``, ``/delete_run``, ``/download_run``, ``/export_run``, ``/list_interrupted``, ``/resume_run``,
-``/delete_interrupted``.
+``/delete_interrupted``, ``/delete_damaged``, ``/job_status`` (the running job and the queue) and ``/cancel`` (the running job, or a
+run's job by name).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import gradio as gr  # noqa: E402
 
 from erasure.threads import help_text as threads_help  # noqa: E402
 from erasure_app.service import ORIGINAL, AppError, AppService  # noqa: E402
+from erasure_app.tabs import banner as banner_tab  # noqa: E402
 from erasure_app.tabs import compare as compare_tab  # noqa: E402
 from erasure_app.tabs import erase as erase_tab  # noqa: E402
 from erasure_app.tabs import evaluate as evaluate_tab  # noqa: E402
@@ -38,7 +40,16 @@ __all__ = ["create_demo", "parse_args", "launch_kwargs", "main"]
 
 CSS = """
 #compare-gallery-a, #compare-gallery-b { min-height: 200px; }
-"""
+/* help text readable (the theme's default is about 1.9:1 on white) */
+.gradio-container { --block-info-text-color: #4b5563; }
+.dark .gradio-container, .gradio-container.dark { --block-info-text-color: #c4c9d1; }
+""" + banner_tab.CSS + compare_tab.CSS + evaluate_tab.CSS
+
+FAVICON = ("<link rel=\"icon\" type=\"image/svg+xml\" href=\"data:image/svg+xml,"
+           "%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 32 32'%3E%3Crect width='32' height='32' rx='6' "
+           "fill='%23ea580c'/%3E%3Ccircle cx='16' cy='16' r='9' fill='none' stroke='white' stroke-width='3'/%3E"
+           "%3Cpath d='M8 24 24 8' stroke='white' stroke-width='3'/%3E%3C/svg%3E\">")
+"""The app's own favicon (an erased circle), inline: no file to ship, no request leaves the page."""
 
 
 def default_gen_concurrency(service: AppService) -> int:
@@ -54,7 +65,8 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
     with gr.Blocks(title="SalUn concept erasure", analytics_enabled=False) as demo:
         gr.Markdown("## SalUn concept erasure\nErase a concept from a diffusion model, then compare the original "
                     "and the unlearned model side by side.")
-        with gr.Tabs():
+        banner, banner_cancel, timer = banner_tab.build(service, ctx)
+        with gr.Tabs(overflow_behavior="wrap"):  # every tab name visible on a phone, not behind "..."
             with gr.Tab("Erase", id="erase"):
                 erase_tab.build(service, ctx)
             with gr.Tab("Compare", id="compare"):
@@ -65,6 +77,7 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
                 evaluate_tab.build(service, ctx)
             with gr.Tab("Runs", id="runs") as runs_page:
                 runs_tab.build(service, ctx)
+        tick, job_changed = banner_tab.wire(service, ctx, banner, banner_cancel, timer, demo)
         # opening the Runs tab shows runs that finished or were interrupted meanwhile
         ctx.runs_changed.append(runs_page.select(lambda: None, None, None, api_visibility="private", queue=False))
 
@@ -97,6 +110,12 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
         def refresh_new(new_run, *current):
             return refresh(*current, new_run=new_run)
 
+        def refresh_if(changed, *current):
+            return refresh(*current) if changed else [gr.skip()] * len(outputs)
+
+        # a job started or ended (in any window): refresh the runs views
+        tick.then(refresh_if, [job_changed] + inputs, outputs, api_visibility="private", queue=False,
+                  show_progress="hidden")
         for ev in ctx.runs_changed:
             ev.then(refresh, inputs, outputs, api_visibility="private", queue=False)
         for ev, comp in ctx.new_run:
@@ -145,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``gr.Blocks.launch`` keyword arguments for these flags (never a share link)."""
     return dict(server_name=args.host, server_port=args.port, auth=_auth(args.auth), share=False, show_error=True,
-                ssr_mode=False, css=CSS, footer_links=["api", "settings"], allowed_paths=None)
+                ssr_mode=False, css=CSS, head=FAVICON, footer_links=["api", "settings"], allowed_paths=None)
 
 
 def main(argv: list[str] | None = None) -> int:

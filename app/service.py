@@ -26,13 +26,13 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from erasure.progress import ProgressEvent
 from erasure.resources import prompt_file
+from erasure_app.jobs import Job, erase_plan, job_work
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,38 @@ LIMITS = {
     "seed": (0, 2**32 - 1),
     "prompt_chars": 1000,
     "eval_prompts": 500,
+    "prompts": 256,
+    "concept_chars": 100,
+    "job_images": 4096,
+    "job_work": 1_000_000,
+    "queue": 4,
 }
-"""Limits of the app's own inputs (generation and evaluation); erasure settings are checked by their config."""
+"""Limits of the app's own inputs: generation, evaluation, and the size of one erasure job (prompts per list,
+concept-name length, Df/Dr images and work units: images x sampling steps + steps x batch size); each erasure
+setting is also checked by its config."""
+
+LIMITS_TEXT = (f"Limits per erasure: {LIMITS['prompts']} prompts per list, {LIMITS['job_images']:,} generated images, "
+               f"{LIMITS['job_work']:,} work units (images x sampling steps + steps x batch size).")
+
+STOPPABLE_STAGES = ("loading", "generating Df/Dr", "encoding images", "mask")
+"""Engine stages a cancelled erasure is stopped in from its progress callback (training stops itself)."""
+
+FIRST_PRESETS = ("shape_circle", "nudity")
+"""Presets listed first (the README's quick start erases shape_circle from the shapes model)."""
+
+RESERVED_SUFFIXES = (".partial", ".tmp")
+"""Run names may not end with these (the run store's own folders)."""
+
+
+_JOB_WORDS = {"evaluate": "evaluation", "erase": "erasure", "resume": "resumed erasure"}
 
 
 class AppError(ValueError):
     """A problem with the user's input or request, worded for the page."""
+
+
+class JobCancelled(AppError):
+    """A job was cancelled (through :meth:`AppService.cancel`)."""
 
 
 class BusyError(AppError):
@@ -91,6 +117,8 @@ def parse_prompts(text: str | Sequence[str] | None, what: str, allow_empty: bool
     lines = [ln for ln in lines if ln]
     if not lines and not allow_empty:
         raise AppError(f"{what} are empty: give at least one prompt (one per line)")
+    if len(lines) > LIMITS["prompts"]:
+        raise AppError(f"{what}: {len(lines)} given; the limit is {LIMITS['prompts']} per list")
     for ln in lines:
         if len(ln) > LIMITS["prompt_chars"]:
             raise AppError(f"a {what[:-1]} is {len(ln)} characters long; the limit is {LIMITS['prompt_chars']}")
@@ -126,6 +154,36 @@ def parse_seeds(text: str | int | Sequence[int] | None) -> list[int]:
     return [int(_num("seed", s, *LIMITS["seed"], integer=True)) for s in items]
 
 
+_FLAG_WORDS = {"forget-prompt": "forget prompts", "anchor-prompt": "anchor prompts", "retain-prompt": "retain prompts",
+               "alpha": "retain weight (alpha)", "concept-file": "a concept file", "overwrite": "a new run name"}
+
+
+def page_words(msg: str) -> str:
+    """An engine message in the page's words: command-line flags (``--retain-prompt``) become the form's names."""
+    from erasure_app.forms import erase_form_fields
+
+    labels = {ff.name.replace("_", "-"): ff.label for ff in erase_form_fields().values()}
+
+    def word(m: re.Match) -> str:
+        flag = m.group(1)
+        return _FLAG_WORDS.get(flag) or labels.get(flag) or flag.replace("-", " ")
+
+    msg = re.sub(r"add --retain-prompt,? or set --alpha 0", "add retain prompts, or set the retain weight (alpha) to 0",
+                 msg)
+    return re.sub(r"--([a-z][a-z0-9-]*)", word, msg)
+
+
+def check_job_size(cfg: Any) -> None:
+    """Refuse an erasure over the job limits (:data:`LIMITS`), naming the limit."""
+    images, work = job_work(cfg)
+    if images > LIMITS["job_images"]:
+        raise AppError(f"this erasure would generate {images:,} Df/Dr images; the limit is {LIMITS['job_images']:,} "
+                       "(fewer prompts or fewer images per prompt)")
+    if work > LIMITS["job_work"]:
+        raise AppError(f"this erasure is {work:,} work units (images x sampling steps + steps x batch size); the limit "
+                       f"is {LIMITS['job_work']:,} (fewer steps, a smaller batch or fewer images)")
+
+
 def method_settings(cfg: dict[str, Any]) -> str:
     """A saved config's method settings for the runs table (``alpha=0.5, retain_loss=denoise``); "" if unreadable.
 
@@ -145,28 +203,8 @@ def _slug(text: str, limit: int = 40) -> str:
     return (s[:limit] or "run").strip("-.") or "run"
 
 
-@dataclass
-class EraseJob:
-    """The erasure that holds the training slot, as the status line shows it."""
-
-    run_id: str
-    owner: str | None
-    concept: str
-    method: str
-    stage: str = "waiting"
-    done: int = 0
-    total: int = 0
-    info: dict = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    def describe(self) -> str:
-        s = f"run '{self.run_id}' ({self.concept}, {self.method}): {self.stage}"
-        if self.total:
-            s += f" {self.done}/{self.total}"
-        if "loss" in self.info:
-            s += f", loss {self.info['loss']:.4g}"
-        return s + f", {time.time() - self.started:.0f} s"
+EraseJob = Job
+"""The erasure that holds the training slot (an alias of :class:`erasure_app.jobs.Job`)."""
 
 
 class PipelineCache:
@@ -259,8 +297,9 @@ class AppService:
         self.cache = PipelineCache(self._load_pipeline, capacity=cache_size)
         self._erase_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._job: EraseJob | None = None
-        self._waiting: list[EraseJob] = []
+        self._job: Job | None = None
+        self._waiting: list[Job] = []
+        self._other_jobs: list[Job] = []  # evaluations (they do not take the erasure slot)
         self._last = ""
         self._judge_obj: Any = None
         self._judge_lock = threading.Lock()
@@ -294,7 +333,10 @@ class AppService:
                 continue
             label = f"{p.concept.name} ({p.kind or 'concept'})" if p.kind else p.concept.name
             (out if p.model == self.model_kind else other).append((label, name))
-        return out or other
+        out = out or other
+        # the README's examples first: the default preset is the one the quick start erases
+        out.sort(key=lambda lab_name: lab_name[1] not in FIRST_PRESETS)
+        return out
 
     def _preset(self, name: str):
         """``(preset, its EraseConfig)``; a preset's older top-level method keys are read into ``method_args``."""
@@ -319,6 +361,20 @@ class AppService:
                  anchor="\n".join(c.anchor_prompts), retain="\n".join(c.retain_prompts), description=p.description,
                  preset=p.name)
         return d
+
+    def custom_form(self) -> dict[str, Any]:
+        """The form values of "custom": no prompts and the defaults of every setting (the config's defaults for
+        this model; never the previously chosen preset's)."""
+        from erasure.config import EraseConfig
+        from erasure.methods import METHODS
+        from erasure_app.forms import FORM_FIELDS
+
+        defaults = {f: EraseConfig.__dataclass_fields__[f].default for f in FORM_FIELDS}
+        method = EraseConfig.__dataclass_fields__["method"].default
+        return dict(defaults, method=method, method_args=METHODS[method].config_cls().to_dict(), name="", forget="",
+                    anchor="", retain="", preset="custom",
+                    description="Custom: type your own forget, anchor and retain prompts (open **Prompts**); every "
+                                "setting starts from its default.")
 
     def make_config(
         self,
@@ -353,7 +409,9 @@ class AppService:
         forget_l = parse_prompts(forget, "forget prompts")
         anchor_l = parse_prompts(anchor, "anchor prompts")
         retain_l = parse_prompts(retain, "retain prompts", allow_empty=True)
-        concept = (concept or "").strip() or forget_l[0]
+        concept = (concept or "").strip() or forget_l[0][:LIMITS["concept_chars"]]
+        if len(concept) > LIMITS["concept_chars"]:
+            raise AppError(f"concept name is {len(concept)} characters long; the limit is {LIMITS['concept_chars']}")
         if method not in METHODS:
             raise AppError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
         try:
@@ -368,9 +426,11 @@ class AppService:
             base["cache_dir"] = self.data_cache_dir
         try:
             spec = ConceptSpec(name=concept, forget_prompts=forget_l, anchor_prompts=anchor_l, retain_prompts=retain_l)
-            return EraseConfig.from_dict({**base, "concepts": [spec.to_dict()]})
+            cfg = EraseConfig.from_dict({**base, "concepts": [spec.to_dict()]})
         except (ValueError, TypeError) as err:
-            raise AppError(str(err)) from err
+            raise AppError(page_words(str(err))) from err
+        check_job_size(cfg)
+        return cfg
 
     # ------------------------------------------------------------------ runs
     def check_run_id(self, run_id: str | None, what: str = "run id") -> str:
@@ -385,6 +445,9 @@ class AppService:
             )
         if run_id == ORIGINAL:
             raise AppError(f"'{ORIGINAL}' is reserved for the base model; choose another name")
+        if run_id.lower().endswith(RESERVED_SUFFIXES):
+            raise AppError(f"{what} {run_id!r} may not end in {' or '.join(RESERVED_SUFFIXES)} (the run store uses "
+                           "those endings for its own folders)")
         return run_id
 
     def run_dir(self, run_id: str, must_exist: bool = True) -> Path:
@@ -399,7 +462,8 @@ class AppService:
                 read_run(d)
             except RunDirError as err:
                 if not d.exists():
-                    raise AppError(f"no saved run named {run_id!r} (see the Runs tab)") from None
+                    raise AppError(f"no saved run named {run_id!r}: press Refresh runs to update the list "
+                                   "(it may have been renamed or deleted in another window)") from None
                 raise AppError(str(err)) from err
         return d
 
@@ -410,6 +474,8 @@ class AppService:
         for info in list_runs(self.runs_dir):
             d = Path(info["run_dir"])
             cfg = info.get("config", {})
+            if not isinstance(cfg, dict):  # damaged: listed by list_damaged
+                continue
             mask = info.get("mask") or {}
             out.append({
                 "run": d.name,
@@ -422,6 +488,25 @@ class AppService:
                 "created": info.get("created", ""),
                 "base model": Path(str(info.get("base_model", ""))).name,
             })
+        return out
+
+    def list_damaged(self) -> list[dict[str, str]]:
+        """Run folders whose ``run.json`` cannot be read (``{"run", "problem"}``); they can only be deleted."""
+        from erasure.runs import PARTIAL_SUFFIX, RunDirError, read_run
+
+        out = []
+        if not self.runs_dir.is_dir():
+            return out
+        for d in sorted(self.runs_dir.iterdir()):
+            if (not d.is_dir() or d.name.startswith(".") or d.name.endswith(PARTIAL_SUFFIX)
+                    or not (d / "run.json").is_file() or not RUN_ID_RE.match(d.name)):
+                continue
+            try:
+                info = read_run(d)
+                if not isinstance(info.get("config", {}), dict):
+                    raise RunDirError(f"run.json's config is not an object: {info.get('config')!r:.60}")
+            except (RunDirError, ValueError, TypeError, AttributeError, OSError) as err:
+                out.append({"run": d.name, "problem": str(err)[:300]})
         return out
 
     def run_ids(self) -> list[str]:
@@ -450,6 +535,7 @@ class AppService:
             raise AppError("that run is being written by an erasure; wait for it to finish")
         os.replace(src, dst)
         self.cache.invalidate(run_id)
+        (self.runs_dir / ".downloads" / f"{run_id}-run.zip").unlink(missing_ok=True)
         return new_id
 
     def delete_run(self, run_id: str, interrupted: bool | None = None) -> str:
@@ -465,6 +551,8 @@ class AppService:
             d, what = self.partial_dir(run_id), "interrupted run"
             if not d.is_dir():
                 raise AppError(f"no interrupted run named {run_id!r} (see Interrupted runs in the Runs tab)")
+        elif run_id in {r["run"] for r in self.list_damaged()}:
+            d, what = self.runs_dir / run_id, "damaged run"
         else:
             d, what = self.run_dir(run_id), "run"
         trash = d.with_name(f".{run_id}.deleting-{os.getpid()}-{time.time_ns()}")
@@ -579,15 +667,27 @@ class AppService:
         logger.info("resuming run %s from step %s", run_id, it.step)
         return self.erase(cfg, run_id, progress=progress, owner=owner, wait=wait, resuming=True)
 
-    def run_zip(self, run_id: str, out_dir: str | os.PathLike) -> Path:
-        """A zip of the run folder (run.json, weights, mask, log), for download."""
+    def run_zip(self, run_id: str, out_dir: str | os.PathLike | None = None) -> Path:
+        """A zip of the run folder (run.json, weights, mask, log), for download.
+
+        Without ``out_dir`` it is ``runs_dir/.downloads/RUN-run.zip``: one file per run, rewritten only when the
+        run changed, so repeated downloads leave nothing new behind (the same bytes, so gradio's file cache keeps
+        one copy too).
+        """
         d = self.run_dir(run_id)
-        out = Path(out_dir) / f"{d.name}-run.zip"
+        out = Path(out_dir) if out_dir is not None else self.runs_dir / ".downloads"
+        out = out / f"{d.name}-run.zip"
         out.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
-            for f in sorted(d.iterdir()):
-                if f.is_file():
+        files = [f for f in sorted(d.iterdir()) if f.is_file()]
+        newest = max((f.stat().st_mtime_ns for f in files), default=0)
+        with self._export_lock:
+            if out.is_file() and out.stat().st_mtime_ns >= newest:
+                return out
+            tmp = out.with_name(out.name + ".tmp")
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+                for f in files:
                     z.write(f, f"{d.name}/{f.name}")
+            os.replace(tmp, out)
         return out
 
     def export_pipeline(self, run_id: str) -> Path:
@@ -628,6 +728,38 @@ class AppService:
             "text": ("Training " + job.describe()) if job else "No erasure is training.",
             "waiting": [j.run_id for j in waiting],
         }
+
+    def job_status(self) -> dict[str, Any]:
+        """The running long job (an erasure first, else an evaluation) and the erasures waiting for the slot.
+
+        Returns ``{"running", "kind", "run", "stage", "step", "total", "percent", "eta_s", "loss", "elapsed_s",
+        "cancelling", "queue": [{"run", "kind", "concept", "method"}...], "others": [running evaluations],
+        "last": the last finished job's outcome}``; fields of the running job are None when nothing runs.
+        """
+        with self._state_lock:
+            jobs = ([self._job] if self._job else []) + list(self._other_jobs)
+            waiting = list(self._waiting)
+        out: dict[str, Any] = {"running": bool(jobs), "kind": None, "run": None, "stage": None, "step": None,
+                               "total": None, "percent": None, "eta_s": None, "loss": None, "elapsed_s": None,
+                               "cancelling": False}
+        if jobs:
+            out.update(jobs[0].status())
+        out["queue"] = [{"run": j.run_id, "kind": j.kind, "concept": j.concept, "method": j.method} for j in waiting]
+        out["others"] = [j.status() for j in jobs[1:]]
+        out["last"] = self._last
+        return out
+
+    def job_owner(self) -> str | None:
+        """The browser session that started the running job (None when none runs or it came from the API)."""
+        with self._state_lock:
+            jobs = ([self._job] if self._job else []) + list(self._other_jobs)
+        return jobs[0].owner if jobs else None
+
+    def job_losses(self) -> list[dict[str, Any]]:
+        """The running erasure's losses so far (rows ``{step, series, value}``); [] when none trains."""
+        with self._state_lock:
+            job = self._job
+        return list(job.losses) if job is not None else []
 
     def status_text(self) -> str:
         s = self.erase_status()
@@ -674,17 +806,26 @@ class AppService:
         from erasure.runs import RunExistsError
 
         run_id = self.check_new_run(run_id, cfg)
-        job = EraseJob(run_id=run_id, owner=owner, concept=cfg.concepts[0].name, method=cfg.method)
+        check_job_size(cfg)
+        job = Job(run_id=run_id, owner=owner, concept=cfg.concepts[0].name, method=cfg.method,
+                  kind="resume" if resuming else "erase", plan=erase_plan(cfg), planned_images=job_work(cfg)[0])
         with self._state_lock:  # checked again with the lock held: two requests for one name, or a delete
             if self._busy_locked(run_id):
                 raise AppError(f"an erasure named {run_id!r} is already training or waiting")
+            if wait and len(self._waiting) >= LIMITS["queue"]:
+                raise BusyError(f"{len(self._waiting)} erasures are already waiting (the limit); try again later")
             self._waiting.append(job)
         try:
-            if not self._erase_lock.acquire(blocking=wait):
-                raise BusyError(
-                    f"another erasure is training ({self._job.describe() if self._job else 'starting'}); "
-                    "wait for it to finish or cancel it"
-                )
+            if not self._erase_lock.acquire(blocking=False):
+                if not wait:
+                    raise BusyError(
+                        f"another erasure is training ({self._job.describe() if self._job else 'starting'}); "
+                        "wait for it to finish or cancel it"
+                    )
+                while not self._erase_lock.acquire(timeout=0.25):
+                    if job.cancel.is_set():  # cancelled while waiting: never starts
+                        self._last = f"run '{run_id}' cancelled while waiting; it never started."
+                        raise JobCancelled(f"erasure {run_id!r} was cancelled while it waited; it never started")
         except BaseException:
             with self._state_lock:
                 self._waiting.remove(job)
@@ -698,9 +839,11 @@ class AppService:
                 raise AppError(f"erasure {run_id!r} was cancelled before it started")
 
             def on_progress(event: ProgressEvent) -> None:
-                job.stage, job.done, job.total = event.stage, event.done, event.total
-                if event.info:
-                    job.info = dict(event.info)
+                job.update(event)
+                if job.cancel.is_set() and event.stage in STOPPABLE_STAGES:
+                    # the engine checks the cancel flag between training steps; before training starts, a long
+                    # Df/Dr generation or mask pass stops here (generated images stay cached for the next run)
+                    raise EraseCancelled(f"erasure cancelled during {event.stage}")
                 if progress is not None:
                     progress(event)
 
@@ -738,31 +881,63 @@ class AppService:
                 self._job = None
             self._erase_lock.release()
 
-    def wait_stopped(self, owner: str | None = None, timeout: float = 120.0) -> bool:
-        """Wait until no erasure of ``owner`` (of anyone, if None) is training or waiting; False on timeout."""
+    def wait_stopped(self, owner: str | None = None, timeout: float = 120.0, run: str | None = None) -> bool:
+        """Wait until no job of ``owner`` (or of run ``run``; of anyone, if both are None) is running or waiting;
+        False on timeout."""
         deadline = time.monotonic() + timeout
         while True:
             with self._state_lock:
-                jobs = ([self._job] if self._job else []) + self._waiting
-                busy = any(owner is None or j.owner == owner for j in jobs)
+                jobs = ([self._job] if self._job else []) + self._waiting + self._other_jobs
+                busy = any((owner is None or j.owner == owner) and (run is None or j.run_id == run) for j in jobs)
             if not busy:
                 return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.2)
 
-    def cancel(self, owner: str | None = None) -> str:
-        """Cancel the erasure started by ``owner`` (running or waiting); ``owner=None`` cancels the running one."""
+    def cancel(self, run: str | None = None, owner: str | None = None) -> str:
+        """Cancel a job: with no argument the running one (whoever started it: the app is single-tenant), with
+        ``run`` the job (running or waiting) of that run, with ``owner`` that browser session's jobs.
+
+        A running erasure stops after its current step (with a checkpoint) and is then listed as interrupted;
+        a waiting one never starts. Returns what was done, in words.
+        """
         with self._state_lock:
-            jobs = ([self._job] if self._job else []) + list(self._waiting)
-        mine = [j for j in jobs if owner is None or j.owner == owner]
-        if owner is None:
-            mine = mine[:1]
-        if not mine:
-            return "Nothing to cancel: no erasure of yours is training or waiting."
+            jobs = ([self._job] if self._job else []) + list(self._other_jobs) + list(self._waiting)
+        if run is not None and str(run).strip():
+            run = str(run).strip()
+            mine = [j for j in jobs if j.run_id == run]
+            if not mine:
+                return f"Nothing to cancel: no job of run {run!r} is running or waiting."
+        elif owner is not None:
+            mine = [j for j in jobs if j.owner == owner]
+            if not mine:
+                return "Nothing to cancel: no erasure of yours is training or waiting."
+        else:
+            mine = jobs[:1]
+            if not mine:
+                return "Nothing to cancel: no job is running."
         for j in mine:
             j.cancel.set()
         return "Cancelling " + ", ".join(repr(j.run_id) for j in mine) + " (the running one stops after its current step)."
+
+    @contextmanager
+    def track(self, job: Job) -> Iterator[Job]:
+        """List ``job`` (an evaluation) as running while the block runs; its progress callback raises
+        :class:`AppError` once it is cancelled."""
+        with self._state_lock:
+            self._other_jobs.append(job)
+        try:
+            yield job
+        except AppError as err:
+            if job.cancel.is_set():
+                self._last = f"{_JOB_WORDS.get(job.kind, job.kind)} of run '{job.run_id}' cancelled during {job.stage}."
+            raise err
+        else:
+            self._last = f"{_JOB_WORDS.get(job.kind, job.kind)} of run '{job.run_id}' finished ({time.time() - job.started:.0f} s)."
+        finally:
+            with self._state_lock:
+                self._other_jobs.remove(job)
 
     # ------------------------------------------------------------------ generation
     def _load_pipeline(self, key: str):
@@ -940,6 +1115,17 @@ class AppService:
         read_prompt_csv(path, 1)  # readable, with a 'prompt' column and at least one prompt
         return path
 
+    def prompt_sources(self) -> list[tuple[str, str]]:
+        """``(label, source)`` of the prompt sets this model can be evaluated on: its own set and I2P only where the
+        file is present (I2P only for Stable Diffusion models), an uploaded CSV always."""
+        out = []
+        own = prompt_file("shapes.csv" if self.model_kind == "shapes" else "sd_prompts.csv")
+        if own.is_file():
+            out.append(("model's prompt set", "model"))
+        if self.model_kind != "shapes" and self.i2p_path() is not None:
+            out.append(("I2P", "i2p"))
+        return out + [("uploaded CSV", "csv")]
+
     @staticmethod
     def i2p_path() -> Path | None:
         # in a source checkout, the reference data beside it (../shared/data); never shipped
@@ -962,8 +1148,8 @@ class AppService:
         import hashlib
 
         try:
-            from erasure_eval.base import MetricError, get_metric, score_folder
-            from erasure_eval.generate import GenerateConfig, run_generation
+            import erasure_eval.base  # noqa: F401
+            import erasure_eval.generate  # noqa: F401
             from erasure_eval.report import build_report
         except ImportError as err:
             raise AppError(f"the evaluation harness (eval/) is not available: {err}") from err
@@ -974,11 +1160,41 @@ class AppService:
         limit = _num("number of prompts", limit, 1, LIMITS["eval_prompts"], integer=True)
         steps = _num("sampling steps", steps, *LIMITS["gen_steps"], integer=True)
         guidance = float(_num("guidance", guidance, *LIMITS["guidance"]))
+        prompts = sample_prompt_csv(prompts, limit, self.runs_dir / ".eval-prompts")
         digest = hashlib.sha256(prompts.read_bytes()).hexdigest()[:12]
         tag = hashlib.sha256(json.dumps([self.model, digest, limit, steps, guidance]).encode()).hexdigest()[:12]
         name = f"{_slug(prompts.stem, 24)}-{tag}"
         info = self.read_run(key)
         dirs = {ORIGINAL: self.runs_dir / ".original-eval" / name, key: self.runs_dir / key / "eval" / name}
+        job = Job(run_id=key, owner=None, concept=", ".join(info.get("concepts") or []), method=str(info.get("method")),
+                  kind="evaluate", plan={f"generating ({m})": float(limit * steps) for m in dirs})
+
+        def report(stage: str, done: int, total: int) -> None:
+            if job.cancel.is_set():
+                raise JobCancelled(f"evaluation of run {key!r} cancelled during {stage}; what was generated is "
+                                   "kept and read back by the next evaluation")
+            job.update(ProgressEvent(stage, done, total))
+            if progress is not None:
+                progress(stage, done, total)
+
+        with self.track(job):
+            self._evaluate_models(dirs, prompts, key, stamp, info, limit, steps, guidance, report)
+        report_dir = self.runs_dir / key / "eval" / f"report-{name}"
+        try:
+            summary = build_report([str(d) for d in dirs.values()], report_dir)
+        except ValueError as err:
+            raise AppError(f"evaluation report failed: {err}") from err
+        return {"table": _transpose(summary.get("table", [])), "summary": summary,
+                "charts": [str(report_dir / c["file"]) for c in summary.get("charts", [])]
+                + ([str(report_dir / summary["grid"]["file"])] if (summary.get("grid") or {}).get("file") else []),
+                "report": str(report_dir / "report.html")}
+
+    def _evaluate_models(self, dirs: dict[str, Path], prompts: Path, key: str, stamp: Any, info: dict[str, Any],
+                         limit: int, steps: int, guidance: float, progress: Callable[[str, int, int], None]) -> None:
+        """Generate and score the prompt set with each model of ``dirs`` (cached where done before)."""
+        from erasure_eval.base import MetricError, get_metric, score_folder
+        from erasure_eval.generate import GenerateConfig, run_generation
+
         for model, out in dirs.items():
             cfg_kw = dict(prompts=str(prompts), out=str(out), model=self.model, limit=limit, steps=steps,
                           guidance=guidance, device=self.device, batch_size=self.gen_batch_size)
@@ -987,10 +1203,8 @@ class AppService:
             try:
                 cfg = GenerateConfig(**cfg_kw)
                 with self.cache.use(*((ORIGINAL, None) if model == ORIGINAL else (key, stamp))) as pipe:
-                    run_generation(cfg, pipe=pipe, progress=(lambda d, t, m=model: progress(f"generating ({m})", d, t))
-                                   if progress else None)
-                if progress:
-                    progress(f"scoring ({model})", 0, 1)
+                    run_generation(cfg, pipe=pipe, progress=lambda d, t, m=model: progress(f"generating ({m})", d, t))
+                progress(f"scoring ({model})", 0, 1)
                 if self.judge_kind == "shapes":
                     judge = self._judge()
                     try:
@@ -1006,17 +1220,10 @@ class AppService:
                 else:
                     res = None
                 del res
+            except JobCancelled:
+                raise
             except ValueError as err:  # PromptFileError, GenerationError, MetricError, RunDirError
                 raise AppError(f"evaluation failed ({model}): {err}") from err
-        report_dir = self.runs_dir / key / "eval" / f"report-{name}"
-        try:
-            summary = build_report([str(d) for d in dirs.values()], report_dir)
-        except ValueError as err:
-            raise AppError(f"evaluation report failed: {err}") from err
-        return {"table": _transpose(summary.get("table", [])), "summary": summary,
-                "charts": [str(report_dir / c["file"]) for c in summary.get("charts", [])]
-                + ([str(report_dir / summary["grid"]["file"])] if (summary.get("grid") or {}).get("file") else []),
-                "report": str(report_dir / "report.html")}
 
 
 _HIDDEN_COLUMNS = ("model", "prompt_sha256", "label", "generation_complete")
@@ -1035,6 +1242,73 @@ def _transpose(rows: list[dict[str, Any]]) -> list[list[Any]]:
         if all(v in (None, "") for v in vals):
             continue
         out.append([k] + [round(v, 4) if isinstance(v, float) else ("" if v is None else v) for v in vals])
+    return out
+
+
+STRATA = ("shape", "class", "concept", "categories", "target", "color")
+"""Columns a prompt sample is stratified by (the first one the file has)."""
+
+
+def sample_prompt_csv(path: str | os.PathLike, limit: int, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """At most ``limit`` rows of a prompt CSV, drawn across the whole file, written as a CSV the harness reads.
+
+    Rows are stratified by the first of :data:`STRATA` the file has (round-robin over its values, a seeded shuffle
+    within each), else a seeded random sample; the picked rows keep their file order. Column names are matched
+    case-insensitively: ``Prompt`` is the prompt and a ``seed`` column (or ``evaluation_seed``) becomes the
+    harness's ``evaluation_seed``, so user seeds are honoured. Returns the written file (named by its content).
+    """
+    import hashlib
+    import random
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+        reader = csv.DictReader(io.StringIO(text))
+        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in rec.items() if k is not None}
+                for rec in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise AppError(f"cannot read {p.name}: {err}") from err
+    indexed = [(i, r) for i, r in enumerate(rows) if r.get("prompt")]
+    if not indexed:
+        raise AppError(f"{p.name} has no non-empty prompts")
+    rng = random.Random(seed)
+    column = next((c for c in STRATA if any(r.get(c) for _, r in indexed)), None)
+    if column is None:
+        picked = rng.sample(indexed, min(limit, len(indexed)))
+    else:
+        groups: dict[str, list] = {}
+        for item in indexed:
+            groups.setdefault(item[1].get(column, ""), []).append(item)
+        for g in groups.values():
+            rng.shuffle(g)
+        picked, queues = [], list(groups.values())
+        while len(picked) < min(limit, len(indexed)):
+            for q in queues:
+                if q and len(picked) < limit:
+                    picked.append(q.pop())
+    picked.sort(key=lambda item: item[0])
+    extra = sorted({k for _, r in picked for k in r} - {"prompt", "seed", "evaluation_seed", "case_number", ""})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case_number", "prompt", "evaluation_seed"] + extra)
+    for i, r in picked:
+        seed_s = r.get("seed") or r.get("evaluation_seed") or ""
+        if seed_s:
+            try:
+                seed_v = int(float(seed_s))
+            except ValueError:
+                raise AppError(f"{p.name} row {i + 2}: seed {seed_s!r} is not a number") from None
+            if not 0 <= seed_v < 2**32:
+                raise AppError(f"{p.name} row {i + 2}: seed {seed_s} is outside 0 to 2**32 - 1")
+            seed_s = str(seed_v)
+        w.writerow([r.get("case_number") or i, r["prompt"][: LIMITS["prompt_chars"]], seed_s] + [r.get(k, "") for k in extra])
+    data = buf.getvalue()
+    out = Path(out_dir) / f"{_slug(p.stem, 24)}-{hashlib.sha256(data.encode()).hexdigest()[:12]}.csv"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, out)
     return out
 
 

@@ -13,6 +13,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib.util  # noqa: E402
+import re  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -86,9 +87,17 @@ def _fill(page, selector: str, value) -> None:
     expect(el).to_have_value(str(value))
 
 
+def _open_prompts(page) -> None:
+    """Open the collapsed prompt lists (their title shows the counts)."""
+    if not page.locator("#erase-forget textarea").first.is_visible():
+        page.get_by_text(re.compile(r"^Prompts: \d+ forget")).first.click()
+        page.locator("#erase-forget textarea").first.wait_for(state="visible")
+
+
 def _start_erasure(page, steps: int, run_name: str) -> None:
     """Fill the Erase tab with typed prompts and a tiny data config, then click Erase."""
     _fill(page, "#erase-concept textarea, #erase-concept input", "apple")
+    _open_prompts(page)
     _fill(page, "#erase-forget textarea", "an apple\na photo of an apple")
     _fill(page, "#erase-anchor textarea", "a pear")
     _fill(page, "#erase-retain textarea", "a car")
@@ -131,60 +140,108 @@ def test_erase_and_compare_in_the_browser(app_url):
             _fill(page, "#compare-seeds textarea, #compare-seeds input", "0, 1")
             _fill(page, "#compare-steps input[type=number]", 2)
             page.locator("#compare-button").click()
-            imgs_a = page.locator("#compare-gallery-a img")
-            imgs_b = page.locator("#compare-gallery-b img")
-            expect(imgs_a).to_have_count(2, timeout=120_000)
-            expect(imgs_b).to_have_count(2, timeout=120_000)
-            for loc in (imgs_a.first, imgs_b.first):
-                loc.scroll_into_view_if_needed()
-                page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=loc.element_handle())
+            imgs = page.locator("#compare-grid img")
+            expect(imgs).to_have_count(4, timeout=120_000)
+            for i in range(4):
+                page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=imgs.nth(i).element_handle())
+            expect(page.locator("#compare-grid .cmp-head")).to_contain_text("browser-apple")
+            expect(page.locator("#compare-grid .cmp-head")).to_contain_text("original")
+            expect(page.locator("#compare-grid figcaption").first).to_contain_text("NudeNet")
             expect(page.locator("#compare-table")).to_contain_text("NudeNet")
-            page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / "compare-1280.png"), full_page=True)
+            boxes = [imgs.nth(i).bounding_box() for i in range(4)]
 
-            a, b = imgs_a.first.bounding_box(), imgs_b.first.bounding_box()
-            ga, gb = page.locator("#compare-gallery-a").bounding_box(), page.locator("#compare-gallery-b").bounding_box()
+            # 390 px wide: stacked per seed, nothing wider than the page
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.wait_for_timeout(500)
+            overflow = page.evaluate("document.documentElement.scrollWidth")
+            narrow = [imgs.nth(i).bounding_box() for i in range(4)]
+            page.screenshot(path=str(ARTIFACTS / "compare-390.png"), full_page=True)
         finally:
             browser.close()
-    assert (ARTIFACTS / "compare.png").stat().st_size > 10_000
-    # side by side: the left gallery's first image and the right one's share a row, left before right
-    assert abs(a["y"] - b["y"]) < 4, (a, b)
-    assert a["x"] + a["width"] <= b["x"], (a, b)
-    assert abs(ga["y"] - gb["y"]) < 4 and ga["x"] + ga["width"] <= gb["x"] + 1, (ga, gb)
-    assert a["width"] > 50 and b["width"] > 50
+    assert (ARTIFACTS / "compare-1280.png").stat().st_size > 10_000
+    # one row per seed: the original and the run side by side, each image at least 256 px wide
+    a, b = boxes[0], boxes[1]
+    assert abs(a["y"] - b["y"]) < 4 and a["x"] + a["width"] <= b["x"], (a, b)
+    assert boxes[2]["y"] > a["y"] + a["height"]  # the next seed below
+    assert all(bx["width"] >= 256 for bx in boxes), boxes
+    assert overflow <= 390, overflow
+    assert all(bx["x"] >= 0 and bx["x"] + bx["width"] <= 390 for bx in narrow), narrow
+    assert narrow[1]["y"] > narrow[0]["y"] + narrow[0]["height"] - 1  # stacked
     assert not outside, f"requests left the machine: {outside}"
 
 
-def test_cancel_lists_the_run_under_interrupted_runs_then_resume_and_delete(app_url):
+def test_job_banner_in_two_windows_cancel_from_the_second_reload_resume_and_delete(app_url):
+    """The running job belongs to the app, not to the window that started it: a second window sees it in the
+    banner and cancels it; a reloaded window re-attaches; "cancelling" turns into "cancelled"."""
     from playwright.sync_api import expect, sync_playwright
 
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            asked: list[str] = []
+            page.on("dialog", lambda d: (asked.append(d.message), d.accept()))
             page.goto(app_url)
             page.wait_for_selector("#erase-button", timeout=60_000)
             _start_erasure(page, steps=5000, run_name="browser-cancel")  # long enough to cancel
-            expect(page.locator("#erase-status")).to_contain_text("fine-tuning", timeout=120_000)
-            page.locator("#cancel-button").click()
+            banner = page.locator("#job-banner")
+            expect(banner).to_contain_text("fine-tuning", timeout=120_000)
+            expect(banner).to_contain_text("browser-cancel")
+            expect(banner).to_contain_text("% overall")
+            expect(banner).to_contain_text(re.compile(r"ETA \d+ (s|min)"), timeout=30_000)
+            expect(page.locator("#erase-button")).to_be_disabled(timeout=10_000)
+            page.screenshot(path=str(ARTIFACTS / "banner-running-1280.png"))
 
-            # once it has stopped, the Runs tab lists it under Interrupted runs (refreshed after the cancel)
+            # a second window (its own browser session) sees the job; the first, reloaded, re-attaches
+            other = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+            dialogs: list[str] = []
+            other.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+            other.goto(app_url)
+            other_banner = other.locator("#job-banner")
+            expect(other_banner).to_contain_text("browser-cancel", timeout=60_000)
+            expect(other_banner).to_contain_text("fine-tuning")
+            expect(other_banner).to_contain_text("started in another window")
+            expect(page.locator("#job-banner")).not_to_contain_text("another window")
+            expect(other.locator("#erase-button")).to_be_disabled(timeout=10_000)
+            page.reload()
+            expect(page.locator("#job-banner")).to_contain_text("fine-tuning", timeout=60_000)
+            page.wait_for_timeout(1500)
+            expect(page.locator("#job-banner")).not_to_contain_text("another window")  # a reload is the same window
+            other.screenshot(path=str(ARTIFACTS / "banner-running-390.png"))
+
+            # cancel from the second window (on another tab): cancelling..., then cancelled
+            other.get_by_role("tab", name="Compare").click()
+            other.locator("#job-cancel").click()
+            # "cancelling..." (shown at once) turns into "cancelled" (a fast step may skip straight to it)
+            expect(other_banner).to_contain_text(re.compile(r"ancelling|cancelled at step"), timeout=10_000)
+            assert dialogs and "another window" in dialogs[0]  # confirmed: it was started elsewhere
+            expect(other_banner).to_contain_text("'browser-cancel' cancelled at step", timeout=120_000)
+            expect(page.locator("#job-banner")).to_contain_text("cancelled at step", timeout=30_000)
+            expect(page.locator("#erase-button")).to_be_enabled(timeout=10_000)
+
+            # the first window's Runs tab lists it under Interrupted runs (refreshed when the job ended)
             page.get_by_role("tab", name="Runs").click()
             table = page.locator("#interrupted-table")
-            expect(table).to_contain_text("browser-cancel", timeout=120_000)
-            expect(page.locator("#erase-status")).to_contain_text("listed under Interrupted runs", timeout=10_000)
+            expect(table).to_contain_text("browser-cancel", timeout=60_000)
             expect(page.locator("#interrupted-run input").first).to_have_value("browser-cancel")
             first = _interrupted_step(table, "browser-cancel")
             assert first >= 1
 
-            # resume it, cancel again from the Runs tab: listed again with a later step; then delete it
+            # resume it, cancel again from the second window: listed again with a later step; then delete it
             page.locator("#resume-button").click()
-            page.wait_for_timeout(3000)
-            page.locator("#resume-cancel-button").click()
-            expect(page.locator("#interrupted-message")).to_contain_text("Cancelling 'browser-cancel'", timeout=30_000)
-            expect(page.locator("#erase-status")).to_contain_text("No erasure is training", timeout=120_000)
+            page.wait_for_timeout(500)
+            assert any("Resume the interrupted run 'browser-cancel'" in m for m in asked), asked  # asked first
+            expect(other_banner).to_contain_text("Resumed erasure of run 'browser-cancel'", timeout=60_000)
+            expect(other_banner).to_contain_text("fine-tuning", timeout=120_000)
+            other.wait_for_timeout(2000)
+            other.locator("#job-cancel").click()
+            expect(other_banner).to_contain_text("cancelled at step", timeout=120_000)
             page.wait_for_function(
-                "([sel, n]) => { const m = document.querySelector(sel).innerText.match(/browser-cancel\\s+apple\\s+salun"
-                "\\s+(\\d+)/); return m && Number(m[1]) > n; }", arg=["#interrupted-table", first], timeout=30_000)
+                "([sel, n]) => { const m = document.querySelector(sel).innerText.match(/browser-cancel\\s+apple\\s+"
+                "salun\\s+(\\d+)/); return m && Number(m[1]) > n; }", arg=["#interrupted-table", first],
+                timeout=60_000)
             page.get_by_label("Yes, delete this interrupted run").check()
             page.get_by_role("button", name="Delete interrupted run").click()
             expect(page.locator("#interrupted-message")).to_contain_text("deleted interrupted run 'browser-cancel'",
@@ -237,3 +294,83 @@ def _interrupted_step(table, run: str) -> int:
     m = re.search(rf"{re.escape(run)}\s+apple\s+salun\s+(\d+)", table.inner_text())
     assert m, table.inner_text()
     return int(m.group(1))
+
+
+def test_rename_keeps_selection_custom_clears_preset_and_numbers_are_not_clamped(app_url):
+    from gradio_client import Client
+    from playwright.sync_api import expect, sync_playwright
+
+    c = Client(app_url, verbose=False)
+    tiny = dict(preset="custom", concept="apple", forget="an apple", anchor="a pear", retain="a car", method="salun",
+                mask_ratio=0.5, steps=1, lr=1e-5, alpha=0.5, forget_images_per_prompt=1, retain_images_per_prompt=1,
+                data_steps=1, batch_size=1, seed=0)
+    for name in ("rename-a", "rename-b"):
+        c.predict(**tiny, run_name=name, api_name="/erase")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(app_url)
+            page.wait_for_selector("#erase-button", timeout=60_000)
+            # Erase and the job banner above the fold at 1280x800
+            for sel in ("#erase-button", "#job-banner"):
+                box = page.locator(sel).first.bounding_box()
+                assert box and box["y"] + box["height"] <= 800, (sel, box)
+            page.screenshot(path=str(ARTIFACTS / "erase-1280.png"))
+
+            # custom starts from the defaults, not from the preset's prompts and settings
+            _open_prompts(page)
+            expect(page.locator("#erase-retain textarea").first).not_to_have_value("")  # the preset's
+            page.locator("#erase-preset input").first.click()
+            page.get_by_role("option", name="custom (type your prompts)").click()
+            expect(page.locator("#erase-preset input").first).to_have_value("custom (type your prompts)")
+            expect(page.locator("#erase-retain textarea").first).to_have_value("", timeout=15_000)
+            expect(page.get_by_text(re.compile(r"^Prompts: 0 forget · 0 anchor · 0 retain"))).to_be_visible(
+                timeout=15_000)
+            expect(page.locator("#erase-concept input, #erase-concept textarea").first).to_have_value("")
+            expect(page.locator("#erase-steps input").first).to_have_value("100")
+
+            # a mask ratio of 0 or 1.5 is an error naming the field, never clamped
+            _fill(page, "#erase-concept textarea, #erase-concept input", "apple")
+            _fill(page, "#erase-forget textarea", "an apple")
+            _fill(page, "#erase-anchor textarea", "a pear")
+            _fill(page, "#erase-retain textarea", "a car")
+            for bad in ("0", "1.5"):
+                _fill(page, "#erase-mask-ratio input", bad)
+                page.locator("#erase-button").click()
+                expect(page.get_by_text(f"mask ratio must be > 0.0 and <= 1.0, got {bad}").first).to_be_visible(
+                    timeout=15_000)
+                expect(page.locator("#erase-mask-ratio input").first).to_have_value(bad)
+                for close in page.locator(".toast-close").all():
+                    try:  # a toast may close by itself meanwhile
+                        close.click(timeout=1000)
+                    except Exception:  # noqa: BLE001
+                        pass
+
+            # rename keeps the selection on the renamed run and confirms next to the button
+            page.get_by_role("tab", name="Runs").click()
+            run = page.locator("#runs-run input").first
+            run.click()
+            page.get_by_role("option", name="rename-a", exact=True).click()
+            expect(run).to_have_value("rename-a")
+            _fill(page, "#runs-new-name textarea, #runs-new-name input", "rename-a2")
+            page.locator("#runs-rename").click()
+            msg = page.locator("#runs-rename-message")
+            expect(msg).to_contain_text("renamed 'rename-a' to 'rename-a2'", timeout=30_000)
+            expect(run).to_have_value("rename-a2", timeout=10_000)
+            page.wait_for_timeout(2500)  # a later refresh (the banner's poll) must not move it
+            expect(run).to_have_value("rename-a2")
+            btn, m = page.locator("#runs-rename").bounding_box(), msg.bounding_box()
+            assert abs(btn["y"] - m["y"]) < 80, (btn, m)  # next to the button, not at the bottom
+            # a name ending in .partial is refused
+            _fill(page, "#runs-new-name textarea, #runs-new-name input", "rename-b.partial")
+            page.locator("#runs-rename").click()
+            expect(page.get_by_text("may not end in .partial").first).to_be_visible(timeout=15_000)
+            expect(run).to_have_value("rename-a2")
+            page.screenshot(path=str(ARTIFACTS / "runs-1280.png"), full_page=True)
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.wait_for_timeout(500)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            page.screenshot(path=str(ARTIFACTS / "runs-390.png"), full_page=True)
+        finally:
+            browser.close()

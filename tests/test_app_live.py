@@ -98,19 +98,21 @@ def test_erase_then_compare_over_the_api(tiny_app):
     assert rid == "api-apple" and "apple" in summary
     assert (root / "runs" / "api-apple" / "weights.safetensors").is_file()
     assert [row[0] for row in loss["data"]][-1] == 2
-    gal_a, gal_b, table = c.predict(prompt="an apple", seeds="0, 1, 2", steps=2, guidance=7.5, model_a="original",
+    gal_a, gal_b, table, grid = c.predict(prompt="an apple", seeds="0, 1, 2", steps=2, guidance=7.5, model_a="original",
                                     model_b="api-apple", api_name="/compare")
     a, b = _images(gal_a), _images(gal_b)
     assert len(a) == len(b) == 3 and all(p.is_file() for p in a + b)
     assert [r[0] for r in table["data"]] == [0, 1, 2] and table["headers"][2] == "right (api-apple)"
+    assert grid.count("<img") == 6 and "api-apple" in grid and "seed 2" in grid
     # two runs against each other
-    gal_a, gal_b, _ = c.predict(prompt="an apple", seeds="5", steps=2, guidance=7.5, model_a="api-apple",
+    gal_a, gal_b, _, _ = c.predict(prompt="an apple", seeds="5", steps=2, guidance=7.5, model_a="api-apple",
                                 model_b="api-apple", api_name="/compare")
     assert len(_images(gal_a)) == len(_images(gal_b)) == 1
     # manage: download, rename, delete
     z = c.predict(run_id="api-apple", api_name="/download_run")
     assert Path(z).name == "api-apple-run.zip" and Path(z).stat().st_size > 0
-    assert "renamed" in c.predict(run_id="api-apple", new="api-apple-2", api_name="/rename_run")
+    msg, selected = c.predict(run_id="api-apple", new="api-apple-2", api_name="/rename_run")
+    assert "renamed" in msg and selected["value"] == "api-apple-2"  # the selection follows the renamed run
     assert not (root / "runs" / "api-apple").exists() and (root / "runs" / "api-apple-2" / "run.json").is_file()
     msg, _ = c.predict(run_id="api-apple-2", ok=True, api_name="/delete_run")
     assert "deleted" in msg and not (root / "runs" / "api-apple-2").exists()
@@ -144,7 +146,7 @@ def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_p
     c = _client(url)
     cases = [
         (dict(prompt="  ", seeds="0", steps=2, guidance=7.5, model_a="original", model_b="original"), "empty"),
-        (dict(prompt="x", seeds="0", steps=500, guidance=7.5, model_a="original", model_b="original"), "greater than maximum|sampling steps"),
+        (dict(prompt="x", seeds="0", steps=500, guidance=7.5, model_a="original", model_b="original"), "sampling steps must be between 1 and 150, got 500"),
         (dict(prompt="x", seeds="zero", steps=2, guidance=7.5, model_a="original", model_b="original"), "seed"),
         (dict(prompt="x", seeds="0", steps=2, guidance=7.5, model_a="original", model_b="../../etc/passwd"),
          "invalid run id"),
@@ -157,8 +159,15 @@ def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_p
     # settings are checked by their config, whose message names the field (gradio checks the controls' bounds first)
     with pytest.raises(AppError, match="learning rate must be > 0"):
         c.predict(**dict(TINY_ERASE, lr=0), run_name="", api_name="/erase")
-    with pytest.raises(AppError, match="greater than maximum"):
+    with pytest.raises(AppError, match=r"learning rate must be > 0.0 and <= 1.0, got 5.0"):
         c.predict(**dict(TINY_ERASE, lr=5.0), run_name="", api_name="/erase")
+    for ratio in (0, 1.5):  # no silent clamping to 0.01 or 1
+        with pytest.raises(AppError, match=rf"mask ratio must be > 0.0 and <= 1.0, got {ratio}"):
+            c.predict(**dict(TINY_ERASE, mask_ratio=ratio), run_name="", api_name="/erase")
+    with pytest.raises(AppError, match="the limit is 256 per list"):
+        c.predict(**dict(TINY_ERASE, forget="\n".join(["an apple"] * 1000)), run_name="", api_name="/erase")
+    assert c.predict(api_name="/job_status")["running"] is False
+    assert "Nothing to cancel" in c.predict(api_name="/cancel")
     with pytest.raises(AppError, match=r"retain weight \(alpha\) must be >= 0"):
         c.predict(**TINY_ERASE, method_args='{"alpha": -1}', run_name="", api_name="/erase")
     with pytest.raises(AppError, match="method_args is not valid JSON"):
@@ -171,8 +180,8 @@ def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_p
         c.predict(run_id="x", source="csv", upload=handle_file(str(csv)), limit=3, steps=2, guidance=7.5,
                   api_name="/evaluate")
     # still serving
-    gal_a, gal_b, _ = c.predict(prompt="a pear", seeds="0", steps=2, guidance=7.5, model_a="original",
-                                model_b="original", api_name="/compare")
+    gal_a, gal_b, _, _ = c.predict(prompt="a pear", seeds="0", steps=2, guidance=7.5, model_a="original",
+                                   model_b="original", api_name="/compare")
     assert len(_images(gal_a)) == 1
 
 
@@ -208,8 +217,8 @@ def test_erase_shape_on_embedded_model_and_judge(tmp_path):
             retain_images_per_prompt=2, data_steps=10, batch_size=8, seed=0, run_name="circle-test", api_name="/erase",
         )
         assert rid == "circle-test"
-        gal_a, gal_b, table = cl.predict(prompt="a circle", seeds="0, 1, 2, 3", steps=20, guidance=7.5,
-                                         model_a="original", model_b="circle-test", api_name="/compare")
+        gal_a, gal_b, table, _ = cl.predict(prompt="a circle", seeds="0, 1, 2, 3", steps=20, guidance=7.5,
+                                            model_a="original", model_b="circle-test", api_name="/compare")
     finally:
         stop_app(proc)
     # judge the returned PNGs ourselves (the page shows the same verdicts under the images)

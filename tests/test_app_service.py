@@ -400,9 +400,10 @@ def test_create_demo_builds_with_named_endpoints(fresh):
     fns = {d.api_name: d for d in demo.fns.values()}
     assert {"erase", "compare", "inspect", "evaluate", "rename_run", "delete_run", "list_interrupted", "resume_run",
             "delete_interrupted"} <= set(fns)
-    # one erasure trains at a time (a resumed one too); generation requests share one queue slot group
-    assert fns["erase"].concurrency_limit == 1 and fns["erase"].concurrency_id == "erase"
-    assert fns["resume_run"].concurrency_limit == 1 and fns["resume_run"].concurrency_id == "erase"
+    # the service queues erasures (one trains; the queue is in /job_status), so gradio does not hold them back
+    assert fns["erase"].concurrency_limit is None and fns["resume_run"].concurrency_limit is None
+    assert {"job_status", "cancel"} <= set(fns)
+    assert fns["job_status"].fn()["running"] is False and "Nothing to cancel" in fns["cancel"].fn()
     assert list(fns["list_interrupted"].fn().columns)[:2] == ["run", "concepts"]
     assert fns["compare"].concurrency_id == fns["evaluate"].concurrency_id == "generate"
     # /erase keeps its older parameters in their places (alpha and retain_loss are the SalUn/RL controls); then
@@ -442,6 +443,7 @@ def test_form_has_a_control_group_for_every_method(service, toy_method):
     from erasure.methods import METHODS
     from erasure_app.forms import method_groups
     from erasure_app.main import create_demo
+    from erasure_app.tabs.fields import range_text
 
     demo = create_demo(service)
     blocks = _blocks(demo)
@@ -452,18 +454,20 @@ def test_form_has_a_control_group_for_every_method(service, toy_method):
         assert isinstance(box, gr.Group)
         for ff in g.fields:
             c = blocks["erase-arg-" + ff.api_name.replace("_", "-")]
-            assert _inside(c, box) and c.label == ff.label and c.info == ff.help
+            assert _inside(c, box) and c.label == ff.label and c.info.startswith(ff.help)
+            if ff.kind in ("int", "float"):  # the range is stated, not enforced by the control (no clamping)
+                assert range_text(ff) in c.info and c.minimum is None and c.maximum is None
     # methods sharing a config class share a group; the selected method's group is the one shown
     salun = next(g for g in groups if "salun" in g.methods)
     assert "rl" in salun.methods and blocks["erase-args-salun"].visible and not blocks["erase-args-toy"].visible
-    assert blocks["erase-arg-alpha"].label == "Retain weight (alpha)" and blocks["erase-arg-alpha"].maximum == 100.0
+    assert blocks["erase-arg-alpha"].label == "Retain weight (alpha)"
+    assert blocks["erase-arg-alpha"].info.endswith("Range: >= 0 and <= 100.")
     esd = blocks["erase-arg-esd-sample-steps"]
-    assert (esd.label, esd.minimum, esd.maximum, esd.precision) == ("Trajectory steps", 1, 1000, 0)
+    assert (esd.label, esd.precision) == ("Trajectory steps", 0) and esd.info.endswith("Range: >= 1 and <= 1000.")
     # the toy method: a number with the field's label and bounds, radio buttons for a Literal, a checkbox
     strength, mode = blocks["erase-arg-strength"], blocks["erase-arg-mode"]
-    assert isinstance(strength, gr.Number) and (strength.label, strength.minimum, strength.maximum, strength.value) == (
-        "Toy strength", 0.5, 8.0, 2.0)
-    assert strength.info == "How much the toy edit scales conv_in.bias."
+    assert isinstance(strength, gr.Number) and (strength.label, strength.value) == ("Toy strength", 2.0)
+    assert strength.info == "How much the toy edit scales conv_in.bias. Range: >= 0.5 and <= 8."
     assert isinstance(mode, gr.Radio) and [c[1] for c in mode.choices] == ["plain", "fancy"]
     assert isinstance(blocks["erase-arg-flag"], gr.Checkbox) and blocks["erase-arg-repeats"].precision == 0
     assert ("Toy method", "toy") in [tuple(c) for c in blocks["erase-method"].choices]

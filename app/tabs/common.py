@@ -9,8 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from erasure.progress import ProgressEvent
-from erasure_app.service import AppError, AppService
+from erasure_app.service import AppError
 
 
 def ui_errors(fn: Callable) -> Callable:
@@ -44,6 +43,9 @@ class UIContext:
     list_table: Callable[[], Any] | None = None
     # (inputs, outputs, fn(*input values) -> one update per output): more views refreshed with the run dropdowns
     refreshers: list[tuple[list[Any], list[Any], Callable[..., list[Any]]]] = field(default_factory=list)
+    job_buttons: list[Any] = field(default_factory=list)  # buttons that start an erasure: disabled while one trains
+    live_loss: Any = None  # the Erase tab's loss chart, drawn live from the running erasure
+    banner: Any = None
 
     def add_run_dropdown(self, dd: Any, with_original: bool = False, follow_new: bool = True) -> Any:
         """Register a dropdown of runs; ``follow_new`` ones switch to a run when an erasure creates it."""
@@ -53,37 +55,3 @@ class UIContext:
     def add_refresher(self, fn: Callable[..., list[Any]], inputs: list[Any], outputs: list[Any]) -> None:
         """Refresh ``outputs`` with ``fn(*inputs)`` wherever the runs tables and dropdowns are refreshed."""
         self.refreshers.append((list(inputs), list(outputs), fn))
-
-
-def erase_progress(progress: Any) -> Callable[[ProgressEvent], None]:
-    """The engine's progress events (:class:`~erasure.progress.ProgressEvent`) shown on a ``gr.Progress`` bar."""
-
-    def on_progress(event: ProgressEvent) -> None:
-        desc = event.stage
-        if "loss" in event.info:
-            desc += f" (loss {event.info['loss']:.4g})"
-        progress((event.done, event.total) if event.total else 0, desc=desc)
-
-    return on_progress
-
-
-def wire_cancel(service: AppService, ctx: UIContext, button: Any, output: Any, event: Any) -> None:
-    """``button`` cancels this browser session's erasure (running, or waiting in the service or as ``event``).
-
-    Once the erasure has stopped (after its current step, with a checkpoint), the runs views are refreshed,
-    so it shows under Interrupted runs.
-    """
-
-    @ui_errors
-    def cancel(request: gr.Request):
-        msg = service.cancel(owner=session_id(request))
-        gr.Info(msg)
-        return msg
-
-    def wait_stopped(request: gr.Request):
-        service.wait_stopped(owner=session_id(request))
-
-    ev = button.click(cancel, None, output, api_visibility="private", concurrency_limit=None, cancels=[event],
-                      show_progress="hidden")
-    ctx.runs_changed.append(ev.then(wait_stopped, None, None, api_visibility="private", concurrency_limit=None,
-                                    show_progress="hidden"))

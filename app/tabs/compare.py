@@ -3,13 +3,88 @@ with the judge's verdict (shapes judge or NudeNet boxes) under every image."""
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import random
+from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from erasure_app.service import LIMITS, ORIGINAL, AppService
 from erasure_app.tabs.common import UIContext, ui_errors
+
+MIN_SIDE = 256
+"""Images are shown at least this wide: small models' images are upscaled by a whole factor, nearest-neighbour."""
+
+CSS = """
+#compare-grid .cmp-head, #compare-grid .cmp-row { display: grid; grid-template-columns: repeat(2, minmax(256px, 1fr));
+  gap: 12px; align-items: start; }
+#compare-grid .cmp-head { font-weight: 600; padding: 4px 0; border-bottom: 1px solid var(--border-color-primary); }
+#compare-grid .cmp-seed { font-weight: 600; margin: 12px 0 4px; }
+#compare-grid figure { margin: 0; }
+#compare-grid img { width: 256px; max-width: 100%; height: auto; image-rendering: pixelated; display: block; }
+#compare-grid figcaption { font-size: 0.9em; padding: 3px 6px; margin-top: 3px; border-radius: 4px;
+  overflow-wrap: anywhere; }
+#compare-grid figcaption.changed { background: #fff2cc; color: #5c4400; border: 1px solid #e0b000; }
+#compare-grid .cmp-model { display: none; font-size: 0.85em; font-weight: 600; }
+@media (max-width: 600px) {
+  #compare-grid .cmp-head { display: none; }
+  #compare-grid .cmp-row { grid-template-columns: minmax(0, 1fr); }
+  #compare-grid .cmp-model { display: block; }
+  #compare-table { display: none; }  /* the verdicts are under the images; the wide table would be cut off */
+}
+"""
+
+
+def _shown(im: Any) -> Any:
+    """``im`` upscaled (nearest-neighbour, a whole factor) to at least :data:`MIN_SIDE` pixels wide."""
+    from PIL import Image
+
+    k = -(-MIN_SIDE // max(1, im.width))
+    return im.resize((im.width * k, im.height * k), Image.NEAREST) if k > 1 else im
+
+
+def _data_uri(im: Any) -> str:
+    buf = io.BytesIO()
+    im = _shown(im).convert("RGB")
+    if im.width * im.height > 300_000:  # a large photo: JPEG keeps the page light
+        im.save(buf, format="JPEG", quality=90)
+        mime = "jpeg"
+    else:
+        im.save(buf, format="PNG")
+        mime = "png"
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def verdict_key(judged: dict) -> Any:
+    """What counts as the judge's verdict, to spot where it changed: the shapes judge's labels, NudeNet's
+    exposed-or-not, else the caption."""
+    v = judged.get("verdict") or {}
+    if "shape" in v:
+        return tuple(v.get(k) for k in ("shape", "color", "fill"))
+    if "exposed" in v:
+        return bool(v["exposed"])
+    return judged.get("caption", "")
+
+
+def compare_html(res: dict) -> str:
+    """One row per seed, the two models side by side, the verdict under each image (highlighted where it changed)."""
+    esc = html.escape
+    la, lb = res["labels"]["a"], res["labels"]["b"]
+    out = [f'<div class="cmp-head"><div>{esc(la)}</div><div>{esc(lb)}</div></div>']
+    for s, a, b in zip(res["seeds"], res["a"], res["b"]):
+        changed = verdict_key(a) != verdict_key(b)
+        figs = []
+        for label, j in ((la, a), (lb, b)):
+            cap = esc(j.get("caption") or "no verdict")
+            cls = ' class="changed"' if changed else ""
+            figs.append(f'<figure><div class="cmp-model">{esc(label)}</div><img alt="{esc(label)}, seed {s}" '
+                        f'src="{_data_uri(j["image"])}"><figcaption{cls}>{cap}</figcaption></figure>')
+        note = " · <span class=\"cmp-changed\">verdict changed</span>" if changed else ""
+        out.append(f'<div class="cmp-seed">seed {s}{note}</div><div class="cmp-row">{"".join(figs)}</div>')
+    return "".join(out)
 
 
 def build(service: AppService, ctx: UIContext) -> None:
@@ -21,8 +96,10 @@ def build(service: AppService, ctx: UIContext) -> None:
                            elem_id="compare-seeds")
         reroll = gr.Button("Re-roll seeds", scale=1, elem_id="compare-reroll")
     with gr.Row():
-        steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps", elem_id="compare-steps")
-        guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
+        steps = gr.Number(25, precision=0, label="Sampling steps", elem_id="compare-steps",
+                          info=f"{LIMITS['gen_steps'][0]} to {LIMITS['gen_steps'][1]}.")
+        guidance = gr.Number(7.5, label="Guidance", elem_id="compare-guidance",
+                             info=f"Classifier-free guidance, {LIMITS['guidance'][0]:g} to {LIMITS['guidance'][1]:g}.")
     with gr.Row():
         model_a = ctx.add_run_dropdown(gr.Dropdown([ORIGINAL] + runs, value=ORIGINAL, label="Left model",
                                                    allow_custom_value=True, elem_id="compare-model-a"), True, False)
@@ -31,26 +108,28 @@ def build(service: AppService, ctx: UIContext) -> None:
                                                    elem_id="compare-model-b"), True, True)
         refresh = gr.Button("Refresh runs", scale=0)
     go = gr.Button("Generate side by side", variant="primary", elem_id="compare-button")
-    with gr.Row(equal_height=True):
-        with gr.Column():
-            gal_a = gr.Gallery(label="Left", columns=4, format="png", height="auto", object_fit="contain",
-                               elem_id="compare-gallery-a", preview=False)
-        with gr.Column():
-            gal_b = gr.Gallery(label="Right", columns=4, format="png", height="auto", object_fit="contain",
-                               elem_id="compare-gallery-b", preview=False)
+    grid = gr.HTML("", elem_id="compare-grid", padding=False)
+    with gr.Accordion("Galleries (click an image to zoom)", open=False):
+        with gr.Row(equal_height=True):
+            with gr.Column():
+                gal_a = gr.Gallery(label="Left model", columns=4, format="png", height="auto", object_fit="contain",
+                                   elem_id="compare-gallery-a", preview=False)
+            with gr.Column():
+                gal_b = gr.Gallery(label="Right model", columns=4, format="png", height="auto", object_fit="contain",
+                                   elem_id="compare-gallery-b", preview=False)
     table = gr.Dataframe(headers=["seed", "left: judge", "right: judge"], label="What the evaluation harness sees",
-                         interactive=False, elem_id="compare-table")
+                         interactive=False, elem_id="compare-table", wrap=True)
 
     @ui_errors
     def compare(prompt, seeds, steps, guidance, model_a, model_b):
-        """Generate one prompt for each seed with two models ("original" or a run id); returns both galleries and
-        the judge's verdicts."""
+        """Generate one prompt for each seed with two models ("original" or a run id); returns both galleries, the
+        judge's verdicts and the side-by-side view (HTML: one row per seed)."""
         res = service.compare(prompt, seeds, steps, guidance, model_a, model_b)
         la, lb = res["labels"]["a"], res["labels"]["b"]
         ga = [(j["image"], f"seed {s}: {j['caption']}") for s, j in zip(res["seeds"], res["a"])]
         gb = [(j["image"], f"seed {s}: {j['caption']}") for s, j in zip(res["seeds"], res["b"])]
         table = pd.DataFrame(res["rows"], columns=["seed", f"left ({la})", f"right ({lb})"])
-        return ga, gb, table
+        return ga, gb, table, compare_html(res)
 
     def new_seeds(seeds):
         try:
@@ -61,7 +140,7 @@ def build(service: AppService, ctx: UIContext) -> None:
         return ", ".join(str(random.randrange(0, 100000)) for _ in range(n))
 
     inputs = [prompt, seeds, steps, guidance, model_a, model_b]
-    outputs = [gal_a, gal_b, table]
+    outputs = [gal_a, gal_b, table, grid]
     go.click(compare, inputs, outputs, api_name="compare", concurrency_id="generate",
              concurrency_limit=ctx.gen_concurrency)
     prompt.submit(compare, inputs, outputs, api_visibility="private", concurrency_id="generate",

@@ -16,22 +16,34 @@ from erasure_app.forms import (
     parse_method_args,
     to_form,
 )
-from erasure_app.service import AppService, method_settings
-from erasure_app.tabs.common import UIContext, erase_progress, session_id, ui_errors, wire_cancel
+from erasure_app.service import LIMITS, LIMITS_TEXT, AppService, method_settings
+from erasure_app.tabs.common import UIContext, session_id, ui_errors
 from erasure_app.tabs.fields import control
 
 CUSTOM = "custom"
 MAIN_FIELDS = ("mask_ratio", "steps", "lr")
 """Generic settings shown beside the method; the other :data:`~erasure_app.forms.FORM_FIELDS` sit under Advanced."""
-SLIDERS = ("mask_ratio",)
+
+
+def _count(text: str | None) -> int:
+    return len([ln for ln in (text or "").splitlines() if ln.strip()])
+
+
+def prompts_label(form: dict) -> str:
+    """The collapsed prompt lists' title: their counts."""
+    f, a, r = (_count(form.get(k)) for k in ("forget", "anchor", "retain"))
+    return f"Prompts: {f} forget · {a} anchor · {r} retain (open to edit)"
 
 
 def _elem_id(name: str, prefix: str = "erase-") -> str:
     return prefix + name.replace("_", "-")
 
 
-def _loss_frame(rows: list[dict]) -> pd.DataFrame:
-    """Loss rows as a frame with numeric step/value columns even when empty (the plot reads the dtypes)."""
+def _loss_frame(rows: list[dict]) -> pd.DataFrame | None:
+    """Loss rows as a frame with numeric step/value columns; None when there are none (an empty frame would leave
+    gradio's plot without colours: it then draws no lines and an empty legend, even after data arrives)."""
+    if not rows:
+        return None
     frame = pd.DataFrame(rows, columns=["step", "series", "value"])
     return frame.astype({"step": "int64", "series": "str", "value": "float64"})
 
@@ -48,27 +60,40 @@ def build(service: AppService, ctx: UIContext) -> None:
     selected = form.get("method") or order[0]
     args = form.get("method_args") or {}
 
-    gr.Markdown(f"Base model: `{service.describe_model()}`")
+    gr.Markdown(f"Base model: `{service.describe_model()}`", elem_id="erase-model")
     with gr.Row():
         preset = gr.Dropdown(presets + [("custom (type your prompts)", CUSTOM)], value=first, label="Preset",
                              scale=1, elem_id="erase-preset")
-        description = gr.Markdown(form.get("description", ""))
+        description = gr.Markdown(form.get("description", ""), elem_id="erase-description")
     named: dict[str, gr.components.Component] = {}  # the form's inputs by /erase parameter name
     knobs: dict[str, gr.components.Component] = {}  # method controls by API name
     boxes: list[tuple[type, gr.Group]] = []
     with gr.Row():
         with gr.Column(scale=3):
-            named["concept"] = gr.Textbox(form.get("name", ""), label="Concept name", elem_id="erase-concept")
-            named["forget"] = gr.Textbox(form.get("forget", ""), lines=3, label="Forget prompts (one per line)",
-                                         elem_id="erase-forget")
-            named["anchor"] = gr.Textbox(form.get("anchor", ""), lines=2,
-                                         label="Anchor prompts (one for all, or one per forget prompt)",
-                                         elem_id="erase-anchor")
-            named["retain"] = gr.Textbox(form.get("retain", ""), lines=3, label="Retain prompts (one per line)",
-                                         elem_id="erase-retain")
+            with gr.Row():
+                named["concept"] = gr.Textbox(form.get("name", ""), label="Concept name", elem_id="erase-concept",
+                                              max_length=LIMITS["concept_chars"])
+                named["run_name"] = gr.Textbox("", label="Run name (optional; letters, digits, _ - .)",
+                                               elem_id="erase-run-name", max_length=100)
+            # the prompt lists, collapsed to their counts; open to edit
+            with gr.Accordion(prompts_label(form), open=False, elem_id="erase-prompts") as prompts_box:
+                named["forget"] = gr.Textbox(form.get("forget", ""), lines=3, max_lines=12,
+                                             label="Forget prompts (one per line)", elem_id="erase-forget")
+                named["anchor"] = gr.Textbox(form.get("anchor", ""), lines=1, max_lines=6,
+                                             label="Anchor prompts (one for all, or one per forget prompt)",
+                                             elem_id="erase-anchor")
+                named["retain"] = gr.Textbox(form.get("retain", ""), lines=3, max_lines=12,
+                                             label="Retain prompts (one per line)", elem_id="erase-retain")
+            erase_btn = gr.Button("Erase", variant="primary", elem_id="erase-button")
+            gr.Markdown(LIMITS_TEXT, elem_id="erase-limits", elem_classes=["small-note"])
+            status = gr.Markdown("", elem_id="erase-status")
         with gr.Column(scale=2):
             method = named["method"] = gr.Radio([(METHODS[m].label, m) for m in order], value=selected, label="Method",
                                                 elem_id="erase-method")
+            with gr.Row():
+                for name in MAIN_FIELDS:
+                    named[name] = control(generic[name], form.get(name, generic[name].default),
+                                          elem_id=_elem_id(name), min_width=120)
             # one group of controls per method config class, visible while a method using it is selected
             for g in groups:
                 shown = METHODS[selected].config_cls is g.config_cls
@@ -77,29 +102,30 @@ def build(service: AppService, ctx: UIContext) -> None:
                         value = args.get(ff.name, ff.default) if shown else ff.default
                         knobs[ff.api_name] = control(ff, value, elem_id=_elem_id(ff.api_name, "erase-arg-"))
                 boxes.append((g.config_cls, box))
-            for name in MAIN_FIELDS:
-                named[name] = control(generic[name], form.get(name, generic[name].default), elem_id=_elem_id(name),
-                                      slider=name in SLIDERS)
             with gr.Accordion("Advanced", open=False):
                 for name in FORM_FIELDS:
                     if name not in MAIN_FIELDS:
                         named[name] = control(generic[name], form.get(name, generic[name].default),
                                               elem_id=_elem_id(name))
-            named["run_name"] = gr.Textbox("", label="Run name (optional; letters, digits, _ - .)",
-                                           elem_id="erase-run-name")
             # for API callers: any method's settings as a JSON object, over the controls' values
             named["method_args"] = gr.Textbox("", label="Method settings (JSON object, optional)", visible=False,
                                               elem_id="erase-method-args")
     named["preset"] = preset
-    with gr.Row():
-        erase_btn = gr.Button("Erase", variant="primary", elem_id="erase-button")
-        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
-    status = gr.Markdown(service.status_text(), elem_id="erase-status")
+    ctx.job_buttons.append(erase_btn)
     with gr.Row():
         run_id = gr.Textbox(label="Saved run", interactive=False, elem_id="erase-run-id")
         summary = gr.Markdown("", elem_id="erase-summary")
-    loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series", title="Training loss",
-                            label="Training loss", height=260)
+    loss_plot = gr.LinePlot(None, x="step", y="value", color="series", color_title="loss term",
+                            title="Training loss", label="Training loss", height=330, y_lim=[0, None],
+                            y_title="loss", elem_id="erase-loss")
+    ctx.live_loss = loss_plot
+
+    def count_label(forget, anchor, retain):
+        return gr.Accordion(label=prompts_label({"forget": forget, "anchor": anchor, "retain": retain}))
+
+    for box in (named["forget"], named["anchor"], named["retain"]):
+        box.change(count_label, [named["forget"], named["anchor"], named["retain"]], prompts_box,
+                   api_visibility="private", queue=False, show_progress="hidden")
 
     def show_method(name: str):
         cls = METHODS[name].config_cls if name in METHODS else None
@@ -113,15 +139,15 @@ def build(service: AppService, ctx: UIContext) -> None:
 
     @ui_errors
     def fill_preset(name: str):
-        if not name or name == CUSTOM:
-            return ["Type your own forget, anchor and retain prompts."] + [gr.update()] * (len(filled) - 1)
-        f = service.preset_form(name)
+        custom = not name or name == CUSTOM
+        f = service.custom_form() if custom else service.preset_form(name)
         cls = METHODS[f["method"]].config_cls
         out = [f["description"], f["name"], f["forget"], f["anchor"], f["retain"], f["method"]]
         out += [to_form(generic[n], f[n]) for n in FORM_FIELDS]
         for g in groups:
             for ff in g.fields:
-                out.append(to_form(ff, f["method_args"].get(ff.name, ff.default)) if g.config_cls is cls else gr.update())
+                # every method's controls start from the preset's (its method) or the defaults, never the last preset's
+                out.append(to_form(ff, f["method_args"].get(ff.name, ff.default) if g.config_cls is cls else ff.default))
         return out
 
     preset.change(fill_preset, preset, filled, api_visibility="private", queue=False)
@@ -141,7 +167,7 @@ def build(service: AppService, ctx: UIContext) -> None:
     @ui_errors
     def run_erase(preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha,
                   forget_images_per_prompt, retain_images_per_prompt, data_steps, batch_size, seed, run_name,
-                  retain_loss, method_args, request: gr.Request, progress=gr.Progress(), **settings):
+                  retain_loss, method_args, request: gr.Request, **settings):
         """Erase a concept into a new saved run; returns (run id, summary, loss curve).
 
         The method's own settings: ``alpha`` and ``retain_loss`` (SalUn and RL), the other methods' by name
@@ -153,8 +179,7 @@ def build(service: AppService, ctx: UIContext) -> None:
                                        forget_images_per_prompt, retain_images_per_prompt, data_steps, batch_size,
                                        seed, run_name, retain_loss, method_args), strict=True))
         cfg = _config(values, settings)
-        progress(0, desc="starting")
-        rid = service.erase(cfg, run_name or None, progress=erase_progress(progress), owner=session_id(request))
+        rid = service.erase(cfg, run_name or None, owner=session_id(request))
         info = service.read_run(rid)
         t = info.get("timing_s", {})
         mask = info.get("mask") or {}
@@ -179,19 +204,18 @@ def build(service: AppService, ctx: UIContext) -> None:
     def precheck(*values, **settings):
         cfg = _config(dict(zip(positional, values, strict=True)), settings)
         service.check_new_run(values[positional.index("run_name")], cfg)
+        if not str(values[positional.index("concept")] or "").strip():
+            gr.Info(f"No concept name given: the run uses the first forget prompt, '{cfg.concepts[0].name}'.")
         st = service.erase_status()
         if st["running"]:
-            gr.Warning("Another erasure is training; yours waits in the queue and starts when it finishes "
-                       "(one erasure trains at a time).")
-        return service.status_text()
+            gr.Warning("Another erasure is training; yours waits in the queue (shown in the banner) and starts when "
+                       "it finishes (one erasure trains at a time).")
+        return ""
 
     # the precheck is queued (so its warning reaches the page) but never waits: no concurrency limit
     ev = erase_btn.click(precheck, inputs, status, inputs_kwargs=keyword_inputs, api_visibility="private",
                          concurrency_limit=None, show_progress="hidden")
+    # no gradio concurrency limit: the service queues erasures itself (one trains; the queue is in the banner)
     erase_ev = ev.success(run_erase, inputs, [run_id, summary, loss_plot], inputs_kwargs=keyword_inputs,
-                          api_name="erase", concurrency_limit=1, concurrency_id="erase")
+                          api_name="erase", concurrency_limit=None, show_progress="hidden")
     ctx.new_run.append((erase_ev, run_id))
-    wire_cancel(service, ctx, cancel_btn, status, erase_ev)
-
-    timer = gr.Timer(2.0)
-    timer.tick(service.status_text, None, status, api_visibility="private", queue=False, show_progress="hidden")

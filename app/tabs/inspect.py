@@ -10,7 +10,9 @@ from erasure_app.tabs.common import UIContext, ui_errors
 from erasure_app.tabs.erase import _loss_frame
 
 
-def _mask_frame(rows: list[dict]) -> pd.DataFrame:
+def _mask_frame(rows: list[dict]) -> pd.DataFrame | None:
+    if not rows:  # no data: None, not an empty frame (see erase._loss_frame)
+        return None
     frame = pd.DataFrame(rows, columns=["layer", "kept", "weights"])
     return frame.astype({"layer": "str", "kept": "float64", "weights": "int64"})
 
@@ -21,11 +23,13 @@ def build(service: AppService, ctx: UIContext) -> None:
         run = ctx.add_run_dropdown(gr.Dropdown(runs, value=runs[0] if runs else None, label="Run",
                                                allow_custom_value=True, elem_id="inspect-run"))
         show = gr.Button("Show", variant="primary", scale=0)
-    mask_plot = gr.BarPlot(_mask_frame([]), x="layer", y="kept",
+    mask_plot = gr.BarPlot(None, x="layer", y="kept",
                            title="Saliency mask: fraction of weights kept per UNet block", x_label_angle=-45,
-                           height=360, label="Mask sparsity", sort=None)
-    loss_plot = gr.LinePlot(_loss_frame([]), x="step", y="value", color="series",
-                            title="Training loss", height=280, label="Loss curve")
+                           height=360, label="Mask sparsity", sort=None, y_lim=[0, 1], y_title="kept fraction",
+                           elem_id="inspect-mask")
+    loss_plot = gr.LinePlot(None, x="step", y="value", color="series", color_title="loss term",
+                            title="Training loss", height=330, label="Loss curve", y_lim=[0, None], y_title="loss",
+                            elem_id="inspect-loss")
     info = gr.JSON(label="run.json")
 
     @ui_errors
@@ -37,7 +41,7 @@ def build(service: AppService, ctx: UIContext) -> None:
             gr.Info(str(err))
             mask = _mask_frame([])
         loss = _loss_frame(service.loss_curve(run_id))
-        return gr.BarPlot(mask, sort=list(mask["layer"]) or None), loss, meta
+        return gr.BarPlot(mask, sort=list(mask["layer"]) if mask is not None else None), loss, meta
 
     show.click(inspect_run, run, [mask_plot, loss_plot, info], api_name="inspect", concurrency_limit=4)
     def on_change(run_id):
