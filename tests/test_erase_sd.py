@@ -138,6 +138,20 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_model_dir, tmp_pat
         erase(_cfg(tiny_model_dir, tmp_path, steps=4, checkpoint_every=2, lr=5e-4), erase_partial)
 
 
+def test_cancel_during_data_generation_stops_before_training(tiny_model_dir, tmp_path):
+    cancel = threading.Event()
+    seen = []
+
+    def progress(event):
+        seen.append(event.stage)
+        if event.stage == "generating Df/Dr":
+            cancel.set()
+
+    with pytest.raises(EraseCancelled, match="while generating"):
+        erase(_cfg(tiny_model_dir, tmp_path, forget_images_per_prompt=4), tmp_path / "run", progress=progress, cancel=cancel)
+    assert "fine-tuning" not in seen and "mask" not in seen and not (tmp_path / "run").exists()
+
+
 def test_nonfinite_loss_stops_with_clear_error(tiny_model_dir, tmp_path):
     def nan_loss(ctx, b):
         out = ctx.unet(b.forget_x, b.forget_t, encoder_hidden_states=b.forget_cond).sample.mean()

@@ -44,7 +44,7 @@ from erasure.io import (
 )
 from erasure.masked import MaskedUpdate, make_optimizer, prepare_masked_params
 from erasure.methods import MethodConfig, MethodSpec
-from erasure.progress import Progress, emit
+from erasure.progress import Progress, ProgressEvent, emit
 from erasure.runs import RUN_FORMAT, Checkpoint, RunDir, RunExistsError
 from erasure.saliency import load_mask, mask_stats, save_mask
 
@@ -372,6 +372,7 @@ def erase(
     run = RunDir(out_dir)
     run.check_target(overwrite)
     spec = cfg.spec
+    progress = _stop_between_units(progress, cancel)
     if spec.needs_mask and mask is None and cfg.mask_path:  # a bad mask file fails before anything is written
         load_mask(cfg.mask_path)
     accelerator = _accelerator(cfg)
@@ -393,6 +394,22 @@ def erase(
     finally:
         if accelerator.num_processes == 1:
             AcceleratorState._reset_state(True)  # noqa: SLF001 - allow another erase() with other settings
+
+
+def _stop_between_units(progress: Progress | None, cancel: threading.Event | None) -> Progress | None:
+    """Stop a cancelled run between units of the stages before training (image generation, encoding, the mask
+    pass); from fine-tuning on, :func:`fit` checks the event itself after each step and checkpoints first."""
+    if cancel is None:
+        return progress
+
+    def listener(event: ProgressEvent) -> None:
+        if progress is not None:
+            progress(event)
+        if cancel.is_set() and event.stage in ("loading", "generating Df/Dr", "encoding images", "mask"):
+            raise EraseCancelled(f"erasure cancelled while {event.stage}; generated images stay cached, so re-running "
+                                 "continues from them")
+
+    return listener
 
 
 def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0) -> Path:
