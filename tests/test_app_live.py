@@ -142,7 +142,7 @@ def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_p
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
-    url, _ = tiny_app
+    url, url_root = tiny_app
     c = _client(url)
     cases = [
         (dict(prompt="  ", seeds="0", steps=2, guidance=7.5, model_a="original", model_b="original"), "empty"),
@@ -179,6 +179,25 @@ def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_p
     with pytest.raises(AppError, match="no 'prompt' column"):
         c.predict(run_id="x", source="csv", upload=handle_file(str(csv)), limit=3, steps=2, guidance=7.5,
                   api_name="/evaluate")
+    # the run endpoints: hostile names and unknown runs are refused, and nothing in the runs folder changes
+    runs = url_root / "runs"
+    before = sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
+    run_cases = [
+        (dict(run_id="../../etc", new="x"), "/rename_run", "invalid run"),
+        (dict(run_id="no-such-run", new="x"), "/rename_run", "no saved run"),
+        (dict(run_id="no-such-run", ok=True), "/delete_run", "no saved run"),
+        (dict(run_id="../runs", ok=True), "/delete_run", "invalid run"),
+        (dict(run_id="no-such-run", ok=True), "/delete_interrupted", "no interrupted run"),
+        (dict(run_id="no-such-run", confirmed=True), "/resume_run", "no interrupted run"),
+        (dict(run_id="no-such-run"), "/download_run", "no saved run"),
+        (dict(run_id="/etc/passwd"), "/inspect", "invalid run"),
+    ]
+    for kw, api, msg in run_cases:
+        with pytest.raises(AppError, match=msg):
+            c.predict(**kw, api_name=api)
+    with pytest.raises(AppError, match="partial"):
+        c.predict(**TINY_ERASE, run_name="x.partial", api_name="/erase")
+    assert (sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []) == before
     # still serving
     gal_a, gal_b, _, _ = c.predict(prompt="a pear", seeds="0", steps=2, guidance=7.5, model_a="original",
                                    model_b="original", api_name="/compare")
