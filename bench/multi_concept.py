@@ -159,6 +159,8 @@ def main() -> None:
     ap.add_argument("--override", default="{}", help='JSON: {"*": {...}, "salun": {...}} EraseConfig overrides.')
     ap.add_argument("--steps-per-concept", type=int, default=0,
                     help="Give per-step methods this many steps per erased concept (0 = the preset's steps).")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="Evaluate a finished run directory of the same name again instead of erasing anew.")
     ap.add_argument("--tag", default="", help="Suffix of the result rows (e.g. '-300steps' beside the defaults).")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-multi"))
     ap.add_argument("--out", default=str(RESULTS / "multi_concept.json"))
@@ -197,8 +199,11 @@ def main() -> None:
             cfg = run_config(method, preset, cache, overrides)
             if args.steps_per_concept and cfg.spec.shape == "loss":
                 cfg = EraseConfig.from_dict({**cfg.to_dict(), "steps": args.steps_per_concept * n})
-            erase(cfg, run_dir, overwrite=True)
+            if not (args.reuse_runs and (run_dir / "run.json").is_file()):
+                erase(cfg, run_dir, overwrite=True)
             info = read_run(run_dir)
+            if info["config"] != cfg.to_dict() and not args.reuse_runs:
+                raise SystemExit(f"{run_dir} holds another config")
             t = time.time()
             r = evaluate(load_erased_pipeline(run_dir), judge, names, prompts, rows, args.forget_seeds,
                          args.retain_seeds, args.batch)
