@@ -63,9 +63,6 @@ setting is also checked by its config."""
 LIMITS_TEXT = (f"Limits per erasure: {LIMITS['prompts']} prompts per list, {LIMITS['job_images']:,} generated images, "
                f"{LIMITS['job_work']:,} work units (images x sampling steps + steps x batch size).")
 
-STOPPABLE_STAGES = ("loading", "generating Df/Dr", "encoding images", "mask")
-"""Engine stages a cancelled erasure is stopped in from its progress callback (training stops itself)."""
-
 FIRST_PRESETS = ("shape_circle", "nudity")
 """Presets listed first (the README's quick start erases shape_circle from the shapes model)."""
 
@@ -839,11 +836,8 @@ class AppService:
                 raise AppError(f"erasure {run_id!r} was cancelled before it started")
 
             def on_progress(event: ProgressEvent) -> None:
+                # erase() itself stops a cancelled job between images, mask batches and training steps
                 job.update(event)
-                if job.cancel.is_set() and event.stage in STOPPABLE_STAGES:
-                    # the engine checks the cancel flag between training steps; before training starts, a long
-                    # Df/Dr generation or mask pass stops here (generated images stay cached for the next run)
-                    raise EraseCancelled(f"erasure cancelled during {event.stage}")
                 if progress is not None:
                     progress(event)
 

@@ -273,9 +273,12 @@ EXPORT_MARKER = ".salun-erasure-export"
 
 def _check_export_targets(out: Path, single_file: str | None, overwrite: bool) -> None:
     """Validate every output path before any work (nothing is written when one is wrong)."""
+    from erasure.io import check_output_path
+
+    check_output_path(out, "--out", "folder")
+    if single_file:
+        check_output_path(single_file, "--single-file", "file")
     if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"--out {out} is a file; give a folder path for the diffusers pipeline")
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out")
         if any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
@@ -287,8 +290,6 @@ def _check_export_targets(out: Path, single_file: str | None, overwrite: bool) -
         sf = Path(single_file)
         if sf.suffix != ".safetensors":
             raise ValueError(f"--single-file must end in .safetensors, got {sf}")
-        if sf.is_dir():
-            raise FileExistsError(f"--single-file {sf} is a folder; give a .safetensors file path")
         if sf.exists() and not overwrite:
             raise FileExistsError(f"{sf} exists; pass --overwrite or choose another --single-file")
         if not sf.parent.is_dir():
@@ -296,6 +297,7 @@ def _check_export_targets(out: Path, single_file: str | None, overwrite: bool) -
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from erasure.io import publish_dir
     from erasure.runs import load_erased_pipeline
 
     out = Path(args.out)
@@ -306,13 +308,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"run": str(Path(args.run).resolve())}) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)
     except OSError as err:  # e.g. a full disk: one line, nothing half-written left behind
         raise FileExistsError(f"could not write {out}: {err.strerror or err}") from err
     finally:

@@ -118,8 +118,6 @@ class RunDir:
 
     def save_checkpoint(self, ck: Checkpoint) -> None:
         """Write ``checkpoint-STEP`` atomically, point ``latest_checkpoint`` at it, drop older ones."""
-        from erasure.io import optimizer_state_to_tensors  # noqa: F401 - documented pairing
-
         name = f"checkpoint-{ck.step}"
         final = self.partial / name
         tmp = self.partial / f".{name}.tmp"
@@ -205,14 +203,10 @@ class RunDir:
 
     def publish(self) -> Path:
         """Move the finished partial folder onto the run directory; an existing run is replaced only now."""
+        from erasure.io import publish_dir
+
         self.clear_checkpoints()
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.partial, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(self.partial, self.path)
         return self.path
 
     # ----------------------------------------------------------------- reading
