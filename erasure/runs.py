@@ -289,7 +289,8 @@ def load_erased_pipeline(
     info = read_run(run_dir)
     weights = load_run_weights(run_dir)
     model = base_model or info.get("base_model")
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    drop_t5 = bool((info.get("config") or {}).get("drop_t5", False))
+    pipe = load_pipeline(model, device=device, dtype=dtype, drop_t5=drop_t5)
     backbone = backbone_of(pipe)
     if info.get("family", backbone.name) != backbone.name:
         raise RunDirError(f"run {run_dir} was made for a {info['family']} model, but {model} is a {backbone.label} "

@@ -273,3 +273,13 @@ def test_real_checkpoint(var, tmp_path):
                retain_images_per_prompt=1, resolution=256, mask_batches=1, device="auto")
     run = erase(cfg, tmp_path / "run")
     assert read_run(run)["family"] == detect_family(folder)
+
+
+def test_sd3_without_t5(model_dirs, cache, tmp_path):
+    """``drop_t5`` erases and reloads SD3 on CLIP alone; on another family it is refused before anything runs."""
+    run = erase(_cfg(model_dirs["sd3"], cache, method="esd-x", method_args={"sample_steps": 2}, drop_t5=True),
+                tmp_path / "run")
+    assert load_erased_pipeline(run, device="cpu").text_encoder_3 is None
+    with pytest.raises(ValueError, match="SD3 models only"):
+        erase(_cfg(model_dirs["sdxl"], cache, drop_t5=True), tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()

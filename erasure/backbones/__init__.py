@@ -252,12 +252,13 @@ def get_backbone(family: str) -> Backbone:
 
 
 def backbone_of(pipe) -> Backbone:
-    """The backbone of a loaded pipeline (by its class; subclasses of a supported class count as it)."""
+    """The backbone of a loaded pipeline, by its class (subclasses of a supported class count as it); any other
+    object is treated as SD v1/v2, as before the backbone layer (custom SD-layout pipelines, test doubles)."""
     for cls in type(pipe).__mro__:
         for b in BACKBONES.values():
             if cls.__name__ in b.pipeline_classes:
                 return b
-    raise UnsupportedPipelineError(f"{type(pipe).__name__} is not supported; supported: {', '.join(supported_pipelines())}")
+    return BACKBONES["sd"]
 
 
 def check_method_family(cfg, spec) -> Backbone:
@@ -272,6 +273,8 @@ def check_method_family(cfg, spec) -> Backbone:
         backbone = get_backbone(detect_family(model))
     except ValueError as err:
         raise ModelLoadError(f"cannot load {model}: {err}") from err
+    if getattr(cfg, "drop_t5", False) and backbone.name != "sd3":
+        raise ValueError(f"--drop-t5 applies to SD3 models only; {model} is a {backbone.label} pipeline")
     if backbone.name not in spec.families:
         ok = sorted(n for n, m in METHODS.items() if backbone.name in m.families)
         raise ValueError(f"method {spec.name!r} does not apply to {backbone.label} models (it applies to "

@@ -88,7 +88,7 @@ def mask_settings(cfg: EraseConfig, trainable: str) -> dict[str, Any]:
             "concepts": [c.to_dict() for c in cfg.concepts], "trainable": trainable, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "model": cfg.model, "forget_images_per_prompt": cfg.forget_images_per_prompt,
             "data_steps": cfg.data_steps, "data_guidance": cfg.data_guidance, "resolution": cfg.resolution,
-            "mask_path": cfg.mask_path}
+            "mask_path": cfg.mask_path, **({"drop_t5": True} if cfg.drop_t5 else {})}
 
 
 def _saved_settings(path: Path) -> dict[str, Any] | None:

@@ -182,7 +182,9 @@ def load_pipeline(
         raise ModelLoadError(f"cannot load {path}: {err}") from err
     if scheduler not in ("ddim", "keep"):
         raise ValueError(f"scheduler must be 'ddim' or 'keep', got {scheduler!r}")
-    kwargs = backbone.load_kwargs(path, drop_t5=True) if drop_t5 and backbone.name == "sd3" else backbone.load_kwargs(path)
+    if drop_t5 and backbone.name != "sd3":
+        raise ValueError(f"--drop-t5 applies to SD3 models only; {path} is a {backbone.label} pipeline")
+    kwargs = backbone.load_kwargs(path, drop_t5=True) if drop_t5 else backbone.load_kwargs(path)
     try:
         pipe = backbone.pipeline_cls().from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
     except Exception as err:  # diffusers raises many types (OSError, ValueError, EnvironmentError, HF errors)

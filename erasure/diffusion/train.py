@@ -129,13 +129,14 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
     model = resolve_model(cfg.model)  # a wrong model fails before any progress is drawn
     backbone = check_method_family(cfg, spec)
     emit(progress, "loading", 0, 1)
-    pipe = load_pipeline(model, device=device)
+    pipe = load_pipeline(model, device=device, drop_t5=cfg.drop_t5)
     res = cfg.resolution or default_resolution(pipe)
     emit(progress, "loading", 1, 1)
     data = None
     if spec.needs_images:
+        key = model_fingerprint(model) + ("|drop_t5" if cfg.drop_t5 else "")  # Df/Dr cache key
         data = build_forget_retain(
-            pipe, cfg.concepts, model_fingerprint(model), cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
+            pipe, cfg.concepts, key, cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
             cfg.data_steps, cfg.data_guidance, res, cfg.seed, cfg.cache_dir, need_retain=cfg.method_args.uses_retain(),
             progress=progress,
         )
@@ -387,10 +388,10 @@ def erase(
     run = RunDir(out_dir)
     run.check_target(overwrite)
     spec = cfg.spec
-    check_method_family(cfg, spec)  # before anything is written or generated
     progress = _stop_between_units(progress, cancel)
     if spec.needs_mask and mask is None and cfg.mask_path:  # a bad mask file fails before anything is written
         load_mask(cfg.mask_path)
+    check_method_family(cfg, spec)  # before anything is written or generated
     accelerator = _accelerator(cfg)
     fresh = overwrite or not run.partial.exists()
     try:
