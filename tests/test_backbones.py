@@ -283,3 +283,19 @@ def test_sd3_without_t5(model_dirs, cache, tmp_path):
     with pytest.raises(ValueError, match="SD3 models only"):
         erase(_cfg(model_dirs["sdxl"], cache, drop_t5=True), tmp_path / "x")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_app_service_generates_with_each_family(family, model_dirs, salun_runs, tmp_path):
+    """The app's model loading: the original model and a saved run of another family generate through the service."""
+    import shutil
+
+    from erasure_app.service import AppService
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(salun_runs[family], runs / "erased")
+    service = AppService(model=str(model_dirs[family]), runs_dir=runs, device="cpu", judge="shapes")
+    for key in ("original", "erased"):
+        (im,) = service.generate(key, "a red circle", "0", steps=1)
+        assert im.size == (SIZE, SIZE)

@@ -79,7 +79,7 @@ def resolve_model(model: str | os.PathLike | None) -> str:
         if not (p / "model_index.json").is_file():
             raise ModelLoadError(
                 f"{s} is not a diffusers pipeline folder (no model_index.json); pass the folder that holds "
-                "unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+                "unet/ (or transformer/), vae/, text_encoder/, tokenizer/ and scheduler/"
             )
         check_pipeline_class(p)
         check_components(p)
