@@ -299,3 +299,16 @@ def test_app_service_generates_with_each_family(family, model_dirs, salun_runs, 
     for key in ("original", "erased"):
         (im,) = service.generate(key, "a red circle", "0", steps=1)
         assert im.size == (SIZE, SIZE)
+
+
+def test_flux_packing_and_schnell_without_guidance_embedding():
+    from erasure.backbones.flux import pack, unpack
+    from erasure.backbones.tiny import build_tiny_flux
+
+    x = torch.randn(2, 4, 8, 6)
+    assert pack(x).shape == (2, 12, 16) and torch.equal(unpack(pack(x), 8, 6), x)
+    pipe = build_tiny_flux(guidance_embeds=False)  # FLUX.1-schnell style
+    b = backbone_of(pipe)
+    cond = b.encode(pipe, ["a red circle"])
+    x_t, t, target = b.noise(pipe.scheduler, torch.randn(1, 4, 8, 8), torch.Generator().manual_seed(0))
+    assert b.predict(pipe.transformer, x_t, t, cond).shape == target.shape
