@@ -64,7 +64,7 @@ class ForgetRetainData:
         if std is None:
             return mean[idx]
         m = mean[idx]
-        return m + std[idx] * torch.randn(m.shape, generator=generator, dtype=torch.float32).to(m.dtype)
+        return m + std[idx] * torch.randn(m.shape, generator=generator, dtype=torch.float32).to(m.device, m.dtype)
 
 
 def _data_seed(seed: int, k: int) -> int:
