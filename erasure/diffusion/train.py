@@ -127,7 +127,7 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
         data = build_forget_retain(
             pipe, cfg.concepts, model_fingerprint(model), cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
             cfg.data_steps, cfg.data_guidance, res, cfg.seed, cfg.cache_dir, need_retain=cfg.method_args.uses_retain(),
-            progress=progress,
+            progress=progress, latent_std=cfg.image_latents == "sample",
         )
     pipe.text_encoder.requires_grad_(False)
     pipe.vae.requires_grad_(False)
@@ -180,7 +180,7 @@ def sample_batch(data: ForgetRetainData, cfg: EraseConfig, g: torch.Generator, s
     """One micro-batch of Df (and Dr) at random timesteps, drawn from ``g``."""
     nf = data.forget_latents.shape[0]
     fi = torch.randint(0, nf, (cfg.batch_size,), generator=g)
-    x_t, t, noise = add_noise(scheduler, data.forget_latents[fi].to(device), g)
+    x_t, t, noise = add_noise(scheduler, data.latents("forget", fi, g).to(device), g)
     b = StepBatch(
         forget_x=x_t, forget_t=t, forget_noise=noise,
         forget_cond=data.embeddings[data.forget_prompt[fi]].to(device),
@@ -189,7 +189,7 @@ def sample_batch(data: ForgetRetainData, cfg: EraseConfig, g: torch.Generator, s
     )
     if with_retain and data.retain_latents is not None:
         ri = torch.randint(0, data.retain_latents.shape[0], (cfg.batch_size,), generator=g)
-        rx, rt, rn = add_noise(scheduler, data.retain_latents[ri].to(device), g)
+        rx, rt, rn = add_noise(scheduler, data.latents("retain", ri, g).to(device), g)
         b.retain_x, b.retain_t, b.retain_noise = rx, rt, rn
         b.retain_cond = data.embeddings[data.retain_prompt[ri]].to(device)
     return b
