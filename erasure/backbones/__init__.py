@@ -150,11 +150,14 @@ class Backbone:
 
     def encode_latents(self, vae, pixels: torch.Tensor) -> torch.Tensor:
         """VAE posterior mean, shifted and scaled as the denoiser consumes it."""
-        mean = vae.encode(pixels).latent_dist.mean
+        return self.scale_latents(vae, vae.encode(pixels).latent_dist.mean)
+
+    def scale_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """``(latents - shift_factor) * scaling_factor`` (SD3/FLUX VAEs have a shift; SD's has none)."""
         shift = getattr(vae.config, "shift_factor", None)
         if shift:
-            mean = mean - shift
-        return mean * vae.config.scaling_factor
+            latents = latents - shift
+        return latents * vae.config.scaling_factor
 
     # ---------------------------------------------------------------- parameters
     def is_xattn(self, name: str) -> bool:

@@ -55,7 +55,7 @@ def compute_mask_from_data(
         for i in range(n_batches):
             g = step_generator(seed, i, salt=17)
             idx = torch.arange(i * batch_size, (i + 1) * batch_size) % nf
-            x_t, t, noise = backbone.noise(scheduler, data.forget_latents[idx].to(device), g)
+            x_t, t, noise = backbone.noise(scheduler, data.latents("forget", idx, g).to(device), g)
             yield StepBatch(
                 forget_x=x_t, forget_t=t, forget_noise=noise,
                 forget_cond=data.embeddings[data.forget_prompt[idx]].to(device),
@@ -88,7 +88,8 @@ def mask_settings(cfg: EraseConfig, trainable: str) -> dict[str, Any]:
             "concepts": [c.to_dict() for c in cfg.concepts], "trainable": trainable, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "model": cfg.model, "forget_images_per_prompt": cfg.forget_images_per_prompt,
             "data_steps": cfg.data_steps, "data_guidance": cfg.data_guidance, "resolution": cfg.resolution,
-            "mask_path": cfg.mask_path, **({"drop_t5": True} if cfg.drop_t5 else {})}
+            "mask_path": cfg.mask_path, **({"image_latents": cfg.image_latents} if cfg.image_latents != "mean" else {}),
+            **({"drop_t5": True} if cfg.drop_t5 else {})}
 
 
 def _saved_settings(path: Path) -> dict[str, Any] | None:

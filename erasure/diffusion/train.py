@@ -138,7 +138,7 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
         data = build_forget_retain(
             pipe, cfg.concepts, key, cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
             cfg.data_steps, cfg.data_guidance, res, cfg.seed, cfg.cache_dir, need_retain=cfg.method_args.uses_retain(),
-            progress=progress,
+            progress=progress, latent_std=cfg.image_latents == "sample",
         )
     for module in backbone.frozen_modules(pipe):
         module.requires_grad_(False)
@@ -193,7 +193,7 @@ def sample_batch(data: ForgetRetainData, cfg: EraseConfig, g: torch.Generator, s
     backbone = backbone or get_backbone("sd")
     nf = data.forget_latents.shape[0]
     fi = torch.randint(0, nf, (cfg.batch_size,), generator=g)
-    x_t, t, noise = backbone.noise(scheduler, data.forget_latents[fi].to(device), g)
+    x_t, t, noise = backbone.noise(scheduler, data.latents("forget", fi, g).to(device), g)
     b = StepBatch(
         forget_x=x_t, forget_t=t, forget_noise=noise,
         forget_cond=data.embeddings[data.forget_prompt[fi]].to(device),
@@ -202,7 +202,7 @@ def sample_batch(data: ForgetRetainData, cfg: EraseConfig, g: torch.Generator, s
     )
     if with_retain and data.retain_latents is not None:
         ri = torch.randint(0, data.retain_latents.shape[0], (cfg.batch_size,), generator=g)
-        rx, rt, rn = backbone.noise(scheduler, data.retain_latents[ri].to(device), g)
+        rx, rt, rn = backbone.noise(scheduler, data.latents("retain", ri, g).to(device), g)
         b.retain_x, b.retain_t, b.retain_noise = rx, rt, rn
         b.retain_cond = data.embeddings[data.retain_prompt[ri]].to(device)
     return b
