@@ -142,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="erasure-app", description="Web app: erase a concept and compare generations.",
                                 epilog=threads_help())
     p.add_argument("--model", default="default",
-                   help="Base model: a local diffusers SD folder, a hub id, or 'default' (the embedded shapes model).")
+                   help="Base model: a local diffusers folder (SD v1/v2, SDXL, SD3 or FLUX), a hub id, or 'default' "
+                   "(the embedded shapes model).")
     p.add_argument("--runs-dir", default="runs", help="Where runs are saved (default ./runs).")
     p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 to serve the network).")
     p.add_argument("--port", type=int, default=7860, help="Port (default 7860).")

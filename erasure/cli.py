@@ -360,6 +360,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         flags = " ".join("--" + flag_dest(f.name, m.config_cls.cli_prefix).replace("_", "-")
                          for f in dataclasses.fields(m.config_cls))
         print(f"{m.name:8s} {m.shape:4s} mask={'yes' if m.needs_mask else 'no ':3s} {m.description}  {m.paper}"
+              + f"\n{'':8s} families: {', '.join(m.families)}"
               + (f"\n{'':8s} settings: {flags}" if flags else ""))
     return 0
 
@@ -417,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg = sub.add_parser("generate", help="Generate images with the base model or an erased run.")
     pg.add_argument("--model", default=None, help="Base model folder or hub id (default: embedded shapes model; "
                     "with --run: the run's own base model).")
-    pg.add_argument("--run", help="Run directory whose erased UNet to use.")
+    pg.add_argument("--run", help="Run directory whose erased denoiser (UNet or transformer) to use.")
     pg.add_argument("--prompt", required=True, help="Prompt.")
     pg.add_argument("--negative-prompt", default=None, help="Negative prompt.")
     pg.add_argument("--seed", type=int, action="append", help="Seed (repeatable: one image per seed). Default 0.")

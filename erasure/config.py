@@ -102,7 +102,9 @@ class EraseConfig(MaskConfig):
     class (see :mod:`erasure.methods`). Older files with those knobs at the top level still load.
     """
 
-    model: str = field("default", help="Base model: a local diffusers SD folder, a hub id, or 'default' (embedded shapes model).")
+    model: str = field("default", help="Base model: a local diffusers folder (SD v1/v2, SDXL, SD3 or FLUX), a hub id, or 'default' "
+                       "(embedded shapes model).")
+    drop_t5: bool = field(False, help="SD3 only: load the pipeline without its T5 text encoder (CLIP only, far less memory).")
     concepts: list[ConceptSpec] = field(default_factory=list, help="Concepts to erase.", cli=False)
     method: str = field("salun", help="Erasure method (see `erasure methods`).")
     method_args: Any = field(None, help="The method's own settings (its config class; defaults when omitted).", cli=False)
