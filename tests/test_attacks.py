@@ -118,6 +118,13 @@ def test_shards_merge_into_one_attacks_jsonl(tiny_model_dir, tmp_path):
         assert (Path(cfg.out) / "summary.json").exists() == (i == 1)
     rows = [json.loads(x) for x in (Path(cfg.out) / "attacks.jsonl").read_text().splitlines()]
     assert [r["row_index"] for r in rows] == [0, 1, 2, 3]
+    # erasure-eval report charts pre/post ASR per attacked model
+    from erasure_eval.report import build_report
+
+    rep = build_report([cfg.out], tmp_path / "report")
+    assert (tmp_path / "report" / "attack_asr.png").is_file()
+    assert rep["attacks"][0]["summary"]["asr_post"] == s["asr_post"]
+    assert "attack_asr.png" in (tmp_path / "report" / "report.md").read_text()
 
 
 def _cli(tmp_path, model, *extra):
