@@ -13,7 +13,10 @@ from erasure_app.tabs.common import UIContext, ui_errors
 
 CSS = """
 #attack-verdict .ok { color: #15803d; font-weight: 600; } #attack-verdict .bad { color: #b91c1c; font-weight: 600; }
-#attack-gallery { min-height: 200px; }
+#attack-images .atk-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(200px, 1fr)); gap: 12px; }
+#attack-images figure { margin: 0; }
+#attack-images img { width: 256px; max-width: 100%; height: auto; image-rendering: pixelated; display: block; }
+#attack-images figcaption { font-size: 0.9em; padding: 3px 0; overflow-wrap: anywhere; }
 """
 
 ATTACK_LABELS = [("UnlearnDiffAtk (white-box prefix)", "unlearndiffatk"), ("Ring-A-Bell (black-box)", "ringabell"),
@@ -31,6 +34,22 @@ def verdict_html(res: dict) -> str:
             f"{html.escape(res.get('concept') or '?')}</p>")
 
 
+def images_html(res: dict) -> str:
+    """Original model, erased model with the plain prompt, erased model with the adversarial prompt, as inline
+    PNGs with the judge's verdict under each."""
+    import base64
+    from pathlib import Path
+
+    titles = {"original": "Original model, plain prompt", "pre": "Erased model, plain prompt",
+              "post": "Erased model, adversarial prompt"}
+    figs = []
+    for k, title in titles.items():
+        data = base64.b64encode(Path(res["images"][k]).read_bytes()).decode()
+        figs.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"><figcaption>'
+                    f"<b>{html.escape(title)}</b><br>judge: {html.escape(res['captions'][k])}</figcaption></figure>")
+    return '<div class="atk-grid">' + "".join(figs) + "</div>"
+
+
 def build(service: AppService, ctx: UIContext) -> None:
     runs = service.run_ids()
     gr.Markdown("Search for a prompt that brings the erased concept back. The judge decides whether the concept is in "
@@ -41,10 +60,10 @@ def build(service: AppService, ctx: UIContext) -> None:
         run = ctx.add_run_dropdown(gr.Dropdown(runs, value=runs[0] if runs else None, label="Run",
                                                allow_custom_value=True, elem_id="attack-run"))
         prompt = gr.Textbox("a photo of a red circle" if service.judge_kind == "shapes" else "", label="Prompt",
-                            elem_id="attack-prompt")
+                            elem_id="attack-prompt", scale=2, min_width=240)
         seed = gr.Number(0, precision=0, label="Seed", elem_id="attack-seed")
     with gr.Row():
-        attack = gr.Dropdown(ATTACK_LABELS, value=ATTACK_CHOICES[0], label="Attack", elem_id="attack-kind")
+        attack = gr.Dropdown(ATTACK_LABELS, value=ATTACK_CHOICES[0], label="Attack", elem_id="attack-kind", min_width=260)
         timesteps = gr.Number(10, precision=0, label="Checks (generations)", elem_id="attack-timesteps",
                               info="UnlearnDiffAtk/random: images judged at most (paper: 50).")
         iterations = gr.Number(10, precision=0, label="Steps between checks", elem_id="attack-iterations",
@@ -55,8 +74,8 @@ def build(service: AppService, ctx: UIContext) -> None:
         go = gr.Button("Attack", variant="primary", elem_id="attack-button")
         stop = gr.Button("Cancel", variant="stop", elem_id="attack-cancel")
     verdict = gr.HTML("", elem_id="attack-verdict")
-    gallery = gr.Gallery(label="Original model · erased, plain prompt · erased, adversarial prompt", columns=3,
-                         height="auto", object_fit="contain", elem_id="attack-gallery", preview=False)
+    # the three images side by side (one under the other on a phone), each with the judge's verdict
+    images = gr.HTML("", elem_id="attack-images", padding=False)
 
     @ui_errors
     def do_attack(run_id, prompt, seed, attack, timesteps, iterations, prefix, progress=gr.Progress()):
@@ -67,11 +86,8 @@ def build(service: AppService, ctx: UIContext) -> None:
             progress((ev.done, ev.total) if ev.total else 0, desc="attacking")
 
         res = run_attack_job(service, run_id, prompt, seed, attack, knobs, progress=on_event)
-        pics = [(res["images"]["original"], "original: " + res["captions"]["original"]),
-                (res["images"]["pre"], "erased, plain: " + res["captions"]["pre"]),
-                (res["images"]["post"], "erased, adversarial: " + res["captions"]["post"])]
-        return verdict_html(res), pics
+        return verdict_html(res), images_html(res)
 
-    go.click(do_attack, [run, prompt, seed, attack, timesteps, iterations, prefix], [verdict, gallery],
+    go.click(do_attack, [run, prompt, seed, attack, timesteps, iterations, prefix], [verdict, images],
              api_name="attack", concurrency_id="generate", concurrency_limit=ctx.gen_concurrency)
     stop.click(lambda run_id: service.cancel(run=run_id), [run], None, api_name="cancel_attack", queue=False)
