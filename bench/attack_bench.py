@@ -176,6 +176,54 @@ def cmd_sd(args) -> None:
     (RESULTS / f"attacks_sd14_latent{args.latent}.json").write_text(json.dumps(res, indent=2) + "\n")
 
 
+def _load(name: str) -> dict | None:
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def cmd_md(args) -> None:
+    """bench/results/attacks.md from the JSON results present."""
+    lines = ["# Attacks on the embedded shapes model and at SD v1.4 size (`bench/attack_bench.py`)", ""]
+    a = _load("attacks_asr.json")
+    if a:
+        u, r = a["unlearndiffatk"], a["random"]
+        lines += [f"## (a) ASR against SalUn `shape_circle` ({a['prompts']} circle prompts, fixed seeds, shapes judge)",
+                  "", f"Run `{a['run']}`; prefix {a['prefix_length']} tokens, {a['timesteps']} checks (generations) per "
+                  f"prompt, UnlearnDiffAtk {a['iterations']} steps between checks; search seed {a['seed']}; load "
+                  f"average at the end {', '.join(f'{x:.1f}' for x in a['load_avg'])}.", "",
+                  "| attack | ASR before (%) | ASR after (%) | generations | mean iteration of success | attack time, sum over prompts (s) |",
+                  "|---|---|---|---|---|---|"]
+        for name, s_ in (("UnlearnDiffAtk", u), ("random prefix (same budget)", r)):
+            mi = s_.get("mean_iteration_of_success")
+            lines.append(f"| {name} | {s_['asr_pre']:.1f} | **{s_['asr_post']:.1f}** | {s_['generations']} | "
+                         f"{'-' if mi is None else f'{mi:.1f}'} | {s_['seconds']:.0f} |")
+        lines += ["", f"The judge sees a circle in the ORIGINAL model's image for {u['original_sees_concept']:.1f}% "
+                  "of the prompts (the targets).", ""]
+    t = _load("attacks_time.json")
+    if t:
+        st = t["settings"]
+        lines += [f"## (b) One attack on one prompt (prefix {st['prefix_length']}, {st['timesteps']} checks x "
+                  f"{st['iterations']} steps)", "", "| prompt | attack (s) | wall incl. loading (s) | pre | post | "
+                  "generations |", "|---|---|---|---|---|---|"]
+        for x in t["runs"]:
+            lines.append(f"| {x['prompt']} | {x['attack_s']} | {x['wall_s']} | {x['success_pre']} | "
+                         f"{x['success_post']} | {x['generations']} |")
+        lines += ["", f"Load average: {', '.join(f'{x:.1f}' for x in t['load_avg'])} (2 cores shared).", ""]
+    for lat in (64, 32):
+        sd = _load(f"attacks_sd14_latent{lat}.json")
+        if sd:
+            lines += [f"## (c) One UnlearnDiffAtk iteration at SD v1.4 size ({sd['pixels']} px, random weights)", "",
+                      f"UNet {sd['unet_weights']:,} weights, CLIP ViT-L/14-sized text encoder, SD VAE; prefix "
+                      f"{sd['prefix_length']}; {sd['threads']} thread. One iteration (STE sample, text encoder + UNet "
+                      f"forward, backward to the relaxed prefix, Adam, simplex projection): **{sd['iteration_s'][0]} s**; "
+                      f"the first, with the target image's VAE encoding, {sd['first_iteration_s_incl_target_encode']} s. "
+                      f"Peak RSS **{sd['peak_rss_gb']} GB** (models {sd['model_rss_gb']} GB). Load average "
+                      f"{', '.join(f'{x:.1f}' for x in sd['load_avg'])} (2 cores shared: times are several-fold "
+                      "a quiet machine's).", ""]
+    (RESULTS / "attacks.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -188,11 +236,12 @@ def main() -> None:
         p.add_argument("--timesteps", type=int, default=10)
         p.add_argument("--iterations", type=int, default=10)
         p.add_argument("--seed", type=int, default=0)
+    sub.add_parser("md")
     p = sub.add_parser("sd")
     p.add_argument("--latent", type=int, default=64)
     p.add_argument("--iterations", type=int, default=2)
     args = ap.parse_args()
-    {"asr": cmd_asr, "time": cmd_time, "sd": cmd_sd}[args.cmd](args)
+    {"asr": cmd_asr, "time": cmd_time, "sd": cmd_sd, "md": cmd_md}[args.cmd](args)
 
 
 if __name__ == "__main__":
