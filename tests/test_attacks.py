@@ -45,7 +45,7 @@ def _csv(path: Path, prompts: list[str]) -> Path:
     return path
 
 
-PROMPTS = ["a red circle", "a photo of a blue circle", "a dotted circle", "a circle in green"]
+PROMPTS = ["a red circle", "a photo of a blue circle", "a dotted circle"]
 
 
 def _run(model, tmp_path, attack, out="out", **kw):
@@ -117,7 +117,7 @@ def test_shards_merge_into_one_attacks_jsonl(tiny_model_dir, tmp_path):
         assert s["complete"] == (i == 1)
         assert (Path(cfg.out) / "summary.json").exists() == (i == 1)
     rows = [json.loads(x) for x in (Path(cfg.out) / "attacks.jsonl").read_text().splitlines()]
-    assert [r["row_index"] for r in rows] == [0, 1, 2, 3]
+    assert [r["row_index"] for r in rows] == [0, 1, 2]
     # erasure-eval report charts pre/post ASR per attacked model
     from erasure_eval.report import build_report
 
