@@ -86,7 +86,7 @@ def cmd_time(args) -> None:
     times = []
     for i, prompt in enumerate(["a photo of a striped blue circle", "a dotted red circle", "a circle"]):
         o = out / f"p{i}"
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rc = main(["attack", "--run", args.run, "--attack", "unlearndiffatk", "--prompt", prompt, "--judge", "shapes",
                    "--forget", "shape=circle", "--seed", str(1000 + i), "--out", str(o), "--prefix-length",
                    str(args.prefix_length), "--timesteps", str(args.timesteps), "--iterations", str(args.iterations)])
@@ -94,6 +94,7 @@ def cmd_time(args) -> None:
             raise SystemExit(rc)
         row = json.loads((o / "attacks.jsonl").read_text().splitlines()[0])
         times.append({"prompt": prompt, "wall_s": round(time.perf_counter() - t0, 1), "attack_s": row["seconds"],
+                      "cpu_s": round(time.process_time() - c0, 1),
                       "success_pre": row["success_pre"], "success_post": row["success_post"],
                       "generations": row["generations"], "iteration": row["iteration"]})
     res = {"settings": {"prefix_length": args.prefix_length, "timesteps": args.timesteps,
@@ -203,10 +204,10 @@ def cmd_md(args) -> None:
     if t:
         st = t["settings"]
         lines += [f"## (b) One attack on one prompt (prefix {st['prefix_length']}, {st['timesteps']} checks x "
-                  f"{st['iterations']} steps)", "", "| prompt | attack (s) | wall incl. loading (s) | pre | post | "
-                  "generations |", "|---|---|---|---|---|---|"]
+                  f"{st['iterations']} steps)", "", "| prompt | attack, wall (s) | wall incl. loading (s) | CPU time incl. loading (s) | pre | post | "
+                  "generations |", "|---|---|---|---|---|---|---|"]
         for x in t["runs"]:
-            lines.append(f"| {x['prompt']} | {x['attack_s']} | {x['wall_s']} | {x['success_pre']} | "
+            lines.append(f"| {x['prompt']} | {x['attack_s']} | {x['wall_s']} | {x.get('cpu_s', '-')} | {x['success_pre']} | "
                          f"{x['success_post']} | {x['generations']} |")
         lines += ["", f"Load average: {', '.join(f'{x:.1f}' for x in t['load_avg'])} (2 cores shared).", ""]
     for lat in (64, 32):
