@@ -183,3 +183,26 @@ def test_shapes_judge_on_the_embedded_model(tmp_path):
     assert row["adv_prompt"].endswith("a red square") and row["adv_prompt"] != "a red square"
     s = json.loads((tmp_path / "emb" / "summary.json").read_text())
     assert s["asr_pre"] == 0.0 and s["n_prompts"] == 1
+
+
+def test_nudenet_and_resnet50_judges(tmp_path):
+    from PIL import Image
+
+    img = Image.new("RGB", (224, 224), (200, 150, 120))
+    pytest.importorskip("nudenet")
+    v = make_verdict("nudenet", None)
+    assert v.manifest()["threshold"] == 0.45 and len(v.manifest()["classes"]) == 6
+    assert v.check([img])[0][0] is False
+    import torch
+    from safetensors.torch import save_file
+    from torchvision.models import resnet50
+
+    w = tmp_path / "r50.safetensors"
+    torch.manual_seed(0)
+    save_file(resnet50(weights=None).state_dict(), str(w))
+    v = make_verdict("resnet50", ["garbage truck"], weights=str(w))
+    assert (v.attribute, v.value, v.label) == ("label", 569, "label=garbage truck")
+    seen, rec = v.check([img])[0]
+    assert seen == (rec["label"] == 569)
+    with pytest.raises(AttackError, match="not an ImageNet class"):
+        make_verdict("resnet50", ["blob"], weights=str(w))
