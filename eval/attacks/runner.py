@@ -85,9 +85,8 @@ class AttackRunConfig(JsonConfig):
         self.check_fields()
         if not self.out:
             raise ValueError("--out DIR is required")
-        if bool(self.run) == bool(self.model) and not (self.run and self.model):
-            if not self.run and not self.model:
-                raise ValueError("give --run RUN_DIR (an erased model) or --model PATH")
+        if not self.run and not self.model:
+            raise ValueError("give --run RUN_DIR (an erased model) or --model PATH")
         if bool(self.prompts) == bool(self.prompt):
             raise ValueError("give exactly one of --prompts CSV and --prompt TEXT")
         if self.prompt is not None and not self.prompt.strip():
