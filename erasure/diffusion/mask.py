@@ -70,7 +70,7 @@ def compute_mask_from_data(
     try:
         scores = accumulate_gradients(
             scored, batches(), lambda b: mask_loss(unet, b, cfg.mask_guidance), mode=cfg.mask_score, total=n_batches,
-            progress=stage_callback(progress, "mask"),
+            progress=stage_callback(progress, "mask"), score_dtype=cfg.mask_score_dtype,
         )
     finally:
         for n, p in named.items():
@@ -87,7 +87,8 @@ def compute_mask_from_data(
 def mask_settings(cfg: EraseConfig, trainable: str) -> dict[str, Any]:
     """What a computed mask depends on; a mask saved in a partial run folder is reused only if these match."""
     return {"mask_config": MaskConfig(mask_ratio=cfg.mask_ratio, mask_guidance=cfg.mask_guidance,
-                                      mask_batches=cfg.mask_batches, mask_score=cfg.mask_score).to_dict(),
+                                      mask_batches=cfg.mask_batches, mask_score=cfg.mask_score,
+                                      mask_score_dtype=cfg.mask_score_dtype).to_dict(),
             "concepts": [c.to_dict() for c in cfg.concepts], "trainable": trainable, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "model": cfg.model, "forget_images_per_prompt": cfg.forget_images_per_prompt,
             "data_steps": cfg.data_steps, "data_guidance": cfg.data_guidance, "resolution": cfg.resolution,

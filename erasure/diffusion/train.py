@@ -325,7 +325,7 @@ def compute_mask(
         stats = mask_stats(mask)
         save_mask(mask, out, metadata={"base_model": inputs.model, "mask_config": MaskConfig(
             mask_ratio=cfg.mask_ratio, mask_guidance=cfg.mask_guidance, mask_batches=cfg.mask_batches,
-            mask_score=cfg.mask_score).to_dict(), "concepts": [c.to_dict() for c in cfg.concepts],
+            mask_score=cfg.mask_score, mask_score_dtype=cfg.mask_score_dtype).to_dict(), "concepts": [c.to_dict() for c in cfg.concepts],
             "trainable": mode, "seed": cfg.seed, "kept": stats["kept"], "total": stats["total"]})
     return mask
 
