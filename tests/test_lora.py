@@ -1,0 +1,177 @@
+"""LoRA extraction (erasure.lora): SVD factors, peft and kohya files that diffusers loads, `erasure export --lora`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from erasure import ConceptSpec, EraseConfig, erase, load_erased_pipeline
+from erasure.cli import main as cli_main
+from erasure.lora import extract_lora, low_rank, lora_from_run, save_lora
+
+pytest.importorskip("peft")  # diffusers' load_lora_weights needs the peft backend
+
+
+def _images(pipe) -> np.ndarray:
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(["a red circle", "a blue star"], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="np", guidance_scale=5.0).images
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    out = {}
+    for trainable in ("xattn", "full"):
+        cfg = EraseConfig(
+            model=str(tiny_model_dir), concepts=[ConceptSpec(name="c", forget_prompts=["a red circle"],
+                                                             anchor_prompts=["a red square"], retain_prompts=["a star"])],
+            steps=3, batch_size=2, forget_images_per_prompt=2, retain_images_per_prompt=1, data_steps=2, lr=3e-3,
+            cache_dir=str(tmp / "cache"), device="cpu", trainable=trainable, mask_ratio=0.5,
+        )
+        out[trainable] = erase(cfg, tmp / f"run-{trainable}")
+    return out
+
+
+def test_low_rank_full_rank_reproduces_and_energy_picks_rank():
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(24, 9, generator=g)
+    up, down, kept = low_rank(d)
+    assert up.shape == (24, 9) and down.shape == (9, 9) and kept == pytest.approx(1.0)
+    torch.testing.assert_close(up @ down, d, rtol=0, atol=1e-5)
+    lr = torch.randn(30, 3, generator=g) @ torch.randn(3, 40, generator=g)  # rank 3 exactly
+    up, down, kept = low_rank(lr, energy=0.999999)
+    assert down.shape[0] == 3 and kept > 0.999999
+    torch.testing.assert_close(up @ down, lr, rtol=0, atol=1e-4)
+    up, down, kept = low_rank(lr, rank=1)
+    assert down.shape[0] == 1 and 0 < kept < 1
+    # Eckart-Young: the rank-1 error is the discarded singular energy
+    s = torch.linalg.svdvals(lr.double())
+    assert float((lr - up @ down).pow(2).sum()) == pytest.approx(float(s[1:].pow(2).sum()), rel=1e-4)
+
+
+def test_conv_and_linear_deltas_and_rank_clamp_warning():
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.Linear(4, 6), torch.nn.LayerNorm(6))
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    erased = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    with pytest.warns(UserWarning, match=r"clamped to their smallest dimension \(4, 5; e\.g\. 0: 5\)"):
+        ext = extract_lora(m, base, erased, rank=64)
+    assert ext.clamped == {"0": 5, "1": 4}
+    for name in ("0", "1"):
+        f = ext.factors[name]
+        torch.testing.assert_close(f.delta(), erased[f"{name}.weight"] - base[f"{name}.weight"], rtol=0, atol=1e-5)
+    # biases (without bias=True) and the LayerNorm cannot be carried, and are reported
+    assert set(ext.leftover) == {"0.bias", "1.bias", "2.weight", "2.bias"}
+    ext_b = extract_lora(m, base, erased, rank=2, bias=True)
+    assert set(ext_b.leftover) == {"2.weight", "2.bias"} and ext_b.factors["0"].rank == 2
+    torch.testing.assert_close(ext_b.factors["1"].bias, erased["1.bias"] - base["1.bias"])
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        extract_lora(m, base, erased, rank=0)
+    with pytest.raises(ValueError, match="energy must be in"):
+        extract_lora(m, base, erased, energy=1.5)
+
+
+def test_peft_lora_reproduces_the_erased_run(runs, tiny_model_dir, tmp_path):
+    """xattn run (to_q/k/v weights, to_out weight+bias): full-rank peft LoRA with bias == the erased pipeline."""
+    from erasure.diffusion.pipeline import load_pipeline
+
+    run = runs["xattn"]
+    ref = _images(load_erased_pipeline(run, device="cpu"))
+    base = load_pipeline(str(tiny_model_dir), device="cpu")
+    orig = _images(base)
+    assert np.abs(orig - ref).max() > 1e-3, "the erasure must change the images for this test to mean anything"
+    ext = lora_from_run(run, rank=10_000, bias=True, pipe=base)  # full rank (clamped)
+    assert not ext.leftover
+    path = save_lora(ext, tmp_path / "peft.safetensors", "peft")
+    base.load_lora_weights(str(path))
+    np.testing.assert_allclose(_images(base), ref, atol=2e-4)
+    # a low rank changes the result, but less than removing the LoRA
+    base.unload_lora_weights()
+    low = lora_from_run(run, rank=1, bias=True, pipe=base)
+    base.load_lora_weights(str(save_lora(low, tmp_path / "r1.safetensors", "peft")))
+    assert np.abs(_images(base) - ref).max() > 1e-5
+
+
+def test_kohya_lora_round_trip_and_fuse(runs, tiny_model_dir, tmp_path):
+    """Kohya keys load in diffusers; with bias changes dropped the result equals the run without its bias changes."""
+    from erasure.diffusion.pipeline import load_pipeline
+    from erasure.runs import load_run_weights
+
+    run = runs["xattn"]
+    base = load_pipeline(str(tiny_model_dir), device="cpu")
+    weights = {k: v for k, v in load_run_weights(run).items() if k.endswith("weight")}
+    ref_pipe = load_pipeline(str(tiny_model_dir), device="cpu")
+    sd = ref_pipe.unet.state_dict()
+    with torch.no_grad():
+        for k, v in weights.items():
+            sd[k].copy_(v)
+    ref = _images(ref_pipe)
+    ext = lora_from_run(run, rank=10_000, pipe=base)
+    assert sorted(ext.leftover) == sorted(k for k in load_run_weights(run) if k.endswith("bias"))
+    path = save_lora(ext, tmp_path / "kohya.safetensors", "kohya")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        keys = list(fh.keys())
+        assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+                   for k in keys)
+        assert fh.metadata()["lora_format"] == "kohya"
+    base.load_lora_weights(str(path))
+    np.testing.assert_allclose(_images(base), ref, atol=2e-4)
+    base.fuse_lora()  # a weights-only LoRA fuses into the base weights
+    base.unload_lora_weights()
+    np.testing.assert_allclose(_images(base), ref, atol=2e-4)
+    with pytest.raises(ValueError, match="kohya LoRA files carry no bias"):
+        save_lora(lora_from_run(run, rank=2, bias=True, pipe=base), tmp_path / "k2.safetensors", "kohya")
+
+
+def test_full_run_leftover_is_norms_and_biases(runs, tiny_model_dir):
+    from erasure.diffusion.pipeline import load_pipeline
+    from erasure.runs import load_run_weights
+
+    run = runs["full"]
+    ext = lora_from_run(run, rank=4, pipe=load_pipeline(str(tiny_model_dir), device="cpu"))
+    changed = load_run_weights(run)
+    assert set(ext.leftover) | {f"{m}.weight" for m in ext.factors} == {
+        k for k in changed if not torch.equal(changed[k], load_pipeline(str(tiny_model_dir)).unet.state_dict()[k])}
+    assert all(k.endswith("bias") or "norm" in k for k in ext.leftover)
+    assert max(f.rank for f in ext.factors.values()) == 4
+
+
+def test_cli_export_lora_only_and_bad_input(runs, tmp_path, capsys):
+    run = runs["xattn"]
+    out = tmp_path / "e.safetensors"
+    assert cli_main(["export", "--run", str(run), "--lora", str(out), "--lora-rank", "2"]) == 0
+    assert out.is_file() and not any(p.name != out.name for p in tmp_path.iterdir())
+    assert cli_main(["export", "--run", str(run), "--lora", str(out), "--lora-rank", "2"]) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(["export", "--run", str(run), "--lora", str(out), "--lora-energy", "0.9", "--lora-format",
+                     "kohya", "--overwrite"]) == 0
+    bad = [
+        (["--lora", str(tmp_path / "x.safetensors")], "--lora-rank R"),
+        (["--lora", str(tmp_path / "x.bin"), "--lora-rank", "2"], ".safetensors"),
+        (["--lora", str(tmp_path / "x.safetensors"), "--lora-rank", "0"], "at least 1"),
+        (["--lora", str(tmp_path / "x.safetensors"), "--lora-energy", "2"], "(0, 1]"),
+        (["--lora", str(tmp_path / "x.safetensors"), "--lora-rank", "2", "--lora-format", "kohya", "--lora-bias"],
+         "peft"),
+        (["--lora-rank", "2"], "--out DIR"),
+        (["--lora", str(tmp_path / "no" / "x.safetensors"), "--lora-rank", "2"], "does not exist"),
+    ]
+    for extra, msg in bad:
+        assert cli_main(["export", "--run", str(run), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_export_help_documents_lora(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--lora ", "--lora-rank", "--lora-format", "--lora-energy", "--single-file"):
+        assert flag in text
