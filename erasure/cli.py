@@ -349,6 +349,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         flags = " ".join("--" + flag_dest(f.name, m.config_cls.cli_prefix).replace("_", "-")
                          for f in dataclasses.fields(m.config_cls))
         print(f"{m.name:8s} {m.shape:4s} mask={'yes' if m.needs_mask else 'no ':3s} {m.description}  {m.paper}"
+              + f"\n{'':8s} families: {', '.join(m.families)}"
               + (f"\n{'':8s} settings: {flags}" if flags else ""))
     return 0
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from erasure.backbones import Cond, backbone_of
 from erasure.config import ConceptSpec
 from erasure.io import atomic_path, clean_stale_temps
 from erasure.progress import Progress, emit, stage_callback
@@ -44,8 +45,8 @@ class ForgetRetainData:
     """Latents and prompt indices of Df and Dr; ``prompts[i]`` is embedded as ``embeddings[i]``."""
 
     prompts: list[str]
-    embeddings: torch.Tensor  # [P, 77, D]
-    uncond: torch.Tensor  # [1, 77, D]
+    embeddings: Cond | torch.Tensor  # P rows (SD: the [P, 77, D] tensor; other families a Cond with pooled etc.)
+    uncond: Cond | torch.Tensor  # 1 row: the "" prompt
     forget_latents: torch.Tensor
     forget_prompt: torch.Tensor  # [Nf] index into prompts
     anchor_prompt: torch.Tensor  # [Nf]
@@ -151,12 +152,13 @@ def _to_tensor(path: Path, resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(pipe, files: Sequence[Path], resolution: int, batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (distribution mean x scaling factor) of image files."""
+    """VAE latents (distribution mean, shifted and scaled as the family's denoiser consumes them) of image files."""
     vae = pipe.vae
+    backbone = backbone_of(pipe)
     out = []
     for i in range(0, len(files), batch_size):
         x = torch.stack([_to_tensor(f, resolution) for f in files[i : i + batch_size]]).to(vae.device, vae.dtype)
-        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+        out.append(backbone.encode_latents(vae, x))
     return torch.cat(out)
 
 
@@ -175,7 +177,7 @@ def build_forget_retain(
     progress: Progress | None = None,
 ) -> ForgetRetainData:
     """Build Df and Dr for ``concepts`` (generated with ``pipe`` unless the concept gives image folders)."""
-    from erasure.diffusion.pipeline import encode_prompts, validate_prompts
+    from erasure.diffusion.pipeline import encode_conditions, validate_prompts
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     prompts: list[str] = []
@@ -237,8 +239,8 @@ def build_forget_retain(
     emit(progress, "encoding images", 0, 1)
     f_lat = encode_images(pipe, f_files, resolution)
     r_lat = encode_images(pipe, r_files, resolution) if r_files else None
-    emb = encode_prompts(pipe, prompts)
-    uncond = encode_prompts(pipe, [""])
+    emb = encode_conditions(pipe, prompts, resolution)
+    uncond = encode_conditions(pipe, [""], resolution)
     emit(progress, "encoding images", 1, 1)
     return ForgetRetainData(
         prompts=prompts,

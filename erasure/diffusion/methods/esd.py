@@ -1,7 +1,8 @@
 """ESD: Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023, https://arxiv.org/abs/2303.07345).
 
 The UNet is fine-tuned so its prediction for the concept equals the frozen model's prediction with negative
-guidance away from it, at x_t drawn from the current model's own DDIM trajectory. ``esd-x`` trains the
+guidance away from it, at x_t drawn from the current model's own sampling trajectory (DDIM for UNet families,
+flow-matching Euler steps for SD3/FLUX). ``esd-x`` trains the
 cross-attention weights only, ``esd-u`` everything else.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from erasure.diffusion.losses import ddim_partial_sample, esd_loss
+from erasure.diffusion.losses import esd_loss
 from erasure.jsonconfig import field
 from erasure.methods import MethodConfig, MethodSpec, register_method
 
@@ -32,11 +33,12 @@ class ESDConfig(MethodConfig):
 
 def esd(ctx, b) -> dict:
     args: ESDConfig = ctx.args
-    x, t = ddim_partial_sample(
+    x, t = ctx.backbone.partial_sample(
         ctx.unet, ctx.scheduler_config, b.forget_cond, b.uncond, tuple(b.forget_x.shape), args.sample_steps,
         ctx.generator,
     )
-    loss = esd_loss(ctx.unet, ctx.frozen_unet, x, t, b.forget_cond, b.uncond, args.negative_guidance)
+    loss = esd_loss(ctx.unet, ctx.frozen_unet, x, t, b.forget_cond, b.uncond, args.negative_guidance,
+                    predict=ctx.predict)
     return {"loss": loss, "forget_loss": loss.detach()}
 
 

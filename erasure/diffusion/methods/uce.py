@@ -327,5 +327,6 @@ register_method(
         label="UCE (closed-form cross-attention edit)",
         paper="https://arxiv.org/abs/2308.14761",
         needs_images=False,
+        families=("sd", "sdxl"),  # edits UNet cross-attention K/V (attn2.to_k / to_v)
     )
 )
