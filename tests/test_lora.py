@@ -8,7 +8,7 @@ import torch
 
 from erasure import ConceptSpec, EraseConfig, erase, load_erased_pipeline
 from erasure.cli import main as cli_main
-from erasure.lora import extract_lora, low_rank, lora_from_run, save_lora
+from erasure.lora import extract_lora, lora_from_run, low_rank, save_lora
 
 pytest.importorskip("peft")  # diffusers' load_lora_weights needs the peft backend
 
@@ -26,7 +26,7 @@ def _images(pipe) -> np.ndarray:
 def runs(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
     out = {}
-    for trainable in ("xattn", "full"):
+    for trainable in ("xattn",):  # attn2: to_q/k/v weights, to_out weight and bias (full runs add norms: see above)
         cfg = EraseConfig(
             model=str(tiny_model_dir), concepts=[ConceptSpec(name="c", forget_prompts=["a red circle"],
                                                              anchor_prompts=["a red square"], retain_prompts=["a star"])],
@@ -128,19 +128,6 @@ def test_kohya_lora_round_trip_and_fuse(runs, tiny_model_dir, tmp_path):
     np.testing.assert_allclose(_images(base), ref, atol=2e-4)
     with pytest.raises(ValueError, match="kohya LoRA files carry no bias"):
         save_lora(lora_from_run(run, rank=2, bias=True, pipe=base), tmp_path / "k2.safetensors", "kohya")
-
-
-def test_full_run_leftover_is_norms_and_biases(runs, tiny_model_dir):
-    from erasure.diffusion.pipeline import load_pipeline
-    from erasure.runs import load_run_weights
-
-    run = runs["full"]
-    ext = lora_from_run(run, rank=4, pipe=load_pipeline(str(tiny_model_dir), device="cpu"))
-    changed = load_run_weights(run)
-    assert set(ext.leftover) | {f"{m}.weight" for m in ext.factors} == {
-        k for k in changed if not torch.equal(changed[k], load_pipeline(str(tiny_model_dir)).unet.state_dict()[k])}
-    assert all(k.endswith("bias") or "norm" in k for k in ext.leftover)
-    assert max(f.rank for f in ext.factors.values()) == 4
 
 
 def test_cli_export_lora_only_and_bad_input(runs, tmp_path, capsys):

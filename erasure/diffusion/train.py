@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import os
@@ -334,6 +335,10 @@ def compute_mask(
     mode = spec.trainable or cfg.trainable
     inputs = load_inputs(cfg, _with_images(spec), cfg.device, progress)
     bb = inputs.backbone
+    for name in (*bb.text_modules, "vae"):  # Df is encoded: the mask needs only the denoiser (SDXL: frees ~3.6 GB)
+        if getattr(inputs.pipe, name, None) is not None:
+            setattr(inputs.pipe, name, None)
+    gc.collect()
     mask = compute_mask_from_data(bb.denoiser(inputs.pipe), inputs.pipe.scheduler, inputs.data, cfg, cfg.seed,
                                   cfg.batch_size, mode, progress, bb)
     if out is not None:
