@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--forget-seeds", type=int, default=16)
     ap.add_argument("--retain-seeds", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--retain-every", type=int, default=1, help="use every N-th retain row (a quicker screen)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora_rank.json"))
     args = ap.parse_args()
     run = Path(args.run)
@@ -71,14 +72,15 @@ def main() -> None:
     kind = concept_kind(concept)
     pr = load_preset("shape_circle")
     with open(ROOT / "prompts" / "shapes.csv", encoding="utf-8") as fh:
-        retain_rows = [r for r in csv.DictReader(fh) if r[kind] != concept]
+        retain_rows = [r for r in csv.DictReader(fh) if r[kind] != concept][::args.retain_every]
     only = all_captions(**{"shape": None, "color": None, "fill": None, kind: concept})
     forget_prompts = only + [p for p in pr.concept.forget_prompts[::3] if p not in only]
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.is_file() else {}
-    if (res.get("run"), res.get("forget_seeds"), res.get("retain_seeds")) != (str(run), args.forget_seeds,
-                                                                                args.retain_seeds):
-        res = {"run": str(run), "forget_seeds": args.forget_seeds, "retain_seeds": args.retain_seeds, "concept": concept,
+    setup = (str(run), args.forget_seeds, args.retain_seeds, args.retain_every)
+    if (res.get("run"), res.get("forget_seeds"), res.get("retain_seeds"), res.get("retain_every")) != setup:
+        res = {"run": str(run), "forget_seeds": args.forget_seeds, "retain_seeds": args.retain_seeds,
+               "retain_every": args.retain_every, "retain_prompts": len(retain_rows), "concept": concept,
                "kind": kind, "run_config": {k: info["config"].get(k) for k in ("method", "steps", "mask_ratio", "lr",
                                                                                "trainable")}, "rows": {}}
     res["loadavg_start"] = os.getloadavg()
@@ -99,7 +101,6 @@ def main() -> None:
 
     ev(load_erased_pipeline(run, device="cpu"), "full weights", {})
     pipe = load_pipeline(info.get("base_model"), device="cpu")
-    ev(pipe, "original", {})
     weights = load_run_weights(run)
     state = pipe.unet.state_dict()
     base_state = {k: state[k].clone() for k in weights}
@@ -130,6 +131,8 @@ def main() -> None:
                         "mean_rank": round(st["mean_rank"], 1), "svd_s": round(svd_s, 1),
                         "delta_energy_lost": (err + sum(v ** 2 for v in ext.leftover.values())) / total,
                         "leftover_tensors": len(ext.leftover)})
+    apply_lora(pipe, base_state, type("NoLora", (), {"factors": {}})())
+    ev(pipe, "original", {})
     res["loadavg_end"] = os.getloadavg()
     res["unet_file_bytes_fp32"] = 4 * sum(v.numel() for v in state.values())
     out.write_text(json.dumps(res, indent=1) + "\n")
@@ -141,7 +144,8 @@ def table(res: dict) -> str:
     kind, c = res["kind"], res["concept"]
     others = [k for k in ("shape", "color", "fill") if k != kind]
     lines = [f"SalUn run `{res['run']}` ({res['run_config']}); forget: {res['forget_seeds']} seeds x each circle prompt; "
-             f"retain: prompts/shapes.csv rows without a {c} x {res['retain_seeds']} seeds; judge = models/shapes-judge. "
+             f"retain: {res.get('retain_prompts')} prompts/shapes.csv rows without a {c} (every "
+             f"{res.get('retain_every', 1)}th) x {res['retain_seeds']} seeds; judge = models/shapes-judge. "
              f"The full UNet in float32 is {res.get('unet_file_bytes_fp32', 0) / 1e6:.1f} MB.", "",
              f"| model | sees {c} on forget prompts | retain {kind} acc | " + " | ".join(f"retain {o} acc" for o in others)
              + " | change energy lost | LoRA params | peft file | kohya file |",
