@@ -163,6 +163,47 @@ def lowlevel(folder: Path, prompt: str, resolution: int, steps: int, ratio: floa
     return log
 
 
+def cli_with_phases(folder: Path, prompt: str, args, mask_out: Path) -> list:
+    """``erasure mask`` on the folder, with the peak RSS of each phase (VmHWM read, then reset, between phases)."""
+    import shutil
+
+    from _mem import reset_peak
+
+    import erasure.diffusion.mask as mm
+    from erasure.cli import main as cli
+
+    log: list = []
+    t0 = time.time()
+
+    def wrap(name: str, before: str | None, after: str) -> None:
+        fn = getattr(mm, name)
+
+        def wrapped(*a, **k):
+            if before:
+                _stage(log, before, t0)
+                reset_peak()
+            out = fn(*a, **k)
+            _stage(log, after, t0)
+            reset_peak()
+            return out
+
+        setattr(mm, name, wrapped)
+
+    wrap("accumulate_gradients", "load, prompt encoding, Df generation (text encoders and VAE then freed)",
+         "scores: forward + backward with hooks")
+    wrap("threshold_mask", None, "threshold")
+    cache = folder.parent / (folder.name + "-cache")
+    shutil.rmtree(cache, ignore_errors=True)  # Df generation is part of the measurement
+    rc = cli(["mask", "--model", str(folder), "--forget-prompt", prompt, "--forget-images-per-prompt", "1",
+              "--data-steps", str(args.steps), "--resolution", str(args.resolution), "--mask-ratio", str(args.ratio),
+              "--mask-score-dtype", args.score_dtype, "--out", str(mask_out), "--overwrite", "--device", "cpu",
+              "--cache-dir", str(cache)])
+    _stage(log, f"save mask, exit (rc={rc})", t0)
+    if rc:
+        raise SystemExit(f"erasure mask failed (rc={rc})")
+    return log
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", default="/tmp/fmt-sdxl", help="where the SDXL-shaped pipeline is built (reused)")
@@ -171,6 +212,7 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--score-dtype", default="auto", help="--mask-score-dtype (auto = bfloat16 at SDXL size)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--build-only", action="store_true", help="build the folder and stop")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -182,16 +224,8 @@ def main() -> None:
         if args.path == "lowlevel":
             log = lowlevel(folder, prompt, args.resolution, args.steps, args.ratio, mask_out)
         else:
-            from erasure.cli import main as cli
-
-            t0 = time.time()
-            rc = cli(["mask", "--model", str(folder), "--forget-prompt", prompt, "--forget-images-per-prompt", "1",
-                      "--data-steps", str(args.steps), "--resolution", str(args.resolution), "--mask-ratio",
-                      str(args.ratio), "--out", str(mask_out), "--overwrite", "--device", "cpu",
-                      "--cache-dir", str(folder.parent / (folder.name + "-cache"))])
-            log = []
-            _stage(log, f"erasure mask done (rc={rc})", t0)
-        print("RESULT " + json.dumps({"peak_rss_gb": round(peak_gb(), 2), "stages": log}), flush=True)
+            log = cli_with_phases(folder, prompt, args, mask_out)
+        print("RESULT " + json.dumps({"peak_rss_gb": max(s["peak_gb"] for s in log), "stages": log}), flush=True)
         return
     meta = folder / "bench_build.json"
     if not (meta.is_file() and json.loads(meta.read_text())["scale"] == args.scale):
@@ -205,7 +239,8 @@ def main() -> None:
         return
     t = time.time()
     cmd = [sys.executable, __file__, "--child", "--folder", str(folder), "--scale", str(args.scale), "--path",
-           args.path, "--resolution", str(args.resolution), "--steps", str(args.steps), "--ratio", str(args.ratio)]
+           args.path, "--resolution", str(args.resolution), "--steps", str(args.steps), "--ratio", str(args.ratio),
+           "--score-dtype", args.score_dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     sys.stderr.write(proc.stderr[-3000:])
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -213,7 +248,7 @@ def main() -> None:
         print(proc.stdout[-3000:])
         raise SystemExit(f"measured process failed (rc={proc.returncode})")
     res = json.loads(lines[-1][7:])
-    res.update({"path": args.path, "scale": args.scale, "unet_params": built["unet_params"],
+    res.update({"path": args.path, "scale": args.scale, "score_dtype": args.score_dtype, "unet_params": built["unet_params"],
                 "resolution": args.resolution, "steps": args.steps, "ratio": args.ratio,
                 "wall_s": round(time.time() - t, 1), "loadavg": open("/proc/loadavg").read().split()[:3],
                 "torch": torch.__version__})
