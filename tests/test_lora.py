@@ -162,3 +162,53 @@ def test_export_help_documents_lora(capsys):
     text = capsys.readouterr().out
     for flag in ("--lora ", "--lora-rank", "--lora-format", "--lora-energy", "--single-file"):
         assert flag in text
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_lora_on_other_families(family, tmp_path):
+    """Full-rank peft LoRA (with biases) of a tiny xattn run reproduces the erased denoiser's output on each family."""
+    from erasure.backbones import backbone_of
+    from erasure.backbones.tiny import build_tiny
+    from erasure.diffusion.pipeline import load_pipeline
+
+    build_tiny(family, tmp_path / "m")
+    cfg = EraseConfig(
+        model=str(tmp_path / "m"), concepts=[ConceptSpec(name="c", forget_prompts=["a red circle"],
+                                                         anchor_prompts=["a red square"], retain_prompts=["a star"])],
+        steps=2, batch_size=2, forget_images_per_prompt=2, retain_images_per_prompt=1, data_steps=2, lr=3e-3,
+        resolution=64, cache_dir=str(tmp_path / "cache"), device="cpu", trainable="xattn", mask_ratio=0.5,
+        checkpoint_every=0,
+    )
+    run = erase(cfg, tmp_path / "run")
+    erased = load_erased_pipeline(run, device="cpu")
+    base = load_pipeline(str(tmp_path / "m"), device="cpu")
+    bb = backbone_of(base)
+    den_e, den_b = bb.denoiser(erased), bb.denoiser(base)
+    ext = lora_from_run(run, rank=10_000, bias=True, pipe=base)
+    assert ext.factors and not ext.leftover
+    prefix = "unet" if family == "sdxl" else "transformer"
+    base.load_lora_weights(str(save_lora(ext, tmp_path / "l.safetensors", "peft", prefix=prefix)))
+    # the LoRA-wrapped denoiser computes what the erased one does
+    g = torch.Generator().manual_seed(0)
+    n = den_b.config.in_channels
+    if family == "flux":
+        x = torch.randn(1, 16, n, generator=g)
+        kw = dict(hidden_states=x, timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+                  pooled_projections=torch.randn(1, den_b.config.pooled_projection_dim, generator=g),
+                  encoder_hidden_states=torch.randn(1, 4, den_b.config.joint_attention_dim, generator=g),
+                  txt_ids=torch.zeros(4, 3), img_ids=torch.zeros(16, 3))
+    elif family == "sd3":
+        kw = dict(hidden_states=torch.randn(1, n, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                  pooled_projections=torch.randn(1, den_b.config.pooled_projection_dim, generator=g),
+                  encoder_hidden_states=torch.randn(1, 4, den_b.config.joint_attention_dim, generator=g))
+    else:
+        kw = dict(sample=torch.randn(1, n, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 4, den_b.config.cross_attention_dim, generator=g),
+                  added_cond_kwargs={"text_embeds": torch.randn(1, 16, generator=g),
+                                     "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])})
+    with torch.no_grad():
+        want, got = den_e(**kw)[0], den_b(**kw)[0]
+        base.unload_lora_weights()
+        orig = den_b(**kw)[0]
+    assert (want - orig).abs().max() > 1e-6, "the erasure must change the output for this test to mean anything"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
