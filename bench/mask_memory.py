@@ -196,7 +196,7 @@ def cli_with_phases(folder: Path, prompt: str, args, mask_out: Path) -> list:
     shutil.rmtree(cache, ignore_errors=True)  # Df generation is part of the measurement
     rc = cli(["mask", "--model", str(folder), "--forget-prompt", prompt, "--forget-images-per-prompt", "1",
               "--data-steps", str(args.steps), "--resolution", str(args.resolution), "--mask-ratio", str(args.ratio),
-              "--mask-score-dtype", args.score_dtype, "--out", str(mask_out), "--overwrite", "--device", "cpu",
+              "--mask-score-dtype", args.score_dtype, "--batch-size", str(args.batch_size), "--out", str(mask_out), "--overwrite", "--device", "cpu",
               "--cache-dir", str(cache)])
     _stage(log, f"save mask, exit (rc={rc})", t0)
     if rc:
@@ -212,6 +212,8 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--batch-size", type=int, default=1, help="mask batch (the engine's default 8 repeats the one "
+                    "forget image 8 times with other noise: 8x the activations)")
     ap.add_argument("--score-dtype", default="auto", help="--mask-score-dtype (auto = bfloat16 at SDXL size)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--build-only", action="store_true", help="build the folder and stop")
@@ -240,7 +242,7 @@ def main() -> None:
     t = time.time()
     cmd = [sys.executable, __file__, "--child", "--folder", str(folder), "--scale", str(args.scale), "--path",
            args.path, "--resolution", str(args.resolution), "--steps", str(args.steps), "--ratio", str(args.ratio),
-           "--score-dtype", args.score_dtype]
+           "--score-dtype", args.score_dtype, "--batch-size", str(args.batch_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     sys.stderr.write(proc.stderr[-3000:])
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -248,7 +250,7 @@ def main() -> None:
         print(proc.stdout[-3000:])
         raise SystemExit(f"measured process failed (rc={proc.returncode})")
     res = json.loads(lines[-1][7:])
-    res.update({"path": args.path, "scale": args.scale, "score_dtype": args.score_dtype, "unet_params": built["unet_params"],
+    res.update({"path": args.path, "scale": args.scale, "score_dtype": args.score_dtype, "batch_size": args.batch_size, "unet_params": built["unet_params"],
                 "resolution": args.resolution, "steps": args.steps, "ratio": args.ratio,
                 "wall_s": round(time.time() - t, 1), "loadavg": open("/proc/loadavg").read().split()[:3],
                 "torch": torch.__version__})

@@ -204,12 +204,14 @@ def _kth_largest_histogram(scores: Mapping[str, torch.Tensor], k: int) -> tuple[
     return tau, above_hi + above_lo, int(hist_lo[lo])
 
 
-def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float, consume: bool = False) -> dict[str, torch.Tensor]:
     """Keep the ``round(ratio * total)`` largest scores over all tensors by one global threshold.
 
     Args:
         scores (`Mapping[str, Tensor]`): non-negative scores (e.g. from :func:`accumulate_gradients`).
         ratio (`float`): fraction of all weights to keep, in (0, 1].
+        consume (`bool`, defaults to `False`): remove each score tensor from ``scores`` (a mutable dict) as soon as
+            its mask exists, so scores and masks are never all in memory together.
 
     Returns:
         `dict[str, BoolTensor]`: masks shaped like the scores, with exactly ``k`` True entries in total
@@ -222,14 +224,20 @@ def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str
     total = sum(s.numel() for s in scores.values())
     k = max(1, int(round(float(ratio) * total)))
     if k >= total:
-        return {n: torch.ones(s.shape, dtype=torch.bool, device=s.device) for n, s in scores.items()}
+        out = {n: torch.ones(s.shape, dtype=torch.bool, device=s.device) for n, s in scores.items()}
+        if consume:
+            scores.clear()  # type: ignore[attr-defined]
+        return out
     tau, n_greater, n_equal = _kth_largest_histogram(scores, k)
     ties_needed = k - n_greater  # >= 1 by construction
     masks: dict[str, torch.Tensor] = {}
-    if n_equal == ties_needed:  # every tie is kept: one comparison per weight
-        return {name: s.detach() >= tau for name, s in scores.items()}
-    for name, s in scores.items():
-        sf = s.detach()
+    for name in list(scores):
+        sf = scores[name].detach()
+        if consume:
+            del scores[name]  # type: ignore[attr-defined]
+        if n_equal == k - n_greater:  # every tie is kept: one comparison per weight
+            masks[name] = sf >= tau
+            continue
         m = sf > tau
         if ties_needed > 0:
             eq = sf == tau
@@ -242,7 +250,7 @@ def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str
                     idx = torch.nonzero(eq.reshape(-1)).reshape(-1)[:ties_needed]
                     mflat = m.reshape(-1)
                     mflat[idx] = True
-                    m = mflat.reshape(s.shape)
+                    m = mflat.reshape(sf.shape)
                     ties_needed = 0
         masks[name] = m
     return masks

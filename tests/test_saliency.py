@@ -176,3 +176,13 @@ def test_auto_score_dtype():
     assert score_dtype_for("auto", 859_520_964) == torch.float32  # SD v1.4 UNet: exact as before
     assert score_dtype_for("auto", 2_567_463_684) == torch.bfloat16  # SDXL UNet
     assert score_dtype_for(torch.float16, 1) == torch.float16
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 1.0])
+def test_threshold_consume_frees_scores_and_gives_the_same_mask(ratio):
+    s = _scores(2)
+    ref = threshold_mask(s, ratio)
+    work = dict(s)
+    got = threshold_mask(work, ratio, consume=True)
+    assert work == {} and set(got) == set(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)

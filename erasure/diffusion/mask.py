@@ -73,7 +73,7 @@ def compute_mask_from_data(
         for n, p in named.items():
             p.requires_grad_(req[n])
             p.grad = None
-    mask = threshold_mask(scores, cfg.mask_ratio)
+    mask = threshold_mask(scores, cfg.mask_ratio, consume=True)  # frees each score once its mask exists
     del scores
     for n, p in named.items():
         if n not in mask:
