@@ -46,11 +46,11 @@ def table() -> str:
                      f"{g(p)} | " + " | ".join(g(b * r * p) for b in OPTIMIZERS.values() for r in RATIOS) + " |")
     lines += ["", "All figures GiB. What fits (denoiser only; text encoders freed or offloaded after encoding; "
               f"{HEADROOM_GIB:.0f} GiB allowed for activations and the CUDA context), cards in GB:", "",
-              "| denoiser | mask, fp32 weights + bf16 scores + mask | mask, bf16 weights + bf16 scores + mask | "
+              "| denoiser | mask, fp32 weights + bf16 scores | mask, bf16 weights + bf16 scores | "
               "train fp32 + AdamW fp32 (r=0.5 / dense) | train fp32 + 8-bit Adam (r=0.5 / dense) | "
               "train bf16 + AdamW bf16 (r=0.5 / dense) |", "|---|---|---|---|---|---|"]
     for name, p in FAMILIES.items():
-        m32, m16 = 4 * p + 2 * p + p, 2 * p + 2 * p + p
+        m32, m16 = 4 * p + 2 * p, 2 * p + 2 * p  # the bool mask replaces the scores tensor by tensor
         tr = {o: [w * p + w * p + b * r * p for r in (0.5, 1.0)] for o, b, w in
               (("a", 8, 4), ("8", 2, 4), ("b", 4, 2))}
         cell = lambda t: f"{g(t)} GiB: {fits(t)}"  # noqa: E731
@@ -67,10 +67,11 @@ def main() -> None:
     if args.measured and Path(args.measured).is_file():
         m = json.loads(Path(args.measured).read_text())
         p = m["unet_params"]
-        model = (4 * p + 2 * p + p) / GIB
-        print(f"\nMeasured (bench/mask_memory.py, CPU, {m['path']} path, {p:,} UNet weights, {m['resolution']} px): "
-              f"peak RSS {m['peak_rss_gb']:.2f} GiB; the model's fp32 weights + bf16 scores + bool mask = {model:.2f} GiB, "
-              f"so activations, the process and allocator slack add {m['peak_rss_gb'] - model:.2f} GiB.")
+        model = (4 * p + 2 * p) / GIB
+        print(f"\nMeasured (bench/mask_memory.py, CPU, `erasure mask`, {p:,} UNet weights, {m['resolution']} px, batch "
+              f"{m.get('batch_size', 8)}, {m.get('score_dtype', 'auto')} scores): peak RSS {m['peak_rss_gb']:.2f} GiB; "
+              f"the model's fp32 weights + 16-bit scores = {model:.2f} GiB, so activations, the Python process and "
+              f"allocator slack add {m['peak_rss_gb'] - model:.2f} GiB.")
 
 
 if __name__ == "__main__":
