@@ -150,7 +150,14 @@ def table(res: dict) -> str:
              f"| model | sees {c} on forget prompts | retain {kind} acc | " + " | ".join(f"retain {o} acc" for o in others)
              + " | change energy lost | LoRA params | peft file | kohya file |",
              "|---|---|---|" + "---|" * len(others) + "---|---|---|---|"]
-    for name, r in res["rows"].items():
+    def order(item):
+        name = item[0]
+        if not name.startswith("rank "):
+            return (0 if name == "original" else 1, 0)
+        spec = name[5:]
+        return (2, int(spec) if spec.isdigit() else 10**6 + len(spec))
+
+    for name, r in sorted(res["rows"].items(), key=order):
         fb = r.get("file_bytes", {})
         mb = {k: f"{v / 1e6:.2f} MB" for k, v in fb.items()}
         lost = f"{r['delta_energy_lost']:.1%}" if "delta_energy_lost" in r else "-"
