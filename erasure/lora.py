@@ -148,8 +148,11 @@ def extract_lora(
                       f"to their smallest dimension ({', '.join(map(str, dims[:8]))}{'...' if len(dims) > 8 else ''}; "
                       f"e.g. {example[0]}: {example[1]})", UserWarning, stacklevel=2)
     if out.leftover:
-        logger.warning("%d changed tensor(s) cannot be carried by a LoRA (e.g. %s); load the full weights for them",
-                       len(out.leftover), next(iter(out.leftover)))
+        n_bias = sum(n.endswith(".bias") and n.rpartition(".")[0] in targets for n in out.leftover)
+        logger.warning("the LoRA leaves out %d changed tensor(s) (%d of Linear/Conv2d biases%s, %d others such as "
+                       "norm layers; e.g. %s); the full weights (--out) carry them", len(out.leftover), n_bias,
+                       ": --lora-bias carries those" if n_bias else "", len(out.leftover) - n_bias,
+                       next(iter(out.leftover)))
     return out
 
 
@@ -281,7 +284,11 @@ def export_lora(run_dir: str | os.PathLike, path: str | os.PathLike, rank: int |
 
     pipe = load_pipeline(read_run(run_dir).get("base_model"), device="cpu")
     prefix = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
-    ext = lora_from_run(run_dir, rank=rank, energy=energy, pipe=pipe, bias=bias)
+    with warnings.catch_warnings(record=True) as caught:  # one log line each, not a warnings traceback line
+        warnings.simplefilter("always")
+        ext = lora_from_run(run_dir, rank=rank, energy=energy, pipe=pipe, bias=bias)
+    for w in caught:
+        logger.warning("%s", w.message)
     del pipe
     save_lora(ext, path, fmt, prefix=prefix, metadata={"run": str(Path(run_dir).resolve()), "rank": str(rank),
                                                        "energy": str(energy)})
