@@ -326,10 +326,27 @@ def _check_export_targets(out: Path, single_file: str | None, overwrite: bool) -
 
 def cmd_export(args: argparse.Namespace) -> int:
     from erasure.io import publish_dir
-    from erasure.runs import load_erased_pipeline
+    from erasure.lora import check_lora_args, export_lora
+    from erasure.runs import load_erased_pipeline, read_run
 
-    out = Path(args.out)
-    _check_export_targets(out, args.single_file, args.overwrite)
+    if args.out is None and not args.lora:
+        raise ValueError("give --out DIR (a diffusers folder), --lora FILE, or both")
+    if args.single_file and args.out is None:
+        raise ValueError("--single-file needs --out too (the folder export)")
+    check_lora_args(args.lora, args.lora_rank, args.lora_energy, args.lora_format, args.lora_bias, args.overwrite)
+    out = Path(args.out) if args.out is not None else None
+    if out is not None:
+        _check_export_targets(out, args.single_file, args.overwrite)
+    read_run(args.run)  # a bad run folder fails before anything is loaded
+    if args.lora:  # first, from the base model (one denoiser in memory at a time)
+        ext = export_lora(args.run, args.lora, args.lora_rank, args.lora_energy, args.lora_format, args.lora_bias,
+                          args.overwrite)
+        st = ext.stats()
+        logger.info("wrote %s LoRA %s (%d layers, rank up to %d)", args.lora_format, args.lora, st["modules"],
+                    st["max_rank"])
+        del ext
+    if out is None:
+        return 0
     pipe = load_erased_pipeline(args.run, device="cpu")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -431,10 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--overwrite", action="store_true", help="Replace existing files.")
     pg.set_defaults(func=cmd_generate)
 
-    px = sub.add_parser("export", help="Write an erased run as a full diffusers pipeline folder (and a single file).")
+    px = sub.add_parser("export", help="Write an erased run as a diffusers pipeline folder, a single file and/or a LoRA.")
     px.add_argument("--run", required=True, help="Run directory.")
-    px.add_argument("--out", required=True, help="Diffusers folder to write.")
-    px.add_argument("--single-file", default=None, help="Also write a single-file .safetensors checkpoint (SD v1 layout).")
+    px.add_argument("--out", default=None, help="Diffusers folder to write (omit it to write only --lora).")
+    px.add_argument("--single-file", default=None, help="Also write a single-file .safetensors checkpoint (the A1111/ComfyUI "
+                    "layout; SD v1 and SDXL).")
+    from erasure.lora import add_lora_arguments
+
+    add_lora_arguments(px)
     px.add_argument("--overwrite", action="store_true", help="Replace existing outputs.")
     px.set_defaults(func=cmd_export)
 

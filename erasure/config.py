@@ -88,6 +88,11 @@ class MaskConfig(JsonConfig):
     mask_score: Literal["abs_of_sum", "sum_of_abs"] = field(
         "abs_of_sum", help="Saliency score: |sum of gradients| (reference) or sum of |gradients|."
     )
+    mask_score_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "auto", help="Dtype the saliency scores accumulate in (gradients are freed as they arrive): float32 is exact, "
+        "bfloat16 halves the memory (about one 16-bit copy of the weights) and may flip ties at the threshold; auto = "
+        "float32 up to 1.5B scored weights (SD v1/v2), bfloat16 above (SDXL, SD3, FLUX)."
+    )
 
     def __post_init__(self) -> None:
         self.check_fields()

@@ -67,13 +67,13 @@ def compute_mask_from_data(
         scores = accumulate_gradients(
             scored, batches(), lambda b: mask_loss(unet, b, cfg.mask_guidance, predict=backbone.predict),
             mode=cfg.mask_score, total=n_batches,
-            progress=stage_callback(progress, "mask"),
+            progress=stage_callback(progress, "mask"), score_dtype=cfg.mask_score_dtype,
         )
     finally:
         for n, p in named.items():
             p.requires_grad_(req[n])
             p.grad = None
-    mask = threshold_mask(scores, cfg.mask_ratio)
+    mask = threshold_mask(scores, cfg.mask_ratio, consume=True)  # frees each score once its mask exists
     del scores
     for n, p in named.items():
         if n not in mask:
@@ -84,7 +84,8 @@ def compute_mask_from_data(
 def mask_settings(cfg: EraseConfig, trainable: str) -> dict[str, Any]:
     """What a computed mask depends on; a mask saved in a partial run folder is reused only if these match."""
     return {"mask_config": MaskConfig(mask_ratio=cfg.mask_ratio, mask_guidance=cfg.mask_guidance,
-                                      mask_batches=cfg.mask_batches, mask_score=cfg.mask_score).to_dict(),
+                                      mask_batches=cfg.mask_batches, mask_score=cfg.mask_score,
+                                      mask_score_dtype=cfg.mask_score_dtype).to_dict(),
             "concepts": [c.to_dict() for c in cfg.concepts], "trainable": trainable, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "model": cfg.model, "forget_images_per_prompt": cfg.forget_images_per_prompt,
             "data_steps": cfg.data_steps, "data_guidance": cfg.data_guidance, "resolution": cfg.resolution,

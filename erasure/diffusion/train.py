@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import os
@@ -335,13 +336,17 @@ def compute_mask(
     mode = spec.trainable or cfg.trainable
     inputs = load_inputs(cfg, _with_images(spec), cfg.device, progress)
     bb = inputs.backbone
+    for name in (*bb.text_modules, "vae"):  # Df is encoded: the mask needs only the denoiser (SDXL: frees ~3.6 GB)
+        if getattr(inputs.pipe, name, None) is not None:
+            setattr(inputs.pipe, name, None)
+    gc.collect()
     mask = compute_mask_from_data(bb.denoiser(inputs.pipe), inputs.pipe.scheduler, inputs.data, cfg, cfg.seed,
                                   cfg.batch_size, mode, progress, bb)
     if out is not None:
         stats = mask_stats(mask)
         save_mask(mask, out, metadata={"base_model": inputs.model, "mask_config": MaskConfig(
             mask_ratio=cfg.mask_ratio, mask_guidance=cfg.mask_guidance, mask_batches=cfg.mask_batches,
-            mask_score=cfg.mask_score).to_dict(), "concepts": [c.to_dict() for c in cfg.concepts],
+            mask_score=cfg.mask_score, mask_score_dtype=cfg.mask_score_dtype).to_dict(), "concepts": [c.to_dict() for c in cfg.concepts],
             "trainable": mode, "seed": cfg.seed, "kept": stats["kept"], "total": stats["total"]})
     return mask
 
