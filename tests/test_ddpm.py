@@ -127,3 +127,24 @@ def test_shipped_model_draws_the_named_class():
     labels = judge_labels(judge, imgs)
     hits = sum(lab == c for lab, c in zip(labels, [c for c in classes for _ in seeds]))
     assert hits >= len(labels) - 2, list(zip(labels, [c for c in classes for _ in seeds]))
+
+
+def test_eval_generate_reads_a_class_csv(tiny, tmp_path):
+    import json
+
+    from erasure_eval.cli import main as eval_main
+
+    csv = tmp_path / "classes.csv"
+    csv.write_text("case_number,class,evaluation_seed\n0,circle,5\n1,star,6\n")
+    out = tmp_path / "gen"
+    args = ["generate", "--model", str(tiny), "--prompts", str(csv), "--out", str(out), "--samples", "2", "--steps", "2"]
+    assert eval_main(args) == 0
+    recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"], r["extra"]["shape"]) for r in recs] == [
+        ("circle", 5, "circle"), ("circle", 6, "circle"), ("star", 6, "star"), ("star", 7, "star")]
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    assert eval_main(args) == 0  # resumed: nothing regenerated
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == before
+    bad = tmp_path / "bad.csv"
+    bad.write_text("class\ndragon\n")
+    assert eval_main(["generate", "--model", str(tiny), "--prompts", str(bad), "--out", str(tmp_path / "g2")]) != 0
