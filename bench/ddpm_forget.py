@@ -82,17 +82,17 @@ def table(res: dict) -> str:
         f"{res['sampler']['steps']} steps, CFG {res['sampler']['guidance']}; judge: models/shapes-judge).",
         "",
         "| method | UA (%) | forget class shown (of {n}) | other-class judge acc (%) | drop (pts) | judge-FD other vs "
-        "render | FD ratio to original | judge-FD other vs original | time (s) | load avg | changed weights |".format(n=res["seeds"]),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "render | FD ratio to original | judge-FD other vs original | wall time (s) | CPU time (s) | load avg | changed weights |".format(n=res["seeds"]),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| original | {100 * o['ua']:.1f} | {o['forget_shown']} | {100 * o['other_accuracy']:.1f} | 0.0 | "
-        f"{o['judge_fd_other_vs_render']:.2f} | 1.00 | 0 | - | - | - |",
+        f"{o['judge_fd_other_vs_render']:.2f} | 1.00 | 0 | - | - | - | - |",
     ]
     for m, r in res["methods"].items():
         lines.append(
             f"| {m} | {100 * r['ua']:.1f} | {r['forget_shown']} | {100 * r['other_accuracy']:.1f} | "
             f"{100 * (o['other_accuracy'] - r['other_accuracy']):.1f} | {r['judge_fd_other_vs_render']:.2f} | "
             f"{r['judge_fd_other_vs_render'] / o['judge_fd_other_vs_render']:.2f} | {r['judge_fd_other_vs_original']:.2f} | "
-            f"{r['time_s']:.0f} | {r['load_before']:.1f}/{r['load_after']:.1f} | {r['changed_params']:,} |")
+            f"{r['time_s']:.0f} | {r['timing'].get('cpu', float('nan')):.0f} | {r['load_before']:.1f}/{r['load_after']:.1f} | {r['changed_params']:,} |")
     lines += ["", "Per-class judge accuracy (%):", "",
               "| model | " + " | ".join(res["classes"]) + " |", "|---" * (len(res["classes"]) + 1) + "|"]
     for name, r in [("original", o), *res["methods"].items()]:

@@ -164,7 +164,7 @@ def erase_class(cfg: ClassEraseConfig, out: str | os.PathLike, overwrite: bool =
     from erasure.runs import Checkpoint, RunDir
     from erasure.saliency import compute_mask, load_mask, mask_stats, save_mask
 
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     model_dir = resolve_model_dir(cfg.model)
     model = load_class_ddpm(model_dir, cfg.device)
     forget_idx = model.class_index(cfg.forget_class)
@@ -272,6 +272,7 @@ def erase_class(cfg: ClassEraseConfig, out: str | os.PathLike, overwrite: bool =
         atomic_save_safetensors(weights, run.partial / "weights.safetensors")
         info.update(changed_params=sum(v.numel() for v in weights.values()), steps=cfg.steps)
     timing["total"] = time.time() - t_start
+    timing["cpu"] = time.process_time() - cpu_start  # this process's CPU seconds: the time on an idle core
     info["timing_s"] = {k: round(v, 2) for k, v in timing.items()}
     info["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     atomic_write_json(run.partial / "run.json", info)
