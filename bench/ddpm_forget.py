@@ -114,7 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "ddpm_forget"))
     ap.add_argument("--redo", action="append", default=[])
     ap.add_argument("--set", action="append", default=[], help="method:key=value override (e.g. salun:steps=100)")
+    ap.add_argument("--merge", nargs="*", default=[], help="only merge these result JSONs (same model and class; "
+                    "e.g. methods run in parallel processes) into --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        parts = [read_json(p) for p in args.merge]
+        res = dict(parts[0], methods={m: r for part in parts for m, r in part.get("methods", {}).items()})
+        atomic_write_json(Path(args.out + ".json"), res)
+        atomic_write_text(Path(args.out + ".md"), table(res))
+        print(table(res))
+        return 0
     torch.set_num_threads(1)
     model_dir = resolve_model_dir(args.model)
     out_json = Path(args.out + ".json")
