@@ -478,6 +478,13 @@ def _quiet_library_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from erasure.ddpm.cli import wants_class_ddpm
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if wants_class_ddpm(argv):  # class-conditional DDPMs (--forget-class / --class, or such a model or run)
+        from erasure.ddpm.cli import main as class_main
+
+        return class_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -37,7 +37,9 @@ __all__ = ["RUN_FORMAT", "CLS_RUN_FORMAT", "RunDirError", "RunExistsError", "Run
 
 RUN_FORMAT = "salun-erasure-run-v1"
 CLS_RUN_FORMAT = "salun-erasure-cls-run-v1"
-REQUIRED = {RUN_FORMAT: ("run.json", "weights.safetensors", "log.jsonl"), CLS_RUN_FORMAT: ("run.json",)}
+DDPM_RUN_FORMAT = "salun-erasure-ddpm-run-v1"  # class-conditional DDPM runs (erasure.ddpm)
+REQUIRED = {RUN_FORMAT: ("run.json", "weights.safetensors", "log.jsonl"), CLS_RUN_FORMAT: ("run.json",),
+            DDPM_RUN_FORMAT: ("run.json", "weights.safetensors", "log.jsonl")}
 PARTIAL_SUFFIX = ".partial"
 
 

@@ -320,6 +320,10 @@ def run_generation(
     Returns:
         `dict`: ``{"planned", "shard_planned", "generated", "skipped", "seconds", "manifest"}``.
     """
+    from erasure_eval.class_generate import is_class_generation, run_class_generation
+
+    if is_class_generation(cfg):  # a class-conditional DDPM: the CSV names a class per row
+        return run_class_generation(cfg, progress)
     out = Path(cfg.out)
     try:
         check_output_path(out / "images", "--out", "folder")

@@ -45,6 +45,7 @@ def test_wheel_has_every_module_and_data_file(wheel):
         missing = sorted(f"{folder}/{f}" for f in _tree_files(folder, suffixes) if f"{package}/{f}" not in names)
         assert not missing, f"not in the wheel (add the package to pyproject's list): {missing[:5]}"
     assert "erasure_models/shapes-sd/unet/diffusion_pytorch_model.safetensors" in names
+    assert "erasure_models/shapes-ddpm/unet/diffusion_pytorch_model.safetensors" in names
     assert "erasure_prompts/presets/shape_circle.json" in names
 
 
