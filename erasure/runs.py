@@ -1,7 +1,8 @@
 """The run directory contract, shared by the CLI, the evaluation harness and the app.
 
 ``RUN_DIR/run.json``          config, method, base model, versions, seed, timings, mask stats
-``RUN_DIR/weights.safetensors`` the UNet parameters the run may have changed, under ``unet.state_dict()`` names
+``RUN_DIR/weights.safetensors`` the UNet parameters the run may have changed, under ``unet.state_dict()`` names,
+                              and changed text-encoder parameters under ``text_encoder.`` + their names
 ``RUN_DIR/mask.safetensors``  the saliency mask (masked methods only), packed bits
 ``RUN_DIR/log.jsonl``         one JSON line per training step
 
@@ -32,12 +33,14 @@ from erasure.io import (
 
 __all__ = ["RUN_FORMAT", "CLS_RUN_FORMAT", "RunDirError", "RunExistsError", "RunDir", "Checkpoint", "Interrupted",
            "read_run", "load_run_weights", "apply_run_weights", "load_erased_pipeline", "partial_dir", "list_runs",
-           "list_interrupted"]
+           "list_interrupted", "TE_PREFIX"]
 
 RUN_FORMAT = "salun-erasure-run-v1"
 CLS_RUN_FORMAT = "salun-erasure-cls-run-v1"
 REQUIRED = {RUN_FORMAT: ("run.json", "weights.safetensors", "log.jsonl"), CLS_RUN_FORMAT: ("run.json",)}
 PARTIAL_SUFFIX = ".partial"
+TE_PREFIX = "text_encoder."
+"""Names in ``weights.safetensors`` that start with this belong to the text encoder (methods that train it)."""
 
 
 class RunDirError(ValueError):
@@ -249,7 +252,8 @@ def load_run_weights(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def apply_run_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor], run_dir: str | os.PathLike = "") -> None:
+def apply_run_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor], run_dir: str | os.PathLike = "",
+                      what: str = "UNet") -> None:
     """Overlay a run's weights on ``unet``, refusing names or shapes the UNet does not have, and weights that are not
     finite floating-point numbers (a damaged or hand-edited run would otherwise draw black images)."""
     state = unet.state_dict()
@@ -259,11 +263,11 @@ def apply_run_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor], r
         if not bool(torch.isfinite(t).all()):
             raise RunDirError(f"run {run_dir} is damaged: {name} holds NaN or infinite weights; delete the run")
         if name not in state:
-            raise RunDirError(f"run {run_dir} was made for another model: the UNet has no parameter {name!r}")
+            raise RunDirError(f"run {run_dir} was made for another model: the {what} has no parameter {name!r}")
         if tuple(state[name].shape) != tuple(t.shape):
             raise RunDirError(
                 f"run {run_dir} was made for another model: {name} is {tuple(t.shape)} in the run, "
-                f"{tuple(state[name].shape)} in the UNet"
+                f"{tuple(state[name].shape)} in the {what}"
             )
     with torch.no_grad():
         for name, t in weights.items():
@@ -274,7 +278,7 @@ def load_erased_pipeline(
     run_dir: str | os.PathLike, device: str | torch.device = "auto", base_model: str | None = None,
     dtype: torch.dtype | None = None,
 ):
-    """Load the run's base pipeline and overlay the erased UNet weights.
+    """Load the run's base pipeline and overlay the erased UNet weights (and text-encoder weights, if any).
 
     Args:
         run_dir (`str`): a directory written by :func:`erasure.erase`.
@@ -288,7 +292,10 @@ def load_erased_pipeline(
     weights = load_run_weights(run_dir)
     model = base_model or info.get("base_model")
     pipe = load_pipeline(model, device=device, dtype=dtype)
-    apply_run_weights(pipe.unet, weights, run_dir)
+    te = {n[len(TE_PREFIX):]: t for n, t in weights.items() if n.startswith(TE_PREFIX)}
+    apply_run_weights(pipe.unet, {n: t for n, t in weights.items() if not n.startswith(TE_PREFIX)}, run_dir)
+    if te:
+        apply_run_weights(pipe.text_encoder, te, run_dir, what="text encoder")
     pipe.erasure_run = dict(info, run_dir=str(Path(run_dir).resolve()))
     return pipe
 
