@@ -129,3 +129,17 @@ def test_bad_input(tiny_model_dir, tmp_path, base):
     save_file(w, str(run / "weights.safetensors"))
     with pytest.raises(RunDirError, match="text encoder"):
         load_erased_pipeline(run, device="cpu")
+
+
+def test_attack_harness_swaps_text_encoder_tensors(tiny_model_dir, tmp_path):
+    """erasure-eval attack's model pair restores the original text encoder for its target images."""
+    eval_base = pytest.importorskip("erasure_eval.attacks.base")
+    run = erase(_cfg(tiny_model_dir, tmp_path, "text_encoder"), tmp_path / "run")
+    pair = eval_base.ModelPair.from_run(str(run), device="cpu")
+    orig = load_pipeline(tiny_model_dir, device="cpu")
+    with torch.no_grad():
+        erased = encode_prompts(pair.pipe, PROMPTS)
+        with pair.original() as pipe:
+            assert torch.equal(encode_prompts(pipe, PROMPTS), encode_prompts(orig, PROMPTS))
+        assert torch.equal(encode_prompts(pair.pipe, PROMPTS), erased)
+        assert not torch.equal(erased, encode_prompts(orig, PROMPTS))
