@@ -13,6 +13,7 @@ Every phase is resumable: finished runs, evaluations and attacks are kept (``--r
 
     python bench/adv_robustness.py --variants salun adv-unet adv-te adv-both
     python bench/adv_robustness.py --variants salun adv-unet --phases erase retain   # no attack
+    python bench/adv_robustness.py --variants salun --phases attack --shards 3          # attack in 3 processes
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def do_retain(run_dir: Path, retain_seeds: int, forget_seeds: int) -> dict:
     return r
 
 
-def do_attack(run_dir: Path, prompts: Path, seed: int, extra: list[str]) -> dict | None:
+def do_attack(run_dir: Path, prompts: Path, seed: int, extra: list[str], shards: int) -> dict | None:
+    """``erasure-eval attack`` in ``shards`` parallel processes (rows i mod n); resumes per prompt."""
     out = run_dir.parent / f"{run_dir.name}-attack"
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
@@ -126,7 +128,9 @@ def do_attack(run_dir: Path, prompts: Path, seed: int, extra: list[str]) -> dict
            "--out", str(out), *extra]
     logger.info("attack: %s", " ".join(cmd))
     t = time.time()
-    rc = subprocess.call(cmd)
+    procs = [subprocess.Popen(cmd + (["--num-shards", str(shards), "--shard-index", str(i)] if shards > 1 else []))
+             for i in range(shards)]
+    rc = max(p.wait() for p in procs)
     if rc != 0 or not (out / "summary.json").is_file():
         logger.error("attack on %s failed (rc %s)", run_dir, rc)
         return None
@@ -161,7 +165,9 @@ def main() -> None:
     ap.add_argument("--retain-seeds", type=int, default=8)
     ap.add_argument("--forget-seeds", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--attack-args", default="", help="Extra flags for `erasure-eval attack` (one string).")
+    ap.add_argument("--attack-args", default="--prefix-length 3 --timesteps 5 --iterations 10",
+                    help="Flags for `erasure-eval attack` (one string).")
+    ap.add_argument("--shards", type=int, default=1, help="Parallel attack processes per run.")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "adv_bench"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "adv_robustness.json"))
     args = ap.parse_args()
@@ -188,7 +194,7 @@ def main() -> None:
             r["retain"] = {k: v for k, v in do_retain(run_dir, args.retain_seeds, args.forget_seeds).items()
                            if k != "forget_per_prompt"}
         if "attack" in args.phases and run_dir.is_dir():
-            a = do_attack(run_dir, prompts, args.seed, args.attack_args.split())
+            a = do_attack(run_dir, prompts, args.seed, args.attack_args.split(), args.shards)
             if a is not None:
                 r["attack"] = {k: v for k, v in a.items() if not isinstance(v, (list, dict))}
         out.parent.mkdir(parents=True, exist_ok=True)
