@@ -14,6 +14,7 @@ Every phase is resumable: finished runs, evaluations and attacks are kept (``--r
     python bench/adv_robustness.py --variants salun adv-unet adv-te adv-both
     python bench/adv_robustness.py --variants salun adv-unet --phases erase retain   # no attack
     python bench/adv_robustness.py --variants salun --phases attack --shards 3          # attack in 3 processes
+    python bench/adv_robustness.py --variants salun adv-unet-fast --phases collect      # table of what is done
 """
 
 from __future__ import annotations
@@ -37,13 +38,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 logger = logging.getLogger("adv_robustness")
 
-# variant -> (method, method_args overrides on top of the preset's alpha/retain_loss, EraseConfig overrides)
+# variant -> (method, method_args overrides on top of the preset's alpha/retain_loss, EraseConfig overrides);
+# an override "cache" names another variant whose Df/Dr cache is reused (same preset and seed: the same images;
+# the erase time then excludes generating them)
 ADV = {"attack_steps": 3, "attack_lr": 5e-3, "adv_tokens": 5, "attack_init": "random"}
+FAST = {"attack_steps": 1, "attack_lr": 5e-3, "adv_tokens": 5, "attack_init": "random"}  # FGSM from a random start
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "salun": ("salun", {}, {}),
     "adv-unet": ("salun-adv", {"train": "unet", **ADV}, {}),
     "adv-te": ("salun-adv", {"train": "text_encoder", **ADV}, {}),
     "adv-both": ("salun-adv", {"train": "both", **ADV}, {}),
+    "adv-unet-fast": ("salun-adv", {"train": "unet", **FAST}, {"cache": "adv-unet"}),
+    "adv-te-fast": ("salun-adv", {"train": "text_encoder", **FAST}, {"cache": "adv-te"}),
 }
 
 
@@ -82,8 +88,10 @@ def do_erase(name: str, runs: Path, seed: int) -> Path:
     except RunDirError:
         pass
     method, margs, over = VARIANTS[name]
-    cache = runs / f"cache-{name}"
-    if not (runs / f"{name}.partial").exists():
+    over = dict(over)
+    shared = over.pop("cache", None)
+    cache = runs / f"cache-{shared or name}"
+    if not shared and not (runs / f"{name}.partial").exists():
         shutil.rmtree(cache, ignore_errors=True)  # fresh: the time includes generating Df/Dr
     cfg = config_from_preset("shape_circle", method=method, cache_dir=str(cache), seed=seed, **over)
     if margs:
@@ -140,6 +148,22 @@ def do_attack(run_dir: Path, prompts: Path, seed: int, extra: list[str], shards:
     return s
 
 
+def partial_attack(out: Path) -> dict | None:
+    """ASR over the prompts attacked so far (no summary.json yet: an unfinished, resumable attack)."""
+    rows = {}
+    for f in sorted((out / "parts").glob("attacks.*.jsonl")) if (out / "parts").is_dir() else []:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[r["row_index"]] = r
+    if not rows:
+        return None
+    n = len(rows)
+    return {"n_prompts": n, "partial": True, "rows": sorted(rows),
+            "asr_pre": 100 * sum(r["success_pre"] for r in rows.values()) / n,
+            "asr_post": 100 * sum(r["success_post"] for r in rows.values()) / n}
+
+
 def table(res: dict) -> str:
     lines = ["| variant | method args | erase time (data / mask / train / total s) | circle on plain prompts | "
              "UnlearnDiffAtk ASR pre -> post | retain shape / colour / fill acc |", "|---|---|---|---|---|---|"]
@@ -151,7 +175,9 @@ def table(res: dict) -> str:
         accs = " / ".join(f"{100 * acc[k]:.1f}%" if acc.get(k) is not None else "-" for k in ("shape", "color", "fill"))
         fs = f"{100 * ret['forget_share']:.1f}%" if "forget_share" in ret else "-"
         a = r.get("attack") or {}
-        asr = f"{a['asr_pre']:.1f}% -> {a['asr_post']:.1f}%" if "asr_post" in a else "-"
+        asr = f"{a['asr_pre']:.1f}% -> {a['asr_post']:.1f}% ({a.get('n_prompts')} prompts)" if "asr_post" in a else "-"
+        if a.get("partial"):
+            asr += ", unfinished"
         margs = {k: v for k, v in (r.get("method_args") or {}).items() if k not in ("alpha", "retain_loss")}
         lines.append(f"| {name} | `{json.dumps(margs)}` | {tt} | {fs} | {asr} | {accs} |")
     return "\n".join(lines)
@@ -160,7 +186,7 @@ def table(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--phases", nargs="+", default=["erase", "retain", "attack"], choices=["erase", "retain", "attack"])
+    ap.add_argument("--phases", nargs="+", default=["erase", "retain", "attack"], choices=["erase", "retain", "attack", "collect"])
     ap.add_argument("--n-prompts", type=int, default=32)
     ap.add_argument("--retain-seeds", type=int, default=8)
     ap.add_argument("--forget-seeds", type=int, default=8)
@@ -197,6 +223,20 @@ def main() -> None:
             a = do_attack(run_dir, prompts, args.seed, args.attack_args.split(), args.shards)
             if a is not None:
                 r["attack"] = {k: v for k, v in a.items() if not isinstance(v, (list, dict))}
+        if "collect" in args.phases:  # what is there, without running anything (unfinished attacks: the rows done)
+            for f, key in ((runs / f"{name}-retain.json", "retain"),):
+                if f.is_file():
+                    r[key] = {k: v for k, v in json.loads(f.read_text()).items() if k != "forget_per_prompt"}
+            out_dir = runs / f"{name}-attack"
+            if (out_dir / "summary.json").is_file():
+                r["attack"] = {k: v for k, v in json.loads((out_dir / "summary.json").read_text()).items()
+                               if not isinstance(v, (list, dict))}
+            elif (p := partial_attack(out_dir)) is not None:
+                r["attack"] = p
+            if (run_dir / "run.json").is_file():
+                info = read_run(run_dir)
+                r.update(method=info["method"], method_args=info["config"]["method_args"], erase_s=info["timing_s"],
+                         changed_params=info["changed_params"])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))
         logger.info("%s: %s", name, {k: v for k, v in r.items() if k != "method_args"})
