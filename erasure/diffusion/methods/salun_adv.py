@@ -46,9 +46,11 @@ class SalUnAdvConfig(SalUnConfig):
 
     * ``train="unet"``: SalUn's setting; AdvUnlearn's best utility trade-off is ``text_encoder`` (its README trains
       ``text_encoder_full``); both are offered.
-    * ``attack_steps=3``: AdvUnlearn's multi-step attack uses 30 steps, its fast-AT variant exists because 30 is
-      too slow; with ``attack_init="latest"`` the prefix carries over between outer steps, so a few steps per step
-      keep it strong at a tenth of the cost (measured in ``bench/adv_robustness.py``).
+    * ``attack_steps=3``: AdvUnlearn's multi-step attack uses 30 steps per outer step (30 extra UNet forward and
+      backward passes); its fast-AT variant exists because that is slow. With ``attack_init="latest"`` the prefix
+      carries over between outer steps (as in free adversarial training), so 3 steps per step keep a step at about
+      twice SalUn's cost. ``attack_steps=1`` with ``attack_init="random"`` is FGSM from a random start (the fast-AT
+      recipe); ``bench/adv_robustness.py`` measures that setting.
     * ``attack_lr=1e-3``, ``adv_tokens=1``, ``attack_space="token"``: AdvUnlearn's ``--attack_lr``,
       ``--adv_prompt_num`` and ``--attack_embd_type word_embd`` defaults (``prefix_k``).
     * ``attack_method="sign"``: AdvUnlearn's ``fast_at`` signs the gradient; signed steps make ``attack_lr`` a
