@@ -72,9 +72,11 @@ class ModelPair:
     :meth:`original` swaps them in for the duration of a ``with`` block; for a bare model both are the same.
     """
 
-    def __init__(self, pipe: Any, original_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, pipe: Any, original_tensors: dict[str, torch.Tensor] | None = None,
+                 original_pipe: Any = None) -> None:
         self.pipe = pipe
-        self._orig = original_tensors or {}
+        self.original_pipe = original_pipe  # a separately loaded original (the app's cache): no weight swapping
+        self._orig = {} if original_pipe is not None else (original_tensors or {})
         self._erased: dict[str, torch.Tensor] = {}
         if self._orig:
             state = _pipe_state(pipe)
@@ -97,12 +99,15 @@ class ModelPair:
 
     @property
     def is_erased(self) -> bool:
-        return bool(self._orig)
+        return bool(self._orig) or self.original_pipe is not None
 
     @contextlib.contextmanager
     def original(self) -> Iterator[Any]:
         """The pipeline with the original UNet (and text-encoder) weights inside the block (the erased ones are
         restored after)."""
+        if self.original_pipe is not None:
+            yield self.original_pipe
+            return
         if not self._orig:
             yield self.pipe
             return

@@ -72,14 +72,16 @@ class UnlearnDiffAtkConfig(JsonConfig):
 
 
 def project_simplex(v: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each row of ``v`` onto the probability simplex (Duchi et al. 2008)."""
+    """Euclidean projection of each row of ``v`` onto the probability simplex (sort-based, Duchi et al. 2008).
+
+    The official code bisects row by row for the same point (to 1e-5); one sort is faster here than 40
+    vectorised bisection halvings over a 49k-token vocabulary."""
     n = v.shape[-1]
     u, _ = torch.sort(v, dim=-1, descending=True)
     css = u.cumsum(-1) - 1.0
     ks = torch.arange(1, n + 1, device=v.device, dtype=v.dtype)
-    cond = u - css / ks > 0
-    # cond holds on a prefix of the sorted values; rho is its last index
-    rho = cond.sum(-1, keepdim=True) - 1
+    # the condition holds on a prefix of the sorted values; rho is its last index
+    rho = (u - css / ks > 0).sum(-1, keepdim=True) - 1
     theta = css.gather(-1, rho) / (rho + 1).to(v.dtype)
     return (v - theta).clamp_min(0.0)
 
