@@ -6,7 +6,8 @@ Two shapes of method:
   generates Df/Dr, computes the saliency mask if the method needs one, and runs masked optimizer steps
   (SalUn, RL, ESD).
 * **run**: ``run(ctx) -> dict[str, Tensor]``: the method edits ``ctx.unet`` itself, in closed form or in its own
-  loop, and returns the new values of the parameters it changed by ``unet.state_dict()`` name (UCE, RECE).
+  loop, and returns the new values of the parameters it changed by ``unet.state_dict()`` name (UCE, RECE), or
+  by ``text_encoder.`` + the text encoder's name (salun-adv).
 
 A method's own knobs are the fields of its :class:`MethodConfig` subclass; they sit under
 ``EraseConfig.method_args`` and become CLI flags and app form controls (labels, limits and help from the
@@ -60,7 +61,8 @@ class MethodSpec:
         label (`str`): the app's label (defaults to ``name``).
         paper (`str`): the paper link.
         loss / run: exactly one; see the module docstring.
-        needs_mask (`bool`): train only inside a SalUn saliency mask.
+        needs_mask (`bool`): train only inside a SalUn saliency mask (a ``run`` method computes it, writes
+            ``mask.safetensors`` into ``ctx.run.partial`` and sets ``ctx.mask``).
         needs_images (`bool`): generate and encode Df (and Dr when the config uses retain data).
         trainable (`str`, *optional*): forced parameter filter (full/xattn/noxattn); None = the config's choice.
         families (`tuple[str]`): the model families (:mod:`erasure.backbones`) the method applies to.
@@ -83,8 +85,6 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r}: give exactly one of loss= (per step) or run= (whole edit)")
         if not (isinstance(self.config_cls, type) and issubclass(self.config_cls, MethodConfig)):
             raise ValueError(f"method {self.name!r}: config_cls must subclass MethodConfig")
-        if self.run is not None and self.needs_mask:
-            raise ValueError(f"method {self.name!r}: needs_mask applies to per-step (loss) methods only")
         if not self.label:
             object.__setattr__(self, "label", self.name)
 

@@ -2,7 +2,8 @@
 
 ``RUN_DIR/run.json``          config, method, base model, versions, seed, timings, mask stats
 ``RUN_DIR/weights.safetensors`` the denoiser parameters the run may have changed, under the denoiser's own
-                              ``state_dict()`` names (``pipe.unet``; ``pipe.transformer`` for SD3/FLUX)
+                              ``state_dict()`` names (``pipe.unet``; ``pipe.transformer`` for SD3/FLUX), and changed
+                              text-encoder parameters under ``text_encoder.`` + their names
 ``RUN_DIR/mask.safetensors``  the saliency mask (masked methods only), packed bits
 ``RUN_DIR/log.jsonl``         one JSON line per training step
 
@@ -33,7 +34,7 @@ from erasure.io import (
 
 __all__ = ["RUN_FORMAT", "CLS_RUN_FORMAT", "RunDirError", "RunExistsError", "RunDir", "Checkpoint", "Interrupted",
            "read_run", "load_run_weights", "apply_run_weights", "load_erased_pipeline", "partial_dir", "list_runs",
-           "list_interrupted"]
+           "list_interrupted", "TE_PREFIX"]
 
 RUN_FORMAT = "salun-erasure-run-v1"
 CLS_RUN_FORMAT = "salun-erasure-cls-run-v1"
@@ -41,6 +42,8 @@ DDPM_RUN_FORMAT = "salun-erasure-ddpm-run-v1"  # class-conditional DDPM runs (er
 REQUIRED = {RUN_FORMAT: ("run.json", "weights.safetensors", "log.jsonl"), CLS_RUN_FORMAT: ("run.json",),
             DDPM_RUN_FORMAT: ("run.json", "weights.safetensors", "log.jsonl")}
 PARTIAL_SUFFIX = ".partial"
+TE_PREFIX = "text_encoder."
+"""Names in ``weights.safetensors`` that start with this belong to the text encoder (methods that train it)."""
 
 
 class RunDirError(ValueError):
@@ -252,7 +255,8 @@ def load_run_weights(run_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def apply_run_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor], run_dir: str | os.PathLike = "") -> None:
+def apply_run_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor], run_dir: str | os.PathLike = "",
+                      what: str = "denoiser") -> None:
     """Overlay a run's weights on ``unet``, refusing names or shapes the UNet does not have, and weights that are not
     finite floating-point numbers (a damaged or hand-edited run would otherwise draw black images)."""
     state = unet.state_dict()
@@ -262,11 +266,11 @@ def apply_run_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor], r
         if not bool(torch.isfinite(t).all()):
             raise RunDirError(f"run {run_dir} is damaged: {name} holds NaN or infinite weights; delete the run")
         if name not in state:
-            raise RunDirError(f"run {run_dir} was made for another model: the denoiser has no parameter {name!r}")
+            raise RunDirError(f"run {run_dir} was made for another model: the {what} has no parameter {name!r}")
         if tuple(state[name].shape) != tuple(t.shape):
             raise RunDirError(
                 f"run {run_dir} was made for another model: {name} is {tuple(t.shape)} in the run, "
-                f"{tuple(state[name].shape)} in the denoiser"
+                f"{tuple(state[name].shape)} in the {what}"
             )
     with torch.no_grad():
         for name, t in weights.items():
@@ -277,7 +281,8 @@ def load_erased_pipeline(
     run_dir: str | os.PathLike, device: str | torch.device = "auto", base_model: str | None = None,
     dtype: torch.dtype | None = None,
 ):
-    """Load the run's base pipeline and overlay the erased denoiser weights (``pipe.unet`` or ``pipe.transformer``).
+    """Load the run's base pipeline and overlay the erased denoiser weights (``pipe.unet`` or ``pipe.transformer``)
+    and the text-encoder weights, if any.
 
     Args:
         run_dir (`str`): a directory written by :func:`erasure.erase`.
@@ -297,7 +302,11 @@ def load_erased_pipeline(
     if info.get("family", backbone.name) != backbone.name:
         raise RunDirError(f"run {run_dir} was made for a {info['family']} model, but {model} is a {backbone.label} "
                           "pipeline; pass --model with the run's base model")
-    apply_run_weights(backbone.denoiser(pipe), weights, run_dir)
+    te = {n[len(TE_PREFIX):]: t for n, t in weights.items() if n.startswith(TE_PREFIX)}
+    apply_run_weights(backbone.denoiser(pipe), {n: t for n, t in weights.items() if not n.startswith(TE_PREFIX)},
+                      run_dir, what="denoiser")
+    if te:
+        apply_run_weights(pipe.text_encoder, te, run_dir, what="text encoder")
     pipe.erasure_run = dict(info, run_dir=str(Path(run_dir).resolve()))
     return pipe
 

@@ -35,6 +35,7 @@ METHOD_CASES: dict[str, tuple[dict, str]] = {
     "esd-u": ({"method_args": {"sample_steps": 3}}, "noxattn"),
     "uce": ({}, "attn2_kv"),
     "rece": ({"method_args": {"epochs": 2}}, "attn2_kv"),
+    "salun-adv": ({"method_args": {"attack_steps": 2}}, "all"),
 }
 # the training options of the engine, each on the masked method (mixed precision, accumulation, clipping, ...)
 TRAINING_CASES: dict[str, dict] = {

@@ -89,6 +89,8 @@ class EraseContext:
     cancel: threading.Event | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
     backbone: Backbone = field(default_factory=lambda: get_backbone("sd"))
+    run: RunDir | None = None  # a ``run`` method with its own loop checkpoints into ``run.partial``
+    mask: dict[str, torch.Tensor] | None = None  # the mask a masked ``run`` method trained in (it saves the file)
 
     @property
     def scheduler_config(self) -> Any:
@@ -441,17 +443,22 @@ def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0) -> Path:
     unet.requires_grad_(False)
     ctx = EraseContext(config=cfg, args=cfg.method_args, pipe=inputs.pipe, unet=unet, device=accelerator.device,
                        data=inputs.data, generator=step_generator(cfg.seed, 0), progress=progress, cancel=cancel,
-                       backbone=inputs.backbone)
+                       backbone=inputs.backbone, run=run)
     if cfg.method_args.needs_frozen_unet():
         ctx.frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval()
     emit(progress, "editing", 0, 1)
     weights = spec.run(ctx)
     if ctx.cancelled():
         raise EraseCancelled("erasure cancelled; nothing was saved (a closed-form edit restarts from the beginning)")
+    from erasure.runs import TE_PREFIX
+
     state = unet.state_dict()
-    bad = sorted(set(weights) - set(state))
+    te_state = {TE_PREFIX + n for n in inputs.pipe.text_encoder.state_dict()}
+    bad = sorted(set(weights) - set(state) - te_state)
     if bad:
-        raise ValueError(f"method {spec.name!r} returned {bad[0]!r}, which is not a parameter of the denoiser")
+        raise ValueError(f"method {spec.name!r} returned {bad[0]!r}, which is not a parameter of the denoiser or the text encoder")
+    if spec.needs_mask and ctx.mask is None:
+        raise ValueError(f"method {spec.name!r} needs a mask but left ctx.mask unset")
     weights = {n: t.detach().float().cpu().contiguous() for n, t in weights.items()}
     emit(progress, "editing", 1, 1)
     t_edit = time.time()
@@ -461,7 +468,7 @@ def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0) -> Path:
     if accelerator.is_main_process:
         timing = {"data": round(t_data - t0, 2), "mask": 0.0, "train": round(t_edit - t_data, 2),
                   "total": round(time.time() - t0, 2)}
-        out = save_run(run, ctx, spec, inputs, weights, None, "edit", sum(p.numel() for p in unet.parameters()),
+        out = save_run(run, ctx, spec, inputs, weights, ctx.mask, "edit", sum(p.numel() for p in unet.parameters()),
                        ctx.log[-1] if ctx.log else {}, timing, 0)
     emit(progress, "saving", 1, 1)
     return out

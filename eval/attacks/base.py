@@ -79,7 +79,7 @@ class ModelPair:
         self._orig = {} if original_pipe is not None else (original_tensors or {})
         self._erased: dict[str, torch.Tensor] = {}
         if self._orig:
-            state = pipe.unet.state_dict()
+            state = _pipe_state(pipe)
             self._erased = {k: state[k].detach().clone() for k in self._orig}
 
     @classmethod
@@ -92,7 +92,7 @@ class ModelPair:
 
         # the base UNet's values of the changed tensors: read once from the base model, then dropped
         base = load_pipeline(base_model or pipe.erasure_run.get("base_model"), device="cpu")
-        state = base.unet.state_dict()
+        state = _pipe_state(base)
         orig = {k: state[k].detach().clone() for k in names}
         del base, state
         return cls(pipe, orig)
@@ -103,14 +103,15 @@ class ModelPair:
 
     @contextlib.contextmanager
     def original(self) -> Iterator[Any]:
-        """The pipeline with the original UNet weights inside the block (the erased ones are restored after)."""
+        """The pipeline with the original UNet (and text-encoder) weights inside the block (the erased ones are
+        restored after)."""
         if self.original_pipe is not None:
             yield self.original_pipe
             return
         if not self._orig:
             yield self.pipe
             return
-        state = self.pipe.unet.state_dict()
+        state = _pipe_state(self.pipe)
         with torch.no_grad():
             for k, v in self._orig.items():
                 state[k].copy_(v)
@@ -120,6 +121,15 @@ class ModelPair:
             with torch.no_grad():
                 for k, v in self._erased.items():
                     state[k].copy_(v)
+
+
+def _pipe_state(pipe) -> dict[str, torch.Tensor]:
+    """UNet tensors by name and text-encoder tensors by ``text_encoder.`` + name, as a run's weights file names them."""
+    from erasure.runs import TE_PREFIX
+
+    state = dict(pipe.unet.state_dict())
+    state.update({TE_PREFIX + k: v for k, v in pipe.text_encoder.state_dict().items()})
+    return state
 
 
 def special_ids(tokenizer) -> set[int]:
