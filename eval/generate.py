@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from erasure.diffusion.pipeline import MAX_GUIDANCE, MAX_SEED
 from erasure.io import (
@@ -52,6 +52,7 @@ from erasure.io import (
 )
 from erasure.jsonconfig import JsonConfig, field
 from erasure_eval.prompts import PromptRow, filter_rows, load_prompts
+from erasure_eval.schedulers import use_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,9 @@ class GenerateConfig(JsonConfig):
     device: str = field("auto", help="auto, cpu, cuda or cuda:N (ignored under accelerate launch).")
     num_shards: int | None = field(None, help="Split rows over this many shards (default: accelerate's process count, else 1).")
     shard_index: int | None = field(None, help="Which shard this process generates (0-based).")
+    scheduler: Literal["ddim", "lms", "euler", "euler_a", "pndm", "dpm"] = field("ddim", help="Sampler.")
+    protocol: str | None = field(None, help="Evaluation protocol (`erasure-eval protocols`): fixes sampler, steps, "
+                                 "guidance, samples, seeds, size and prompt set; flags that contradict it are refused.")
 
     def __post_init__(self) -> None:
         self.check_fields()
@@ -256,6 +260,21 @@ def _model_identity(cfg: GenerateConfig) -> dict[str, Any]:
             "fingerprint": model_fingerprint(base)}
 
 
+def _protocol_stamp(cfg: GenerateConfig) -> dict[str, Any] | None:
+    """The protocol's ``{name, hash}`` when ``cfg`` follows it; a one-line error when ``cfg`` departs from it."""
+    if not cfg.protocol:
+        return None
+    from erasure_eval.protocols import check_conflicts, load_protocol, resolve_protocol
+
+    proto = load_protocol(cfg.protocol)
+    if proto.metric == "shapes_judge":  # `erasure bench` writes the per-concept rows from the protocol's own file
+        return resolve_protocol(proto).stamp()
+    rp = resolve_protocol(proto, prompts=cfg.prompts)
+    check_conflicts(rp, {k: getattr(cfg, k) for k in ("scheduler", "steps", "guidance", "samples", "seed",
+                                                            "height", "width", "category", "limit", "batch_size")})
+    return rp.stamp()
+
+
 def _settings_id(settings: dict[str, Any]) -> str:
     import hashlib
 
@@ -336,6 +355,9 @@ def run_generation(
         "seed_base": cfg.seed, "height": height, "width": width, "negative_prompt": cfg.negative_prompt,
         "prompt_sha256": prompt_set.sha256, "batch_size": cfg.batch_size,
     }
+    if cfg.scheduler != "ddim":  # DDIM folders keep their settings id from before the sampler became a setting
+        settings["scheduler"] = cfg.scheduler
+    stamp = _protocol_stamp(cfg)
     sid = _settings_id(settings)
     images_dir = out / "images"
     gen_json = out / "generation.json"
@@ -363,6 +385,7 @@ def run_generation(
         "samples": cfg.samples, "steps": cfg.steps, "height": height, "width": width,
         "default_guidance": cfg.guidance, "negative_prompt": cfg.negative_prompt,
         "seeds": "evaluation_seed + sample (rows without one: seed_base + row index + sample)",
+        "scheduler": cfg.scheduler, "protocol": stamp,
         "environment": environment_info(),
     }
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -387,11 +410,12 @@ def run_generation(
         if pipe is None:
             pipe = _load_pipe(cfg, device)
         for batch in todo:
-            imgs = generate(
-                pipe, [it.prompt for it in batch], [it.seed for it in batch], steps=cfg.steps,
-                guidance=[it.guidance for it in batch], height=height, width=width, batch_size=cfg.batch_size,
-                negative_prompt=cfg.negative_prompt,
-            )
+            with use_scheduler(pipe, cfg.scheduler):
+                imgs = generate(
+                    pipe, [it.prompt for it in batch], [it.seed for it in batch], steps=cfg.steps,
+                    guidance=[it.guidance for it in batch], height=height, width=width, batch_size=cfg.batch_size,
+                    negative_prompt=cfg.negative_prompt,
+                )
             for it, im in zip(batch, imgs):
                 if not done_flags[it.file]:
                     _save_png(im, images_dir / it.file, {"settings_id": sid, "key": it.key(), "run_id": ident["run_id"]})

@@ -124,9 +124,10 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
     emit(progress, "loading", 1, 1)
     data = None
     if spec.needs_images:
+        data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
         data = build_forget_retain(
             pipe, cfg.concepts, model_fingerprint(model), cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
-            cfg.data_steps, cfg.data_guidance, res, cfg.seed, cfg.cache_dir, need_retain=cfg.method_args.uses_retain(),
+            cfg.data_steps, cfg.data_guidance, res, data_seed, cfg.cache_dir, need_retain=cfg.method_args.uses_retain(),
             progress=progress,
         )
     pipe.text_encoder.requires_grad_(False)
