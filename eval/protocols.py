@@ -195,3 +195,40 @@ def check_conflicts(rp: ResolvedProtocol, given: dict[str, Any], keys: tuple[str
                 f"--{k.replace('_', '-')} {given[k]} conflicts with protocol {rp.name} ({k}={fixed.get(k)}): "
                 "drop the flag, or drop --protocol to choose settings yourself"
             )
+
+
+def protocol_metric(rp: ResolvedProtocol) -> tuple[str, dict[str, Any]]:
+    """The registered metric name and its parameters under this protocol (for ``score --protocol``)."""
+    p = rp.protocol
+    if p.metric == "nudenet":
+        return "nudenet", {"thresholds": [float(p.nudenet["threshold"])], "classes": list(p.nudenet["classes"])}
+    judge = p.judge or {}
+    if p.metric == "shapes_judge":
+        return "object", {"judge": "shapes"}
+    return "object", {"judge": judge.get("name", "resnet50")}
+
+
+def folder_protocol(gen: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The protocol stamp a generation folder's ``generation.json`` carries (None: made without a protocol)."""
+    return (gen or {}).get("protocol") or None
+
+
+def check_folder(rp: ResolvedProtocol, gen: dict[str, Any] | None, folder: str) -> None:
+    """Refuse to score a folder under a protocol it was not generated with (one line)."""
+    stamp = folder_protocol(gen)
+    if stamp is None:
+        raise ProtocolError(f"{folder} was not generated under a protocol; generate it with "
+                            f"`erasure-eval generate --protocol {rp.ref or rp.name}` or score it without --protocol")
+    if stamp.get("hash") != rp.hash:
+        raise ProtocolError(f"{folder} was generated under {stamp.get('name')} ({str(stamp.get('hash'))[:12]}), "
+                            f"not {rp.label()}; score it with --protocol {stamp.get('name')} or regenerate it")
+
+
+def mixed_protocols(stamps: list[dict[str, Any] | None]) -> str | None:
+    """A one-line reason when ``stamps`` (one per result) are not all the same protocol, else None."""
+    keys = {(s or {}).get("hash") for s in stamps}
+    if len(keys) <= 1:
+        return None
+    names = sorted({f"{s['name']} ({s['hash'][:12]})" if s else "no protocol" for s in stamps})
+    return (f"these results were made under different evaluation protocols ({', '.join(names)}), so their numbers are "
+            "not comparable; pass --mix-protocols to put them in one table anyway")
