@@ -341,6 +341,8 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict[str, A
     model = cfg.model or ("default" if preset.model in ("shapes", "") else None)
     if rp.protocol.model == "shapes" and preset.model not in ("shapes", ""):
         raise BenchError(f"protocol {rp.name} is for the embedded shapes model; preset {preset.name} is for {preset.model}")
+    if preset.model == "sd" and not cfg.model:
+        raise BenchError(f"preset {preset.name} is for Stable Diffusion: pass --model SD_FOLDER (a diffusers folder or hub id)")
     if rp.protocol.model == "sd" and preset.model == "shapes" and not cfg.model:
         raise BenchError(f"protocol {rp.name} is for Stable Diffusion: pass --model SD_FOLDER (preset {preset.name} is a shapes preset)")
     _claim_folder(cfg, out, rp.stamp())
