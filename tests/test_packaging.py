@@ -46,6 +46,7 @@ def test_wheel_has_every_module_and_data_file(wheel):
         assert not missing, f"not in the wheel (add the package to pyproject's list): {missing[:5]}"
     assert "erasure_models/shapes-sd/unet/diffusion_pytorch_model.safetensors" in names
     assert "erasure_prompts/presets/shape_circle.json" in names
+    assert "erasure_eval/protocols/shapes.json" in names  # the evaluation protocols travel with the package
 
 
 def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
