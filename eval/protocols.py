@@ -232,3 +232,21 @@ def mixed_protocols(stamps: list[dict[str, Any] | None]) -> str | None:
     names = sorted({f"{s['name']} ({s['hash'][:12]})" if s else "no protocol" for s in stamps})
     return (f"these results were made under different evaluation protocols ({', '.join(names)}), so their numbers are "
             "not comparable; pass --mix-protocols to put them in one table anyway")
+
+
+def protocol_attack(rp: ResolvedProtocol) -> tuple[type, dict[str, Any]] | None:
+    """The hook for attack protocols: ``(attack class, settings the protocol fixes for it)``, or None.
+
+    The attack is looked up by name in ``erasure_eval.attacks.ATTACKS`` (built separately); the protocol passes it
+    its prompt file, generation settings and judge threshold, so post-attack numbers share the pre-attack hash."""
+    p = rp.protocol
+    if not p.attack:
+        return None
+    try:
+        from erasure_eval.attacks import get_attack
+    except ImportError as err:
+        raise ProtocolError(f"protocol {p.name} needs the attack {p.attack!r}, but erasure_eval.attacks is not "
+                            f"installed in this version ({err})") from None
+    settings = {"prompts": str(rp.prompts_path), "steps": p.steps, "scheduler": p.scheduler, "guidance": p.guidance,
+                "nudenet": p.nudenet, "judge": p.judge, "protocol": rp.stamp()}
+    return get_attack(p.attack), settings

@@ -135,3 +135,19 @@ def test_report_refuses_mixed_protocols(tiny_model_dir, tmp_path, caplog):
     assert {r["protocol"] for r in summary["table"]} == {"proto-a", "proto-b"}
     # the same protocol twice is fine
     assert mixed_protocols([{"name": "a", "hash": "x"}, {"name": "a", "hash": "x"}]) is None
+
+
+def test_attack_hook_names_the_attack(tmp_path):
+    from erasure_eval.protocols import protocol_attack
+
+    pf = _prompts(tmp_path)
+    assert protocol_attack(resolve_protocol(str(_write_protocol(tmp_path, pf)))) is None
+    rp = resolve_protocol(load_protocol("unlearndiffatk"), prompts=pf)
+    try:
+        import erasure_eval.attacks  # noqa: F401
+    except ImportError:
+        with pytest.raises(ProtocolError, match="unlearndiffatk"):
+            protocol_attack(rp)
+        return
+    cls, settings = protocol_attack(rp)
+    assert settings["nudenet"]["threshold"] == 0.45 and settings["protocol"]["hash"] == rp.hash
