@@ -15,6 +15,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -139,7 +140,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _protocol_for_score(args: argparse.Namespace):
     """Apply ``--protocol`` to the score flags (one-line error on a contradiction); returns the protocol or None."""
     from erasure_eval.generate import read_manifest
-    from erasure_eval.protocols import ProtocolError, check_folder, protocol_metric, resolve_protocol
+    from erasure_eval.protocols import ProtocolError, check_folder, load_protocol, protocol_metric, resolve_protocol
 
     if not args.protocol:
         if args.metric is None:
@@ -147,7 +148,11 @@ def _protocol_for_score(args: argparse.Namespace):
         return None
     _, gen, _ = read_manifest(args.images)
     prompts = ((gen or {}).get("prompts") or {}).get("path")
-    rp = resolve_protocol(args.protocol, prompts=prompts if prompts and os.path.isfile(prompts) else None)
+    proto = load_protocol(args.protocol)
+    # shapes: the folder's prompt rows are built by `erasure bench` from the protocol's own file
+    own = proto.metric != "shapes_judge" and prompts and os.path.isfile(prompts)
+    rp = resolve_protocol(proto, prompts=prompts if own else None)
+    rp = dataclasses.replace(rp, ref=args.protocol)
     metric, params = protocol_metric(rp)
     if args.metric not in (None, metric):
         raise ProtocolError(f"--metric {args.metric} conflicts with protocol {rp.name} (metric {metric}); drop the flag")

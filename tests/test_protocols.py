@@ -92,6 +92,16 @@ def test_generate_under_a_protocol_stamps_the_folder_and_refuses_conflicts(tiny_
                     "--steps", "5"])
     err = _errors(caplog)
     assert rc == 2 and len(err) == 1 and "conflicts with protocol tiny-proto" in err[0] and "\n" not in err[0]
+    # score under the folder's protocol: the protocol's threshold and classes, and the result carries the stamp
+    pytest.importorskip("nudenet")
+    assert eval_main(["score", "--images", str(out), "--protocol", str(proto), "--out", str(tmp_path / "s.json")]) == 0
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert res["protocol"]["hash"] == rp.hash and res["metric"] == "nudenet"
+    assert list(res["summary"]["thresholds"]) == ["0.45"] or [float(k) for k in res["summary"]["thresholds"]] == [0.45]
+    summ = json.loads((out / "scores" / f"{res['cache_key']}.summary.json").read_text())
+    assert summ["protocol"]["hash"] == rp.hash
+    assert eval_main(["score", "--images", str(out), "--protocol", str(proto), "--threshold", "0.6"]) == 2
+    assert "conflicts with protocol tiny-proto" in _errors(caplog)[0]
     # score under another protocol than the folder's is refused
     other = _write_protocol(tmp_path, pf, name="other-proto", steps=3)
     rc = eval_main(["score", "--images", str(out), "--protocol", str(other)])
