@@ -52,6 +52,7 @@ from erasure.io import (
 )
 from erasure.jsonconfig import JsonConfig, field
 from erasure_eval.prompts import PromptRow, filter_rows, load_prompts
+from erasure_eval.protocols import GENERATE_KEYS, generation_stamp
 from erasure_eval.schedulers import use_scheduler
 
 logger = logging.getLogger(__name__)
@@ -260,21 +261,6 @@ def _model_identity(cfg: GenerateConfig) -> dict[str, Any]:
             "fingerprint": model_fingerprint(base)}
 
 
-def _protocol_stamp(cfg: GenerateConfig) -> dict[str, Any] | None:
-    """The protocol's ``{name, hash}`` when ``cfg`` follows it; a one-line error when ``cfg`` departs from it."""
-    if not cfg.protocol:
-        return None
-    from erasure_eval.protocols import check_conflicts, load_protocol, resolve_protocol
-
-    proto = load_protocol(cfg.protocol)
-    if proto.metric == "shapes_judge":  # `erasure bench` writes the per-concept rows from the protocol's own file
-        return resolve_protocol(proto).stamp()
-    rp = resolve_protocol(proto, prompts=cfg.prompts)
-    check_conflicts(rp, {k: getattr(cfg, k) for k in ("scheduler", "steps", "guidance", "samples", "seed",
-                                                            "height", "width", "category", "limit", "batch_size")})
-    return rp.stamp()
-
-
 def _settings_id(settings: dict[str, Any]) -> str:
     import hashlib
 
@@ -357,7 +343,7 @@ def run_generation(
     }
     if cfg.scheduler != "ddim":  # DDIM folders keep their settings id from before the sampler became a setting
         settings["scheduler"] = cfg.scheduler
-    stamp = _protocol_stamp(cfg)
+    stamp = generation_stamp(cfg.protocol, cfg.prompts, {k: getattr(cfg, k) for k in GENERATE_KEYS}) if cfg.protocol else None
     sid = _settings_id(settings)
     images_dir = out / "images"
     gen_json = out / "generation.json"

@@ -197,6 +197,17 @@ def check_conflicts(rp: ResolvedProtocol, given: dict[str, Any], keys: tuple[str
             )
 
 
+def generation_stamp(protocol: str, prompts: str | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """The stamp a generation folder made under ``protocol`` carries; a one-line error when ``settings`` (the
+    generate config's values of :data:`GENERATE_KEYS`) depart from the protocol."""
+    proto = load_protocol(protocol)
+    if proto.metric == "shapes_judge":  # `erasure bench` writes the per-concept rows from the protocol's own file
+        return resolve_protocol(proto).stamp()
+    rp = resolve_protocol(proto, prompts=prompts)
+    check_conflicts(rp, settings)
+    return rp.stamp()
+
+
 def protocol_metric(rp: ResolvedProtocol) -> tuple[str, dict[str, Any]]:
     """The registered metric name and its parameters under this protocol (for ``score --protocol``)."""
     p = rp.protocol

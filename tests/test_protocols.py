@@ -161,3 +161,13 @@ def test_attack_hook_names_the_attack(tmp_path):
         return
     cls, settings = protocol_attack(rp)
     assert settings["nudenet"]["threshold"] == 0.45 and settings["protocol"]["hash"] == rp.hash
+
+
+def test_protocols_command_lists_names_and_hashes(capsys, monkeypatch):
+    monkeypatch.delenv("ERASURE_DATA_DIR", raising=False)
+    assert eval_main(["protocols"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in out.strip().splitlines()}
+    assert {"shapes", "salun-nudity", "salun-objects", "unlearndiffatk"} <= set(lines)
+    assert resolve_protocol("shapes").hash[:16] in lines["shapes"]
+    assert "ERASURE_DATA_DIR" in lines["salun-nudity"]  # SD prompt sets are user data: said how to point at them
