@@ -16,6 +16,8 @@ import pytest
 
 from erasure.bench import BenchConfig, BenchError, run_bench
 
+pytestmark = pytest.mark.slow  # real erasures + evaluations on the embedded model (a few minutes on 2 cores)
+
 CONTRACT = ["method", "forget", "retain", "retain_other", "erase_s", "n_seeds", "protocol", "peak_mem_mb"]
 OVERRIDE = {"steps": 2, "forget_images_per_prompt": 1, "retain_images_per_prompt": 1, "data_steps": 2,
             "batch_size": 2, "checkpoint_every": 0}
