@@ -61,6 +61,7 @@ class BenchConfig(JsonConfig):
     prompts: str | None = field(None, help="The protocol's prompt file on this machine (SD protocols).")
     override: str = field("{}", help="JSON of EraseConfig overrides applied to every method (e.g. {\"steps\": 2}).")
     device: str = field("auto", help="auto, cpu, cuda or cuda:N.")
+    report_only: bool = field(False, help="Only write the leaderboard from the units finished so far (runs nothing).")
 
     def __post_init__(self) -> None:
         self.check_fields()
@@ -157,7 +158,7 @@ def _check_methods(methods: list[str]) -> None:
 
 
 def _bench_header(cfg: BenchConfig, stamp: dict[str, Any]) -> dict[str, Any]:
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "device", "seeds", "methods")}
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "device", "seeds", "methods", "report_only")}
     return {"format": FORMAT, "settings": settings, "protocol": stamp}
 
 
@@ -345,6 +346,8 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict[str, A
         raise BenchError(f"preset {preset.name} is for Stable Diffusion: pass --model SD_FOLDER (a diffusers folder or hub id)")
     if rp.protocol.model == "sd" and preset.model == "shapes" and not cfg.model:
         raise BenchError(f"protocol {rp.name} is for Stable Diffusion: pass --model SD_FOLDER (preset {preset.name} is a shapes preset)")
+    if cfg.report_only:
+        return _report_only(cfg, out, methods, rp, preset)
     _claim_folder(cfg, out, rp.stamp())
     device = _resolve_device(cfg.device)
     prompts_csv = _shapes_prompt_csv(rp, preset, out) if rp.protocol.metric == "shapes_judge" else rp.prompts_path
@@ -366,4 +369,23 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict[str, A
         done += 1
         emit(progress, "bench", done, total)
         write_leaderboard(out, methods, cfg.seed_list(), rp.stamp(), preset, stats, results)
+    return write_leaderboard(out, methods, cfg.seed_list(), rp.stamp(), preset, stats, results)
+
+
+def _report_only(cfg: BenchConfig, out: Path, methods: list[str], rp, preset) -> dict[str, Any]:
+    """The leaderboard of the units finished in ``out`` (nothing is run; a unit counts once its files exist)."""
+    from erasure.leaderboard import write_leaderboard
+
+    if not (out / "bench.json").is_file():
+        raise BenchError(f"{out} holds no bench (no bench.json); run the bench first")
+    if read_json(out / "bench.json").get("protocol", {}).get("hash") != rp.hash:
+        raise BenchError(f"{out} was benched under another protocol than {rp.label()}")
+    stats, results = {}, {}
+    for m in methods:
+        for s in cfg.seed_list():
+            st, res = out / "runs" / f"{m}-seed{s}.stats.json", out / "eval" / f"{m}-seed{s}" / "result.json"
+            if st.is_file() and res.is_file():
+                stats[(m, s)], results[f"{m}-seed{s}"] = read_json(st), read_json(res)
+    if (out / "eval" / "original" / "result.json").is_file():
+        results["original"] = read_json(out / "eval" / "original" / "result.json")
     return write_leaderboard(out, methods, cfg.seed_list(), rp.stamp(), preset, stats, results)

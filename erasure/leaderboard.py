@@ -4,7 +4,8 @@ CSV, Markdown, JSON and HTML, with a forget-vs-retain scatter (SVG) marking the 
 Columns (percent unless named otherwise): ``forget`` = images in which the judge still sees the concept;
 ``retain`` = the judge's accuracy on the concept's own kind over the retain prompts (shape accuracy for a shape
 erasure; SD objects: accuracy on the other classes; empty for nudity, which has no retain judge);
-``retain_other`` = mean accuracy on the other kinds; ``erase_s`` = wall time of one erasure;
+``retain_other`` = mean accuracy on the other kinds; ``erase_s`` = seconds of one erasure (mask + fine-tuning or
+edit, without building Df/Dr, which every unit shares; the wall time with it is in leaderboard.json);
 ``peak_mem_mb`` = peak memory of one erasure; each with ``_std`` = sample standard deviation over seeds.
 """
 
@@ -33,6 +34,15 @@ def _mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
     return round(statistics.fmean(v), 4), round(statistics.stdev(v), 4) if len(v) > 1 else 0.0
 
 
+def _erase_s(st: dict[str, Any]) -> float | None:
+    """Seconds of one erasure without building Df/Dr: the images are generated once per bench into the shared
+    cache, so the unit that happened to build them would otherwise carry that time alone."""
+    t = st.get("timing_s") or {}
+    if isinstance(t, dict) and t.get("total") is not None and t.get("data") is not None:
+        return round(float(t["total"]) - float(t["data"]), 2)
+    return st.get("erase_s")
+
+
 def aggregate(methods: list[str], seeds: list[int], stamp: dict[str, Any], stats: dict, results: dict) -> list[dict]:
     """One row per method over the seeds finished so far (plus the original model, ``method = original``)."""
     rows = []
@@ -50,8 +60,11 @@ def aggregate(methods: list[str], seeds: list[int], stamp: dict[str, Any], stats
             continue
         row = {"method": m}
         for f in FIGURES:
-            src = [stats[(m, s)] if f in ("erase_s", "peak_mem_mb") else results[f"{m}-seed{s}"] for s in done]
-            row[f], row[f + "_std"] = _mean_std([r.get(f) for r in src])
+            if f == "erase_s":
+                vals = [_erase_s(stats[(m, s)]) for s in done]
+            else:
+                vals = [(stats[(m, s)] if f == "peak_mem_mb" else results[f"{m}-seed{s}"]).get(f) for s in done]
+            row[f], row[f + "_std"] = _mean_std(vals)
         row.update(n_seeds=len(done), protocol=stamp["name"], protocol_hash=stamp["hash"])
         rows.append(row)
     return rows
@@ -127,7 +140,8 @@ def write_leaderboard(out: Path, methods: list[str], seeds: list[int], stamp: di
     md += ["", "mean ± sample standard deviation over training seeds (same Df/Dr, same evaluation prompts and seeds)."]
     atomic_write_text(out / "leaderboard.md", "\n".join(md) + "\n")
     per_seed = {k: v for k, v in results.items()}
-    data = {"title": title, "protocol": stamp, "preset": preset.name, "concept": preset.concept.name,
+    data_s = max([float((v.get("timing_s") or {}).get("data") or 0) for v in stats.values()] or [0.0])
+    data = {"title": title, "protocol": stamp, "df_dr_build_s": round(data_s, 2), "preset": preset.name, "concept": preset.concept.name,
             "methods": methods, "seeds": seeds, "columns": COLUMNS, "rows": rows, "pareto_front": front,
             "per_seed": {"results": per_seed, "erase": {f"{m}-seed{s}": v for (m, s), v in stats.items()}}}
     atomic_write_json(out / "leaderboard.json", data)

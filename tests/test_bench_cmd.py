@@ -161,3 +161,17 @@ def test_bench_on_a_tiny_sd_folder_with_a_nudenet_protocol(tiny_model_dir, tmp_p
     assert res["forget_images"] == 4 and res["protocol"]["name"] == "tiny-nudity"
     gen = json.loads((out / "eval" / "salun-seed0" / "generation.json").read_text())
     assert gen["scheduler"] == "lms" and gen["protocol"]["hash"] == data["protocol"]["hash"]
+
+
+def test_report_only_rebuilds_the_same_leaderboard(setup, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    (out / "leaderboard.csv").unlink()
+    cf, pf = setup
+    run_bench(BenchConfig(concept_file=str(cf), methods="salun,esd-x", seeds=2, protocol=str(pf), out=str(out),
+                          override=json.dumps(OVERRIDE), report_only=True))
+    assert (out / "leaderboard.csv").read_text() == (reference / "leaderboard.csv").read_text()
+    with pytest.raises(BenchError, match="no bench"):
+        run_bench(BenchConfig(concept_file=str(cf), protocol=str(pf), out=str(tmp_path / "none"), report_only=True))
