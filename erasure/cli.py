@@ -405,6 +405,23 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from erasure.bench import BenchConfig, run_bench
+    from erasure.jsonconfig import config_from_args
+
+    cfg = config_from_args(BenchConfig, args)
+    bars = TqdmProgress() if sys.stderr.isatty() else None
+    try:
+        data = run_bench(cfg, progress=bars)
+    finally:
+        if bars is not None:
+            bars.close()
+    for r in data["rows"]:
+        print(f"{r['method']:12s} forget {r['forget']!s:>8} retain {r['retain']!s:>8} n={r['n_seeds']}")
+    print(f"leaderboard: {cfg.out}/leaderboard.{{csv,md,json,html,svg}}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from erasure.config import EraseConfig
 
@@ -458,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_lora_arguments(px)
     px.add_argument("--overwrite", action="store_true", help="Replace existing outputs.")
     px.set_defaults(func=cmd_export)
+
+    pb = sub.add_parser("bench", help="Erase with several methods x seeds, evaluate under a protocol, write a "
+                        "leaderboard (resumable).")
+    from erasure.bench import BenchConfig
+
+    add_config_arguments(pb, BenchConfig)
+    pb.set_defaults(func=cmd_bench)
 
     sub.add_parser("methods", help="List erasure methods.").set_defaults(func=cmd_methods)
     sub.add_parser("presets", help="List concept presets.").set_defaults(func=cmd_presets)

@@ -143,6 +143,7 @@ class EraseConfig(MaskConfig):
     gradient_checkpointing: bool = field(False, help="Trade compute for memory in the UNet.")
     checkpoint_every: int = field(50, help="Save a resumable checkpoint every N steps (0 = never).", min=0, max=1_000_000)
     seed: int = field(0, help="Seed for data generation, timesteps, noise and batch order.", min=0, max=2**63 - 1)
+    data_seed: int | None = field(None, help="Seed for generating Df/Dr only (default: --seed); fix it to train several seeds on the same data.", min=0, max=2**63 - 1)
     device: str = field("auto", help="auto, cpu, cuda or cuda:N.")
     cache_dir: str | None = field(None, help="Where generated Df/Dr images are cached (default ~/.cache/salun-erasure).")
 

@@ -17,8 +17,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 
 from erasure.jsonconfig import FieldValueError, add_config_arguments, config_from_args
@@ -52,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="Score a generated folder with a registered metric (cached, resumable).")
     s.add_argument("--images", required=True, help="Folder written by `generate` (or its images/), or any image folder.")
-    s.add_argument("--metric", required=True, help="Registered metric: nudenet, object, clip, fid, judge_fd.")
+    s.add_argument("--metric", default=None, help="Registered metric: nudenet, object, clip, fid, judge_fd "
+                   "(with --protocol: the protocol's).")
+    s.add_argument("--protocol", default=None, help="Score as this evaluation protocol fixes it (metric, NudeNet "
+                   "threshold and classes, judge); the folder must have been generated under it.")
     s.add_argument("--out", default=None, help="Write the result JSON here (it is also cached in DIR/scores/).")
     s.add_argument("--threshold", type=float, action="append", default=None,
                    help="NudeNet threshold (repeatable; default 0, 0.45 and 0.6; a detection counts when score > T).")
@@ -78,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--show-flagged", action="store_true", help="Do not blur grid images that NudeNet flags.")
     r.add_argument("--grid-images", type=int, default=8, help="Images per model in the sample grid.")
     r.add_argument("--nudenet-threshold", type=float, default=None, help="Only chart this NudeNet threshold.")
+    r.add_argument("--mix-protocols", action="store_true", help="Allow folders made under different evaluation "
+                   "protocols in one table (refused by default: their numbers are not comparable).")
+
+    sub.add_parser("protocols", help="List the evaluation protocols (name, hash, settings).")
 
     sub.add_parser("metrics", help="List registered metrics.")
     from erasure_eval.attacks.cli import add_attack_parser
@@ -104,7 +113,19 @@ def _metric_params(args: argparse.Namespace) -> dict:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from erasure_eval.generate import GenerateConfig, run_generation
 
-    cfg = config_from_args(GenerateConfig, args)
+    base = None
+    proto = getattr(args, "protocol", None)
+    if proto:
+        from erasure.jsonconfig import given_fields
+        from erasure_eval.protocols import check_conflicts, protocol_generate_settings, resolve_protocol
+
+        rp = resolve_protocol(proto, prompts=getattr(args, "prompts", None))
+        if rp.protocol.metric == "shapes_judge":
+            raise ValueError(f"protocol {rp.name} is applied by `erasure bench` (it builds the prompt rows from the "
+                             "erased concept); use a nudenet/object protocol here")
+        check_conflicts(rp, given_fields(GenerateConfig, args))
+        base = protocol_generate_settings(rp)
+    cfg = config_from_args(GenerateConfig, args, base=base)
     main_proc = cfg.num_shards is not None or int(__import__("os").environ.get("RANK", "0")) == 0
     cb, bar = _tqdm_progress("generate", main_proc and sys.stderr.isatty())
     try:
@@ -121,9 +142,42 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _protocol_for_score(args: argparse.Namespace):
+    """Apply ``--protocol`` to the score flags (one-line error on a contradiction); returns the protocol or None."""
+    from erasure_eval.generate import read_manifest
+    from erasure_eval.protocols import ProtocolError, check_folder, load_protocol, protocol_metric, resolve_protocol
+
+    if not args.protocol:
+        if args.metric is None:
+            raise ValueError("give --metric NAME or --protocol NAME")
+        return None
+    _, gen, _ = read_manifest(args.images)
+    prompts = ((gen or {}).get("prompts") or {}).get("path")
+    proto = load_protocol(args.protocol)
+    # shapes: the folder's prompt rows are built by `erasure bench` from the protocol's own file
+    own = proto.metric != "shapes_judge" and prompts and os.path.isfile(prompts)
+    rp = resolve_protocol(proto, prompts=prompts if own else None)
+    rp = dataclasses.replace(rp, ref=args.protocol)
+    metric, params = protocol_metric(rp)
+    if args.metric not in (None, metric):
+        raise ProtocolError(f"--metric {args.metric} conflicts with protocol {rp.name} (metric {metric}); drop the flag")
+    fixed = {"threshold": params.get("thresholds"), "nudenet_class": params.get("classes")}
+    for flag, want in fixed.items():
+        got = getattr(args, flag)
+        if got is not None and want is not None and [str(x) for x in got] != [str(x) for x in want]:
+            raise ProtocolError(f"--{flag.replace('_', '-')} {got} conflicts with protocol {rp.name} ({want}); drop the flag")
+    check_folder(rp, gen, str(args.images))
+    args.metric = metric
+    args.threshold, args.nudenet_class = params.get("thresholds"), params.get("classes")
+    if "judge" in params:
+        args.judge = params["judge"]
+    return rp
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from erasure_eval.base import get_metric, score_folder
 
+    rp = _protocol_for_score(args)
     if args.threshold is not None and args.metric != "nudenet":
         raise ValueError("--threshold applies to --metric nudenet only")
     if args.out is not None:
@@ -138,6 +192,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if rp is not None:  # the result carries the protocol it was made under
+        from pathlib import Path
+
+        from erasure.io import atomic_write_json
+
+        res["protocol"] = rp.stamp()
+        summ = Path(res["folder"]) / "scores" / f"{res['cache_key']}.summary.json"
+        atomic_write_json(summ, {k: v for k, v in res.items() if k != "records"})
+        if args.out is not None:
+            atomic_write_json(args.out, res)
     cov = res["coverage"]
     sys.stdout.write(json.dumps({"metric": res["metric"], "coverage": cov, "summary": _short(res)}, indent=1, default=str) + "\n")
     return 0
@@ -158,7 +222,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     check_output_path(args.out, "--out", "folder")
     build_report(args.dirs, args.out, show_prompts=args.show_prompts, show_flagged=args.show_flagged,
-                 grid_images=args.grid_images, nudenet_threshold=args.nudenet_threshold)
+                 grid_images=args.grid_images, nudenet_threshold=args.nudenet_threshold,
+                 mix_protocols=args.mix_protocols)
     logger.info("report written to %s (report.html, report.md, summary.json, summary.csv)", args.out)
     return 0
 
@@ -173,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     from erasure_eval.base import MetricError
     from erasure_eval.generate import GenerationError
     from erasure_eval.prompts import PromptFileError
+    from erasure_eval.protocols import ProtocolError
     from erasure_eval.report import ReportError
 
     try:
@@ -182,6 +248,18 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_score(args)
         if args.cmd == "report":
             return _cmd_report(args)
+        if args.cmd == "protocols":
+            from erasure_eval.protocols import list_protocols, load_protocol, resolve_protocol
+
+            for name in list_protocols():
+                p = load_protocol(name)
+                try:
+                    h = resolve_protocol(p).hash[:16]
+                except ValueError:
+                    h = "(prompt file not found: pass --prompts or set ERASURE_DATA_DIR)"
+                sys.stdout.write(f"{name:15s} {h}  {p.metric}, {p.scheduler} {p.steps} steps, cfg {p.guidance}, "
+                                 f"{p.samples}/prompt, {p.prompts}\n")
+            return 0
         if args.cmd == "attack":
             from erasure_eval.attacks.cli import cmd_attack
 
@@ -193,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, cls in sorted(METRICS.items()):
                 sys.stdout.write(f"{name:10s} {(cls.__doc__ or '').strip().splitlines()[0]}\n")
             return 0
-    except (PromptFileError, GenerationError, MetricError, ModelLoadError, RunDirError, ReportError, CorruptFileError,
-            FileNotFoundError, FileExistsError, ValueError, AttackCancelled) as err:
+    except (PromptFileError, ProtocolError, GenerationError, MetricError, ModelLoadError, RunDirError, ReportError,
+            CorruptFileError, FileNotFoundError, FileExistsError, ValueError, AttackCancelled) as err:
         flag = f"{err.flag}: " if isinstance(err, FieldValueError) and err.flag not in str(err) else ""
         logger.error("%s%s", flag, err)
         return EXIT_BAD_INPUT

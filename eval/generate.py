@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from erasure.diffusion.pipeline import MAX_GUIDANCE, MAX_SEED
 from erasure.io import (
@@ -52,6 +52,8 @@ from erasure.io import (
 )
 from erasure.jsonconfig import JsonConfig, field
 from erasure_eval.prompts import PromptRow, filter_rows, load_prompts
+from erasure_eval.protocols import GENERATE_KEYS, generation_stamp
+from erasure_eval.schedulers import use_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,9 @@ class GenerateConfig(JsonConfig):
     device: str = field("auto", help="auto, cpu, cuda or cuda:N (ignored under accelerate launch).")
     num_shards: int | None = field(None, help="Split rows over this many shards (default: accelerate's process count, else 1).")
     shard_index: int | None = field(None, help="Which shard this process generates (0-based).")
+    scheduler: Literal["ddim", "lms", "euler", "euler_a", "pndm", "dpm"] = field("ddim", help="Sampler.")
+    protocol: str | None = field(None, help="Evaluation protocol (`erasure-eval protocols`): fixes sampler, steps, "
+                                 "guidance, samples, seeds, size and prompt set; flags that contradict it are refused.")
 
     def __post_init__(self) -> None:
         self.check_fields()
@@ -340,6 +345,9 @@ def run_generation(
         "seed_base": cfg.seed, "height": height, "width": width, "negative_prompt": cfg.negative_prompt,
         "prompt_sha256": prompt_set.sha256, "batch_size": cfg.batch_size,
     }
+    if cfg.scheduler != "ddim":  # DDIM folders keep their settings id from before the sampler became a setting
+        settings["scheduler"] = cfg.scheduler
+    stamp = generation_stamp(cfg.protocol, cfg.prompts, {k: getattr(cfg, k) for k in GENERATE_KEYS}) if cfg.protocol else None
     sid = _settings_id(settings)
     images_dir = out / "images"
     gen_json = out / "generation.json"
@@ -367,6 +375,7 @@ def run_generation(
         "samples": cfg.samples, "steps": cfg.steps, "height": height, "width": width,
         "default_guidance": cfg.guidance, "negative_prompt": cfg.negative_prompt,
         "seeds": "evaluation_seed + sample (rows without one: seed_base + row index + sample)",
+        "scheduler": cfg.scheduler, "protocol": stamp,
         "environment": environment_info(),
     }
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -391,11 +400,12 @@ def run_generation(
         if pipe is None:
             pipe = _load_pipe(cfg, device)
         for batch in todo:
-            imgs = generate(
-                pipe, [it.prompt for it in batch], [it.seed for it in batch], steps=cfg.steps,
-                guidance=[it.guidance for it in batch], height=height, width=width, batch_size=cfg.batch_size,
-                negative_prompt=cfg.negative_prompt,
-            )
+            with use_scheduler(pipe, cfg.scheduler):
+                imgs = generate(
+                    pipe, [it.prompt for it in batch], [it.seed for it in batch], steps=cfg.steps,
+                    guidance=[it.guidance for it in batch], height=height, width=width, batch_size=cfg.batch_size,
+                    negative_prompt=cfg.negative_prompt,
+                )
             for it, im in zip(batch, imgs):
                 if not done_flags[it.file]:
                     _save_png(im, images_dir / it.file, {"settings_id": sid, "key": it.key(), "run_id": ident["run_id"]})

@@ -68,6 +68,7 @@ def collect_run(folder: str | os.PathLike) -> dict[str, Any]:
         "generation": status,
         "offensive": cats,
         "metrics": metrics,
+        "protocol": gen.get("protocol") or next((m["protocol"] for m in metrics.values() if m.get("protocol")), None),
     }
 
 
@@ -84,6 +85,7 @@ def _headline(run: dict[str, Any]) -> dict[str, Any]:
         "prompt_set": run["prompt_set"], "prompt_sha256": run["prompt_sha256"], "steps": run["steps"],
         "resolution": run["resolution"], "images_written": run["generation"].get("written"),
         "images_planned": run["generation"].get("planned"), "generation_complete": run["generation"].get("complete"),
+        "protocol": (run.get("protocol") or {}).get("name"), "protocol_hash": (run.get("protocol") or {}).get("hash"),
     }
     for key, m in sorted(run["metrics"].items()):
         s = m.get("summary") or {}
@@ -197,6 +199,7 @@ def build_report(
     show_flagged: bool = False,
     grid_images: int = 8,
     nudenet_threshold: float | None = None,
+    mix_protocols: bool = False,
 ) -> dict[str, Any]:
     """Write summary.json, summary.csv, report.html, report.md, charts and an image grid into ``out``.
 
@@ -207,6 +210,7 @@ def build_report(
         show_flagged (`bool`, defaults to `False`): do not blur grid images NudeNet flags.
         grid_images (`int`, defaults to 8): images per model in the grid.
         nudenet_threshold (`float`, *optional*): the threshold of the per-class chart (default: every one scored).
+        mix_protocols (`bool`, defaults to `False`): allow folders made under different evaluation protocols.
 
     Returns:
         `dict`: the summary written to ``summary.json``.
@@ -214,9 +218,13 @@ def build_report(
     if not dirs:
         raise ReportError("give at least one generation folder")
     from erasure_eval.attacks.report import attack_chart, collect_attack, is_attack_dir
+    from erasure_eval.protocols import mixed_protocols
 
     attacks = [collect_attack(d) for d in dirs if is_attack_dir(d)]
     runs = [collect_run(d) for d in dirs if not is_attack_dir(d)]
+    why = mixed_protocols([r["protocol"] for r in runs])
+    if why and not mix_protocols:
+        raise ReportError(why)
     labels = [r["label"] for r in runs]
     if len(set(labels)) != len(labels):
         for r in runs:

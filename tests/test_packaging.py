@@ -47,6 +47,7 @@ def test_wheel_has_every_module_and_data_file(wheel):
     assert "erasure_models/shapes-sd/unet/diffusion_pytorch_model.safetensors" in names
     assert "erasure_models/shapes-ddpm/unet/diffusion_pytorch_model.safetensors" in names
     assert "erasure_prompts/presets/shape_circle.json" in names
+    assert "erasure_eval/protocols/shapes.json" in names  # the evaluation protocols travel with the package
 
 
 def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):

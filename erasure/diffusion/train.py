@@ -138,9 +138,10 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
     data = None
     if spec.needs_images:
         key = model_fingerprint(model) + ("|drop_t5" if cfg.drop_t5 else "")  # Df/Dr cache key
+        data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
         data = build_forget_retain(
             pipe, cfg.concepts, key, cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
-            cfg.data_steps, cfg.data_guidance, res, cfg.seed, cfg.cache_dir, need_retain=cfg.method_args.uses_retain(),
+            cfg.data_steps, cfg.data_guidance, res, data_seed, cfg.cache_dir, need_retain=cfg.method_args.uses_retain(),
             progress=progress, latent_std=cfg.image_latents == "sample",
         )
     for module in backbone.frozen_modules(pipe):
