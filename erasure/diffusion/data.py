@@ -53,6 +53,7 @@ class ForgetRetainData:
     retain_prompt: torch.Tensor | None
     forget_files: list[str]
     retain_files: list[str]
+    retain_weight: torch.Tensor | None = None  # [Nr] per-image retain-loss weight (mean 1), None = all equal
 
 
 def _data_seed(seed: int, k: int) -> int:
@@ -173,8 +174,12 @@ def build_forget_retain(
     cache_dir: str | os.PathLike | None = None,
     need_retain: bool = True,
     progress: Progress | None = None,
+    retain_weights: dict[str, float] | None = None,
 ) -> ForgetRetainData:
-    """Build Df and Dr for ``concepts`` (generated with ``pipe`` unless the concept gives image folders)."""
+    """Build Df and Dr for ``concepts`` (generated with ``pipe`` unless the concept gives image folders).
+
+    ``retain_weights`` maps retain prompts to a retain-loss weight (others weigh 1); the per-image weights are
+    scaled to mean 1 over Dr, so the retain weight ``alpha`` keeps its meaning."""
     from erasure.diffusion.pipeline import encode_prompts, validate_prompts
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -240,6 +245,10 @@ def build_forget_retain(
     emb = encode_prompts(pipe, prompts)
     uncond = encode_prompts(pipe, [""])
     emit(progress, "encoding images", 1, 1)
+    r_weight = None
+    if retain_weights and r_files:
+        w = torch.tensor([float(retain_weights.get(prompts[i], 1.0)) for i in r_prompt])
+        r_weight = w / w.mean() if float(w.mean()) > 0 else None
     return ForgetRetainData(
         prompts=prompts,
         embeddings=emb,
@@ -251,4 +260,5 @@ def build_forget_retain(
         retain_prompt=torch.tensor(r_prompt) if r_files else None,
         forget_files=[str(f) for f in f_files],
         retain_files=[str(f) for f in r_files],
+        retain_weight=r_weight,
     )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["StepBatch", "add_noise", "unet_eps", "mask_loss", "remap_loss", "denoise_loss", "distill_loss", "esd_loss"]
+__all__ = ["StepBatch", "add_noise", "unet_eps", "mask_loss", "remap_loss", "denoise_loss", "distill_loss", "weighted_mse", "esd_loss"]
 
 
 @dataclass
@@ -28,6 +28,7 @@ class StepBatch:
     retain_t: torch.Tensor | None = None
     retain_noise: torch.Tensor | None = None
     retain_cond: torch.Tensor | None = None
+    retain_weight: torch.Tensor | None = None  # [B] per-image weight of the retain loss (None: all 1)
 
 
 def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,13 +63,24 @@ def remap_loss(unet, b: StepBatch) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
-def denoise_loss(unet, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """Standard epsilon-prediction denoising MSE."""
-    return F.mse_loss(unet_eps(unet, x, t, cond).float(), noise.float())
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE; with ``weight`` [B] (repeated over any leading copies of the batch) the mean of per-image MSEs x weight."""
+    if weight is None:
+        return F.mse_loss(pred.float(), target.float())
+    per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    w = weight.to(per).repeat(per.shape[0] // weight.shape[0])
+    return (per * w).mean()
+
+
+def denoise_loss(unet, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Standard epsilon-prediction denoising MSE (per-image ``weight`` optional)."""
+    return weighted_mse(unet_eps(unet, x, t, cond), noise, weight)
 
 
 def distill_loss(
-    unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None
+    unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Retain distillation: MSE(eps_theta(x_t, c), stopgrad eps*(x_t, c)) with the frozen original eps*.
 
@@ -82,7 +94,7 @@ def distill_loss(
         x, t, cond = torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond.expand(n, -1, -1)])
     with torch.no_grad():
         target = unet_eps(frozen_unet, x, t, cond)
-    return F.mse_loss(unet_eps(unet, x, t, cond).float(), target.float())
+    return weighted_mse(unet_eps(unet, x, t, cond), target, weight)
 
 
 def esd_loss(unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, eta: float) -> torch.Tensor:

@@ -85,6 +85,7 @@ class EraseContext:
     progress: Progress | None = None
     cancel: threading.Event | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
+    run_info: dict[str, Any] | None = None  # extra run.json entries from the caller (settings_source, tuning)
 
     @property
     def scheduler_config(self) -> Any:
@@ -112,6 +113,7 @@ class _Inputs:
     pipe: Any
     data: ForgetRetainData | None
     resolution: int
+    auto: dict | None = None  # what erasure.auto added (run.json "auto")
 
 
 # ------------------------------------------------------------------------------------------------ phases
@@ -122,16 +124,20 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
     pipe = load_pipeline(model, device=device)
     res = cfg.resolution or default_resolution(pipe)
     emit(progress, "loading", 1, 1)
-    data = None
+    data, concepts, weights, auto = None, cfg.concepts, None, None
     if spec.needs_images:
+        from erasure.auto.prepare import auto_active, prepare_concepts
+
+        if auto_active(cfg):
+            concepts, weights, auto = prepare_concepts(cfg, pipe, model, cfg.method_args.uses_retain())
         data = build_forget_retain(
-            pipe, cfg.concepts, model_fingerprint(model), cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
+            pipe, concepts, model_fingerprint(model), cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
             cfg.data_steps, cfg.data_guidance, res, cfg.seed, cfg.cache_dir, need_retain=cfg.method_args.uses_retain(),
-            progress=progress,
+            progress=progress, retain_weights=weights,
         )
     pipe.text_encoder.requires_grad_(False)
     pipe.vae.requires_grad_(False)
-    return _Inputs(model, pipe, data, res)
+    return _Inputs(model, pipe, data, res, auto)
 
 
 def select_parameters(unet, mode: str, mask: dict[str, torch.Tensor] | None) -> dict[str, torch.nn.Parameter]:
@@ -192,6 +198,8 @@ def sample_batch(data: ForgetRetainData, cfg: EraseConfig, g: torch.Generator, s
         rx, rt, rn = add_noise(scheduler, data.retain_latents[ri].to(device), g)
         b.retain_x, b.retain_t, b.retain_noise = rx, rt, rn
         b.retain_cond = data.embeddings[data.retain_prompt[ri]].to(device)
+        if data.retain_weight is not None:
+            b.retain_weight = data.retain_weight[ri].to(device)
     return b
 
 
@@ -298,6 +306,9 @@ def save_run(run: RunDir, ctx: EraseContext, spec: MethodSpec, inputs: _Inputs, 
         "resumed_from_step": start or None,
         "environment": environment_info(),
     }
+    if inputs.auto is not None:
+        info["auto"] = inputs.auto
+    info.update(ctx.run_info or {})
     atomic_write_json(run.partial / "run.json", info)
     return run.publish()
 
@@ -352,6 +363,7 @@ def erase(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     mask: dict[str, torch.Tensor] | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> Path:
     """Run one erasure and write ``out_dir`` (see :mod:`erasure.runs`). Resumes from ``out_dir.partial`` if present.
 
@@ -362,6 +374,7 @@ def erase(
         progress (`Progress`, *optional*): called with a :class:`erasure.progress.ProgressEvent` per unit of work.
         cancel (`threading.Event`, *optional*): when set, the run checkpoints and raises :class:`EraseCancelled`.
         mask (`dict[str, BoolTensor]`, *optional*): a precomputed mask (else ``cfg.mask_path`` or computed).
+        run_info (`dict`, *optional*): extra top-level run.json entries (``settings_source``, ``tuning``).
 
     Returns:
         `Path` of the finished run directory.
@@ -382,8 +395,8 @@ def erase(
             run.begin(overwrite)
         accelerator.wait_for_everyone()
         if spec.run is not None:
-            return _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0)
-        return _erase_by_training(cfg, spec, run, accelerator, progress, cancel, mask, t0)
+            return _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0, run_info)
+        return _erase_by_training(cfg, spec, run, accelerator, progress, cancel, mask, t0, run_info)
     except (EraseCancelled, NonFiniteLossError):
         raise
     except BaseException:
@@ -412,13 +425,14 @@ def _stop_between_units(progress: Progress | None, cancel: threading.Event | Non
     return listener
 
 
-def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0) -> Path:
+def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0, run_info=None) -> Path:
     inputs = load_inputs(cfg, spec, accelerator.device, progress)
     t_data = time.time()
     unet = inputs.pipe.unet
     unet.requires_grad_(False)
     ctx = EraseContext(config=cfg, args=cfg.method_args, pipe=inputs.pipe, unet=unet, device=accelerator.device,
-                       data=inputs.data, generator=step_generator(cfg.seed, 0), progress=progress, cancel=cancel)
+                       data=inputs.data, generator=step_generator(cfg.seed, 0), progress=progress, cancel=cancel,
+                       run_info=run_info)
     if cfg.method_args.needs_frozen_unet():
         ctx.frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval()
     emit(progress, "editing", 0, 1)
@@ -444,7 +458,7 @@ def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0) -> Path:
     return out
 
 
-def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask, t0) -> Path:
+def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask, t0, run_info=None) -> Path:
     device = accelerator.device
     with accelerator.main_process_first():  # the main process generates (and caches) Df/Dr; the others read it
         inputs = load_inputs(cfg, spec, device, progress)
@@ -479,7 +493,7 @@ def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask
     model_dp, optimizer = accelerator.prepare(unet, optimizer)
     model_dp.train()
     ctx = EraseContext(config=cfg, args=args, pipe=inputs.pipe, unet=model_dp, device=device, frozen_unet=frozen,
-                       data=inputs.data, progress=progress, cancel=cancel)
+                       data=inputs.data, progress=progress, cancel=cancel, run_info=run_info)
     last = fit(ctx, spec, accelerator, run, trainable, optimizer, upd, start)
     t_train = time.time()
     emit(progress, "saving", 0, 1)

@@ -44,9 +44,10 @@ def remap_with_retain(ctx, b) -> dict:
     loss = forget
     if b.retain_x is not None and args.alpha > 0:
         if args.retain_loss == "distill":
-            retain = distill_loss(ctx.unet, ctx.frozen_unet, b.retain_x, b.retain_t, b.retain_cond, b.uncond)
+            retain = distill_loss(ctx.unet, ctx.frozen_unet, b.retain_x, b.retain_t, b.retain_cond, b.uncond,
+                                  weight=b.retain_weight)
         else:
-            retain = denoise_loss(ctx.unet, b.retain_x, b.retain_t, b.retain_noise, b.retain_cond)
+            retain = denoise_loss(ctx.unet, b.retain_x, b.retain_t, b.retain_noise, b.retain_cond, weight=b.retain_weight)
         out["retain_loss"] = retain
         loss = loss + args.alpha * retain
     out["loss"] = loss
