@@ -207,6 +207,7 @@ def _cancel_on_signal():
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from erasure.auto.config import TuneConfig
+    from erasure.auto.retain import check_sources
     from erasure.auto.tune import tune_and_erase
     from erasure.diffusion.train import EraseCancelled
     from erasure.io import check_output_path
@@ -215,6 +216,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     check_output_path(args.out, "--out", "folder")
     cfg, source = _build_config(args)
     tune = config_from_args(TuneConfig, args)
+    check_sources(cfg.auto)
     logger.info("settings: %s", ", ".join(f"{k}={_setting(cfg, k)} ({v})" for k, v in source.items() if v != "builtin"))
     bars = TqdmProgress() if _is_main_process() else None
     try:

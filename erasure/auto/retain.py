@@ -150,3 +150,11 @@ def forget_paraphrases(pipe, concept, auto, model: str, seed: int = 0) -> tuple[
     picked = [cands[i] for i in k_center(emb, auto.augment_forget, random.Random(seed).randrange(len(cands)))]
     return picked, [swap_word(c, old, new) for c in picked], {"pool": label, "swap": [old, new], "added": len(picked),
                                                              "prompts": picked}
+
+
+def check_sources(auto) -> None:
+    """Fail early (before any model loads) on a retain pool or vocabulary file that does not exist."""
+    for flag, value, named in (("--retain-pool", auto.retain_pool, ("auto", "shapes", "coco")),
+                               ("--vocabulary", auto.vocabulary, ("auto", "shapes", "imagenet"))):
+        if value not in named and not Path(value).expanduser().is_file():
+            raise FileNotFoundError(f"{flag} {value}: no such file; give {', '.join(named)} or an existing file")

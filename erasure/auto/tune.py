@@ -145,20 +145,24 @@ JUDGES: dict[str, Callable[[], Any]] = {"shapes": ShapesTuneJudge, "clip": ClipT
 
 def _held_out(cfg, pipe_model: str, seed: int) -> tuple[list[str], list[str]]:
     """Held-out prompts: pool captions naming the concept that training does not use (forget), and pool captions
-    without it that are neither training retain prompts (retain)."""
+    without it that are neither training retain prompts (retain). Without a caption pool: the training prompts."""
     import random
 
     from erasure.auto.retain import caption_pool
 
     c = cfg.concepts[0]
-    pool, _ = caption_pool(cfg.auto.retain_pool, pipe_model, seed + 1)
+    try:
+        pool, _ = caption_pool(cfg.auto.retain_pool, pipe_model, seed + 1)
+    except FileNotFoundError as err:
+        logger.warning("tuning judges on the training prompts (no caption pool for held-out prompts: %s)", err)
+        return list(c.forget_prompts[:4]), list(c.retain_prompts[:8]) or [c.anchor_for(0)]
     cw = concept_words(c)
     used = set(c.forget_prompts) | set(c.retain_prompts)
     rng = random.Random(seed + 7)
     forget = [p for p in pool if carries(p, cw) and p not in used]
     retain = [p for p in pool if not carries(p, cw) and p not in used]
     forget = rng.sample(forget, min(4, len(forget))) or list(c.forget_prompts[:4])
-    retain = rng.sample(retain, min(8, len(retain)))
+    retain = rng.sample(retain, min(8, len(retain))) or list(c.retain_prompts[:8]) or [c.anchor_for(0)]
     return forget, retain
 
 
