@@ -112,9 +112,13 @@ def main() -> None:
     ap.add_argument("--override", default="{}", help="JSON of settings applied on top of the model defaults.")
     ap.add_argument("--tune", type=int, default=0, help="Tune with this budget (erasure.auto.tune) before erasing.")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--app-blue-star", action="store_true", help="Instead: the app's custom erasure of 'a blue star' "
+                    "(anchor 'a blue heart', no retain prompts) through erasure_app.service.AppService.")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
+    if args.app_blue_star and args.out == ap.get_default("out"):
+        out = out.with_name("auto_erase_app_blue_star.json")
     res = json.loads(out.read_text()) if out.is_file() else {"concepts": {}}
     if args.table_only:
         out.with_suffix(".md").write_text(table(res) + "\n")
@@ -123,6 +127,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if args.app_blue_star:
+        return app_blue_star(args, res, out)
     from erasure import ConceptSpec, load_erased_pipeline, load_pipeline, read_run
     from erasure.auto.defaults import default_config
     from erasure.shapes import default_anchor, load_judge
@@ -203,6 +209,54 @@ def main() -> None:
                     rec["original_retain"], rec["erased_retain"], rec["wall_s"])
     out.with_suffix(".md").write_text(table(res) + "\n")
     print(table(res))
+
+
+def app_blue_star(args, res: dict, out: Path) -> None:
+    """The app's custom form with "a blue star" -> "a blue heart" and no retain prompts (the model's defaults)."""
+    from erasure import load_erased_pipeline, load_pipeline, read_run
+    from erasure.shapes import all_captions, load_judge
+    from erasure_app.service import AppService
+
+    judge = load_judge()
+    with open(ROOT / "prompts" / "shapes.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    service = AppService(model="default", runs_dir=args.runs_dir, device="cpu",
+                         data_cache_dir=str(Path(args.runs_dir) / "cache-app-blue-star"))
+    rec = res.setdefault("app_blue_star", {})
+    rid = "app-blue-star"
+    if not (Path(args.runs_dir) / rid / "run.json").is_file():
+        cfg = service.make_config("", "a blue star", "a blue heart", "")  # every setting: the custom form's
+        rec["preview"] = service.auto_preview("", "a blue star", "a blue heart", "")
+        t = time.time()
+        load0 = os.getloadavg()
+        service.erase(cfg, rid)
+        rec["wall_s"] = round(time.time() - t, 1)
+        rec["load_avg"] = [round(x, 2) for x in load0 + os.getloadavg()]
+    info = read_run(Path(args.runs_dir) / rid)
+    rec.update(timing_s=info["timing_s"], auto=info.get("auto"), settings_source=info.get("settings_source"))
+    prompts = all_captions("star", "blue", None)[:4]
+    seeds = max(1, args.forget_seeds // len(prompts))
+
+    def sees(pipe, n):
+        ps = [p for p in prompts for _ in range(n)]
+        ss = [10_000 * i + s for i in range(len(prompts)) for s in range(n)]
+        preds = predict(pipe, judge, ps, ss, args.batch)
+        return sum(q["shape"] == "star" and q["color"] == "blue" for q in preds) / len(preds)
+
+    base = load_pipeline("default")
+    pipe = load_erased_pipeline(Path(args.runs_dir) / rid)
+    rec["original_forget"] = sees(base, max(1, args.original_forget_seeds // len(prompts)))
+    rec["erased_forget"] = sees(pipe, seeds)
+    keep = [r for r in rows if not (r["shape"] == "star" and r["color"] == "blue")]
+    o = rows_eval(base, judge, keep, args.retain_seeds, args.batch)
+    e = rows_eval(pipe, judge, keep, args.retain_seeds, args.batch)
+    for k in KINDS:
+        rec[f"retain_{k}"] = [accuracy(keep, o, k), accuracy(keep, e, k)]
+    stars = [i for i, r in enumerate(keep) if r["shape"] == "star"]
+    rec["other_stars_shape"] = [accuracy([keep[i] for i in stars], [o[i] for i in stars], "shape"),
+                                accuracy([keep[i] for i in stars], [e[i] for i in stars], "shape")]
+    save(out, res)
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("auto", "settings_source")}, indent=1))
 
 
 def save(out: Path, res: dict) -> None:

@@ -225,3 +225,16 @@ def test_no_retain_prompts_is_no_longer_an_error_with_auto(tiny_model_dir):
     with pytest.raises(ValueError, match="min-retain"):
         EraseConfig(model=str(tiny_model_dir), concepts=[c])
     EraseConfig(model=str(tiny_model_dir), concepts=[c], auto=AutoConfig(min_retain=8))
+
+
+def test_app_custom_form_starts_from_the_model_defaults(model_with_defaults, tmp_path):
+    from erasure_app.service import AppService
+
+    service = AppService(model=str(model_with_defaults), runs_dir=tmp_path / "runs", device="cpu", judge="none")
+    form = service.custom_form()
+    assert form["lr"] == 3e-4 and form["batch_size"] == 3 and form["method_args"]["alpha"] == 2.0
+    assert form["retain"] == "" and form["forget"] == ""
+    cfg = service.make_config("c", "a red circle", "a red square", "a blue star")
+    assert cfg.lr == 3e-4 and cfg.steps == 7 and cfg.auto.neighbours == 1
+    cfg = service.make_config("c", "a red circle", "a red square", "a blue star", lr=1e-4)  # the form wins
+    assert cfg.lr == 1e-4
