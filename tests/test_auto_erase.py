@@ -238,3 +238,36 @@ def test_app_custom_form_starts_from_the_model_defaults(model_with_defaults, tmp
     assert cfg.lr == 3e-4 and cfg.steps == 7 and cfg.auto.neighbours == 1
     cfg = service.make_config("c", "a red circle", "a red square", "a blue star", lr=1e-4)  # the form wins
     assert cfg.lr == 1e-4
+
+
+def test_report_has_a_neighbours_section(tmp_path):
+    """Original vs erased folders scored by the shapes judge; the erased run's neighbour (orange) comes out red."""
+    from erasure.shapes import render
+    from erasure_eval.base import score_folder
+    from erasure_eval.object_acc import ObjectAccuracyMetric
+    from erasure_eval.report import build_report
+
+    specs = [("circle", "orange", "solid"), ("star", "orange", "striped"), ("square", "blue", "solid")]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"auto": {"concepts": {"red": {"neighbours": {"terms": [
+        {"term": "orange", "replaces": "red", "prompt": "an orange shape", "similarity": 0.78}]}}}}}))
+    dirs = []
+    for name, drawn in (("original", None), ("erased", "red")):
+        root = tmp_path / name
+        (root / "images").mkdir(parents=True)
+        lines = []
+        for i, (s, c, f) in enumerate(specs):
+            render(s, drawn if drawn and c == "orange" else c, f, seed=i, size=64).save(root / "images" / f"{i}.png")
+            lines.append(json.dumps({"file": f"images/{i}.png", "case_number": str(i), "sample": 0, "seed": i,
+                                     "prompt": f"a {f} {c} {s}", "extra": {"shape": s, "color": c, "fill": f}}))
+        (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+        score_folder(root, ObjectAccuracyMetric(judge="shapes"))
+        if name == "erased":  # what `erasure-eval generate --run` records (written after scoring: no image metadata)
+            (root / "generation.json").write_text(json.dumps({"run_id": "erased", "run_dir": str(run)}))
+        dirs.append(root)
+    summary = build_report(dirs, tmp_path / "report")
+    (row,) = summary["neighbours"]
+    assert row["neighbour"] == "orange" and row["images"] == "2"
+    assert float(row["original"]) > float(row["erased"])  # colour lost on the neighbour, shape and fill kept
+    assert "## Neighbours" in (tmp_path / "report" / "report.md").read_text()
