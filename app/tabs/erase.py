@@ -88,14 +88,12 @@ def build(service: AppService, ctx: UIContext) -> None:
                                              elem_id="erase-anchor")
                 named["retain"] = gr.Textbox(form.get("retain", ""), lines=3, max_lines=12,
                                              label="Retain prompts (one per line)", elem_id="erase-retain")
-            with gr.Row():
-                tune_box = gr.Checkbox(False, label="Tune first (up to 4 short trial runs; slower)",
-                                       elem_id="erase-tune")
-                preview_btn = gr.Button("Show neighbours", size="sm", elem_id="erase-preview")
-            auto_md = gr.Markdown("", elem_id="erase-auto")
             erase_btn = gr.Button("Erase", variant="primary", elem_id="erase-button")
             gr.Markdown(LIMITS_TEXT, elem_id="erase-limits", elem_classes=["small-note"])
             status = gr.Markdown("", elem_id="erase-status")
+            # what the erasure adds by itself (neighbour concepts, automatic retain set), shown before training
+            preview_btn = gr.Button("Show neighbours and automatic retain set", size="sm", elem_id="erase-preview")
+            auto_md = gr.Markdown("", elem_id="erase-auto")
         with gr.Column(scale=2):
             method = named["method"] = gr.Radio([(METHODS[m].label, m) for m in order], value=selected, label="Method",
                                                 elem_id="erase-method")
@@ -112,6 +110,8 @@ def build(service: AppService, ctx: UIContext) -> None:
                         knobs[ff.api_name] = control(ff, value, elem_id=_elem_id(ff.api_name, "erase-arg-"))
                 boxes.append((g.config_cls, box))
             with gr.Accordion("Advanced", open=False):
+                tune_box = gr.Checkbox(False, label=f"Tune first (up to {TUNE_BUDGET} short trial runs on held-out "
+                                       "prompts; slower)", elem_id="erase-tune")
                 for name in FORM_FIELDS:
                     if name not in MAIN_FIELDS:
                         named[name] = control(generic[name], form.get(name, generic[name].default),
