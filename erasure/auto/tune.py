@@ -1,4 +1,5 @@
-"""Budgeted tuning: at most N shortened candidate runs over learning rate, retain weight and mask ratio, each
+"""Budgeted tuning: at most N shortened candidate runs over learning rate, retain weight (alpha, and the
+neighbours' weight) and mask ratio, each
 judged on held-out forget and retain prompts; the best under a readable rule is then trained in full.
 
 Rule (``TuneConfig.tune_max_drop`` = R): among the candidates whose held-out retain score drops at most R points
@@ -38,11 +39,14 @@ def candidates(cfg, n: int) -> list[dict[str, Any]]:
     alpha = getattr(cfg.method_args, "alpha", None)
     grid: list[dict[str, Any]] = [{}, {"lr": lr * 1.5}, {"lr": lr * 0.6}]
     if alpha is not None and alpha > 0:
-        grid += [{"alpha": alpha * 2}, {"lr": lr * 1.5, "alpha": alpha * 2}, {"lr": lr * 0.6, "alpha": alpha * 2},
-                 {"alpha": alpha * 0.5}]
+        nw = cfg.auto.neighbour_weight if cfg.auto.neighbours else None
+        grid += [{"alpha": alpha * 2}]
+        if nw:
+            grid += [{"alpha": alpha * 2, "neighbour_weight": nw * 2}]
+        grid += [{"lr": lr * 1.5, "alpha": alpha * 2}, {"lr": lr * 0.6, "alpha": alpha * 2}, {"alpha": alpha * 0.5}]
     grid += [{"mask_ratio": max(0.1, ratio * 0.6)}, {"lr": lr * 1.5, "mask_ratio": max(0.1, ratio * 0.6)},
              {"lr": lr * 2.5}, {"lr": lr * 0.35}]
-    return grid[:n]
+    return [{k: float(f"{v:.3g}") for k, v in g.items()} for g in grid[:n]]
 
 
 def choose(log: Sequence[dict[str, Any]], max_drop: float) -> int:
@@ -61,6 +65,8 @@ def _apply(cfg, cand: dict[str, Any], steps: int):
     for k, v in cand.items():
         if k == "alpha":
             c.method_args.alpha = v
+        elif k == "neighbour_weight":
+            c.auto.neighbour_weight = v
         else:
             setattr(c, k, v)
     c.steps = steps
