@@ -50,7 +50,7 @@ class AutoConfig(JsonConfig):
     vocabulary: str = field(
         "auto",
         help="Where neighbours are searched: auto (the shapes/colours/fills for the embedded model, else the ImageNet "
-        "class names of the shared reference data), shapes, or a text file (one term per line).",
+        "class names of the shared reference data), shapes, imagenet, or a text file (one term per line).",
         label="Neighbour vocabulary",
     )
     augment_forget: int = field(
