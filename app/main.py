@@ -4,7 +4,7 @@
     python -m erasure_app --model ./sd-v1-4 --port 7861 --auth alice:secret
 
 Named API endpoints (for ``gradio_client``): ``/erase``, ``/compare``, ``/inspect``, ``/evaluate``,
-``/rename_run``, ``/delete_run``, ``/download_run``, ``/export_run``, ``/list_interrupted``, ``/resume_run``,
+``/attack`` (an adversarial-prompt attack on a run), ``/rename_run``, ``/delete_run``, ``/download_run``, ``/export_run``, ``/list_interrupted``, ``/resume_run``,
 ``/delete_interrupted``, ``/delete_damaged``, ``/job_status`` (the running job and the queue) and ``/cancel`` (the running job, or a
 run's job by name).
 """
@@ -26,6 +26,7 @@ import gradio as gr  # noqa: E402
 
 from erasure.threads import help_text as threads_help  # noqa: E402
 from erasure_app.service import ORIGINAL, AppError, AppService  # noqa: E402
+from erasure_app.tabs import attack as attack_tab  # noqa: E402
 from erasure_app.tabs import banner as banner_tab  # noqa: E402
 from erasure_app.tabs import compare as compare_tab  # noqa: E402
 from erasure_app.tabs import erase as erase_tab  # noqa: E402
@@ -43,7 +44,7 @@ CSS = """
 /* help text readable (the theme's default is about 1.9:1 on white) */
 .gradio-container { --block-info-text-color: #4b5563; }
 .dark .gradio-container, .gradio-container.dark { --block-info-text-color: #c4c9d1; }
-""" + banner_tab.CSS + compare_tab.CSS + evaluate_tab.CSS
+""" + banner_tab.CSS + compare_tab.CSS + evaluate_tab.CSS + attack_tab.CSS
 
 FAVICON = ("<link rel=\"icon\" type=\"image/svg+xml\" href=\"data:image/svg+xml,"
            "%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 32 32'%3E%3Crect width='32' height='32' rx='6' "
@@ -75,6 +76,8 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
                 inspect_tab.build(service, ctx)
             with gr.Tab("Evaluate", id="evaluate"):
                 evaluate_tab.build(service, ctx)
+            with gr.Tab("Attack", id="attack"):
+                attack_tab.build(service, ctx)
             with gr.Tab("Runs", id="runs") as runs_page:
                 runs_tab.build(service, ctx)
         tick, job_changed = banner_tab.wire(service, ctx, banner, banner_cancel, timer, demo)
@@ -142,7 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="erasure-app", description="Web app: erase a concept and compare generations.",
                                 epilog=threads_help())
     p.add_argument("--model", default="default",
-                   help="Base model: a local diffusers SD folder, a hub id, or 'default' (the embedded shapes model).")
+                   help="Base model: a local diffusers folder (SD v1/v2, SDXL, SD3 or FLUX), a hub id, or 'default' "
+                   "(the embedded shapes model).")
     p.add_argument("--runs-dir", default="runs", help="Where runs are saved (default ./runs).")
     p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 to serve the network).")
     p.add_argument("--port", type=int, default=7860, help="Port (default 7860).")

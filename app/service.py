@@ -70,7 +70,7 @@ RESERVED_SUFFIXES = (".partial", ".tmp")
 """Run names may not end with these (the run store's own folders)."""
 
 
-_JOB_WORDS = {"evaluate": "evaluation", "erase": "erasure", "resume": "resumed erasure"}
+_JOB_WORDS = {"evaluate": "evaluation", "erase": "erasure", "resume": "resumed erasure", "attack": "attack"}
 
 
 class AppError(ValueError):

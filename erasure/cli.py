@@ -1,4 +1,4 @@
-"""Command line: ``erasure mask | erase | generate | export | methods | presets``.
+"""Command line: ``erasure mask | erase | generate | export | methods | presets | recipes``.
 
 Every flag of ``erase`` and ``mask`` comes from :class:`erasure.config.EraseConfig`, so ``--help`` lists
 all of them with their defaults.
@@ -28,8 +28,12 @@ EXIT_CANCELLED = 130
 
 
 def _concept_args(p: argparse.ArgumentParser, anchor_required: bool = True) -> None:
-    g = p.add_argument_group("concept (or use --preset / --concept-file)")
+    g = p.add_argument_group("concept (or use --preset / --concept-file / --recipe)")
     g.add_argument("--preset", help="Named concept preset from prompts/presets (see `erasure presets`).")
+    g.add_argument("--recipe", help="A paper's official setting, NAME or NAME:VARIANT (see `erasure recipes`); "
+                   "--config and flags override it.")
+    g.add_argument("--recipe-data", default=None, help="The user data a recipe reads (e.g. the Imagenette folder "
+                   "ROOT with ROOT/train/<wnid>/*.JPEG for salun-objects).")
     g.add_argument("--concept-file", help="JSON file with one ConceptSpec or a list of them.")
     g.add_argument("--concept-name", default=None, help="Name of the concept given by the flags below.")
     g.add_argument("--forget-prompt", action="append", default=[], help="Prompt that produces the concept (repeatable).")
@@ -78,17 +82,27 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
             except (ValueError, TypeError) as err:
                 raise ValueError(f"--concept-file {args.concept_file}, concept {i + 1}: {err}") from None
         concepts.extend(items)
+    if args.recipe_data and not args.recipe:
+        raise ValueError("--recipe-data is read by a recipe: add --recipe NAME")
     if args.forget_prompt:
         anchors = args.anchor_prompt or (args.forget_prompt if for_mask else [])
-        if not anchors:
+        if args.recipe and not args.anchor_prompt:
+            anchors = []  # the recipe decides (ESD needs none; UCE maps to the empty prompt)
+        if not anchors and not args.recipe:
             raise ValueError("--anchor-prompt is required: the prompt the concept is remapped to")
-        concepts.append(ConceptSpec(
+        concepts.append(dict(
+            name=args.concept_name or args.forget_prompt[0][:40], forget_prompts=args.forget_prompt,
+            anchor_prompts=anchors, retain_prompts=args.retain_prompt, forget_images=args.forget_images,
+            retain_images=args.retain_images,
+        ) if not anchors else ConceptSpec(
             name=args.concept_name or args.forget_prompt[0][:40], forget_prompts=args.forget_prompt,
             anchor_prompts=anchors, retain_prompts=args.retain_prompt, forget_images=args.forget_images,
             retain_images=args.retain_images,
         ).to_dict())
     elif args.anchor_prompt or args.retain_prompt:
         raise ValueError("--anchor-prompt/--retain-prompt given without --forget-prompt")
+    if args.recipe:
+        base, concepts = _apply_recipe(args, base, concepts)
     if not concepts:
         raise ValueError("nothing to erase: give --forget-prompt (with --anchor-prompt), --preset or --concept-file")
     if args.config:
@@ -111,6 +125,20 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
     data, source = resolve_settings(layers)
     data["concepts"] = concepts
     return EraseConfig.from_dict(data), source
+
+
+def _apply_recipe(args: argparse.Namespace, base: dict, concepts: list[dict]) -> tuple[dict, list[dict]]:
+    """Recipe config under ``--config`` and flags; its concepts (or, for a method-only recipe, the given ones)."""
+    from erasure.config import EraseConfig
+    from erasure.recipes import load_recipe, resolve_recipe
+
+    recipe = load_recipe(args.recipe.partition(":")[0])
+    if concepts and recipe.builder != "concept":
+        raise ValueError(f"recipe {recipe.name} brings its own concept; drop --forget-prompt/--preset/--concept-file")
+    pr = resolve_recipe(args.recipe, args.recipe_data, {**base, **given_fields(EraseConfig, args)}, concepts)
+    if args.recipe.partition(":")[2] and concepts:
+        raise ValueError(f"--recipe {args.recipe} names its concept; drop --forget-prompt/--preset/--concept-file")
+    return {**pr.config, **base}, [c.to_dict() for c in pr.concepts]
 
 
 def _read_json_file(path: str, flag: str):
@@ -331,10 +359,27 @@ def _check_export_targets(out: Path, single_file: str | None, overwrite: bool) -
 
 def cmd_export(args: argparse.Namespace) -> int:
     from erasure.io import publish_dir
-    from erasure.runs import load_erased_pipeline
+    from erasure.lora import check_lora_args, export_lora
+    from erasure.runs import load_erased_pipeline, read_run
 
-    out = Path(args.out)
-    _check_export_targets(out, args.single_file, args.overwrite)
+    if args.out is None and not args.lora:
+        raise ValueError("give --out DIR (a diffusers folder), --lora FILE, or both")
+    if args.single_file and args.out is None:
+        raise ValueError("--single-file needs --out too (the folder export)")
+    check_lora_args(args.lora, args.lora_rank, args.lora_energy, args.lora_format, args.lora_bias, args.overwrite)
+    out = Path(args.out) if args.out is not None else None
+    if out is not None:
+        _check_export_targets(out, args.single_file, args.overwrite)
+    read_run(args.run)  # a bad run folder fails before anything is loaded
+    if args.lora:  # first, from the base model (one denoiser in memory at a time)
+        ext = export_lora(args.run, args.lora, args.lora_rank, args.lora_energy, args.lora_format, args.lora_bias,
+                          args.overwrite)
+        st = ext.stats()
+        logger.info("wrote %s LoRA %s (%d layers, rank up to %d)", args.lora_format, args.lora, st["modules"],
+                    st["max_rank"])
+        del ext
+    if out is None:
+        return 0
     pipe = load_erased_pipeline(args.run, device="cpu")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -365,7 +410,22 @@ def cmd_methods(args: argparse.Namespace) -> int:
         flags = " ".join("--" + flag_dest(f.name, m.config_cls.cli_prefix).replace("_", "-")
                          for f in dataclasses.fields(m.config_cls))
         print(f"{m.name:8s} {m.shape:4s} mask={'yes' if m.needs_mask else 'no ':3s} {m.description}  {m.paper}"
+              + f"\n{'':8s} families: {', '.join(m.families)}"
               + (f"\n{'':8s} settings: {flags}" if flags else ""))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from erasure.recipes import list_recipes, load_recipe
+
+    for name in list_recipes():
+        r = load_recipe(name)
+        src = r.source
+        variants = r.variant_names()
+        print(f"{name:14s} v{r.version} {r.description}\n{'':14s} source: github.com/{src['repo']}/blob/"
+              f"{src['commit'][:12]}/{src['file']}"
+              + (f"\n{'':14s} variants: {', '.join(variants)}" if variants else "")
+              + (f"\n{'':14s} data: {r.data['flag']} ({r.data['layout']})" if r.data else ""))
     return 0
 
 
@@ -421,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg = sub.add_parser("generate", help="Generate images with the base model or an erased run.")
     pg.add_argument("--model", default=None, help="Base model folder or hub id (default: embedded shapes model; "
                     "with --run: the run's own base model).")
-    pg.add_argument("--run", help="Run directory whose erased UNet to use.")
+    pg.add_argument("--run", help="Run directory whose erased denoiser (UNet or transformer) to use.")
     pg.add_argument("--prompt", required=True, help="Prompt.")
     pg.add_argument("--negative-prompt", default=None, help="Negative prompt.")
     pg.add_argument("--seed", type=int, action="append", help="Seed (repeatable: one image per seed). Default 0.")
@@ -434,15 +494,20 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--overwrite", action="store_true", help="Replace existing files.")
     pg.set_defaults(func=cmd_generate)
 
-    px = sub.add_parser("export", help="Write an erased run as a full diffusers pipeline folder (and a single file).")
+    px = sub.add_parser("export", help="Write an erased run as a diffusers pipeline folder, a single file and/or a LoRA.")
     px.add_argument("--run", required=True, help="Run directory.")
-    px.add_argument("--out", required=True, help="Diffusers folder to write.")
-    px.add_argument("--single-file", default=None, help="Also write a single-file .safetensors checkpoint (SD v1 layout).")
+    px.add_argument("--out", default=None, help="Diffusers folder to write (omit it to write only --lora).")
+    px.add_argument("--single-file", default=None, help="Also write a single-file .safetensors checkpoint (the A1111/ComfyUI "
+                    "layout; SD v1 and SDXL).")
+    from erasure.lora import add_lora_arguments
+
+    add_lora_arguments(px)
     px.add_argument("--overwrite", action="store_true", help="Replace existing outputs.")
     px.set_defaults(func=cmd_export)
 
     sub.add_parser("methods", help="List erasure methods.").set_defaults(func=cmd_methods)
     sub.add_parser("presets", help="List concept presets.").set_defaults(func=cmd_presets)
+    sub.add_parser("recipes", help="List the papers' settings (recipes) with their sources.").set_defaults(func=cmd_recipes)
     return parser
 
 

@@ -38,8 +38,12 @@ class ConceptSpec(JsonConfig):
         help="Remap targets: one prompt for all forget prompts, or one per forget prompt (paired by position).",
     )
     retain_prompts: list[str] = field(default_factory=list, help="Prompts whose outputs must not change (Dr).")
-    forget_images: str | None = field(default=None, help="Folder of user images to use as Df instead of generating.")
-    retain_images: str | None = field(default=None, help="Folder of user images to use as Dr instead of generating.")
+    forget_images: str | list[str] | None = field(
+        default=None, help="Folder of user images to use as Df instead of generating (a list: one folder per forget "
+        "prompt, paired by position).")
+    retain_images: str | list[str] | None = field(
+        default=None, help="Folder of user images to use as Dr instead of generating (a list: one folder per retain "
+        "prompt, paired by position).")
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -48,11 +52,18 @@ class ConceptSpec(JsonConfig):
             raise ValueError(f"concept name is {len(self.name)} characters long; keep it under {MAX_NAME_CHARS}")
         for key in ("forget_images", "retain_images"):
             v = getattr(self, key)
-            if v is not None and (not isinstance(v, str) or not v.strip()):
-                raise ValueError(f"concept {self.name!r}: {key.replace('_', ' ')} must be a folder path, got {v!r}")
+            items = v if isinstance(v, list) else [v]
+            if v is not None and (not items or not all(isinstance(x, str) and x.strip() for x in items)):
+                raise ValueError(f"concept {self.name!r}: {key.replace('_', ' ')} must be a folder path or a list of "
+                                 f"them, got {v!r}")
         self.forget_prompts = _check_prompts("forget prompts", self.forget_prompts)
         self.anchor_prompts = _check_prompts("anchor prompts", self.anchor_prompts)
         self.retain_prompts = _check_prompts("retain prompts", self.retain_prompts, allow_empty=True)
+        for key, prompts in (("forget_images", self.forget_prompts), ("retain_images", self.retain_prompts)):
+            v = getattr(self, key)
+            if isinstance(v, list) and len(v) != len(prompts):
+                raise ValueError(f"concept {self.name!r}: {key.replace('_', ' ')} lists {len(v)} folders for "
+                                 f"{len(prompts)} {key.split('_')[0]} prompts; give one folder per prompt (or one folder)")
         if len(self.anchor_prompts) not in (1, len(self.forget_prompts)):
             raise ValueError(
                 f"concept {self.name!r}: give 1 anchor prompt or one per forget prompt "
@@ -78,6 +89,11 @@ class MaskConfig(JsonConfig):
     mask_score: Literal["abs_of_sum", "sum_of_abs"] = field(
         "abs_of_sum", help="Saliency score: |sum of gradients| (reference) or sum of |gradients|."
     )
+    mask_score_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "auto", help="Dtype the saliency scores accumulate in (gradients are freed as they arrive): float32 is exact, "
+        "bfloat16 halves the memory (about one 16-bit copy of the weights) and may flip ties at the threshold; auto = "
+        "float32 up to 1.5B scored weights (SD v1/v2), bfloat16 above (SDXL, SD3, FLUX)."
+    )
 
     def __post_init__(self) -> None:
         self.check_fields()
@@ -92,7 +108,9 @@ class EraseConfig(MaskConfig):
     class (see :mod:`erasure.methods`). Older files with those knobs at the top level still load.
     """
 
-    model: str = field("default", help="Base model: a local diffusers SD folder, a hub id, or 'default' (embedded shapes model).")
+    model: str = field("default", help="Base model: a local diffusers folder (SD v1/v2, SDXL, SD3 or FLUX), a hub id, or 'default' "
+                       "(embedded shapes model).")
+    drop_t5: bool = field(False, help="SD3 only: load the pipeline without its T5 text encoder (CLIP only, far less memory).")
     concepts: list[ConceptSpec] = field(default_factory=list, help="Concepts to erase.", cli=False)
     method: str = field("salun", help="Erasure method (see `erasure methods`).")
     method_args: Any = field(None, help="The method's own settings (its config class; defaults when omitted).", cli=False)
@@ -106,6 +124,10 @@ class EraseConfig(MaskConfig):
     data_guidance: float = field(7.5, help="CFG scale used to generate Df/Dr.", min=0.0, max=100.0)
     resolution: int = field(0, help="Training/generation resolution in pixels (0 = the model's native size).", min=0,
                             max=4096)
+    image_latents: Literal["mean", "sample"] = field(
+        "mean", help="VAE latents of the Df/Dr images: the posterior mean, or a fresh posterior sample at every "
+        "training step and mask batch (as the SalUn/LDM reference code encodes real images).",
+        label="Image latents")
     # training
     steps: int = field(100, help="Optimizer steps.", label="Steps", min=1, max=1_000_000)
     batch_size: int = field(4, help="Forget (and retain) images per step.", label="Batch size", min=1, max=4096)

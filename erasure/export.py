@@ -1,10 +1,13 @@
-"""Single-file (original LDM / CompVis layout) checkpoints from diffusers Stable Diffusion v1-style pipelines.
+"""Single-file (original LDM / CompVis / SGM layout) checkpoints from diffusers SD v1-style and SDXL pipelines.
 
 The inverse of diffusers' ``convert_ldm_*_checkpoint`` (``diffusers/loaders/single_file_utils.py``), derived
 from the UNet/VAE configs instead of hard-coding SD v1.4's block counts, so it also covers smaller models of
 the same family. Keys: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and
-``cond_stage_model.transformer.*`` (CLIP text encoder, SD v1). The file loads in ``from_single_file`` and in
-SD front ends that read v1 checkpoints.
+``cond_stage_model.transformer.*`` (CLIP text encoder, SD v1). SDXL (the layout A1111 and ComfyUI load):
+``conditioner.embedders.0.transformer.*`` (CLIP-L, transformers names) and ``conditioner.embedders.1.model.*``
+(OpenCLIP bigG names: fused ``in_proj`` q/k/v, ``text_projection`` transposed; the inverse of diffusers'
+``convert_open_clip_checkpoint``, from its own ``DIFFUSERS_TO_LDM_MAPPING["openclip"]`` table), and the UNet's
+``add_embedding`` as ``label_emb.0``. The file loads in ``from_single_file`` and in SD front ends.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 
 from erasure.io import atomic_save_safetensors
 
-__all__ = ["unet_to_ldm", "vae_to_ldm", "text_encoder_to_ldm", "pipeline_to_ldm", "save_single_file"]
+__all__ = ["unet_to_ldm", "vae_to_ldm", "text_encoder_to_ldm", "open_clip_to_ldm", "pipeline_to_ldm",
+           "save_single_file"]
 
 _UNET_TOP = {
     "time_embedding.linear_1.weight": "time_embed.0.weight",
@@ -30,6 +34,10 @@ _UNET_TOP = {
     "conv_norm_out.bias": "out.0.bias",
     "conv_out.weight": "out.2.weight",
     "conv_out.bias": "out.2.bias",
+    "add_embedding.linear_1.weight": "label_emb.0.0.weight",  # SDXL size/crop + pooled-text conditioning
+    "add_embedding.linear_1.bias": "label_emb.0.0.bias",
+    "add_embedding.linear_2.weight": "label_emb.0.2.weight",
+    "add_embedding.linear_2.bias": "label_emb.0.2.bias",
 }
 _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
            ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
@@ -125,17 +133,58 @@ def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    """All three components of an SD v1-style pipeline in one LDM-layout state dict."""
-    from transformers import CLIPTextModel
+def _text_model_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers >= 5.6 flattened CLIP text models (no ``text_model.`` prefix); the LDM layouts keep it."""
+    return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in state.items()
+            if not k.endswith("position_ids")}
 
-    if not isinstance(pipe.text_encoder, CLIPTextModel) or getattr(pipe, "text_encoder_2", None) is not None:
-        raise ValueError("single-file export supports SD v1-style pipelines (one CLIPTextModel); "
-                         "use the diffusers folder export for this model")
+
+def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str = "conditioner.embedders.1.model.") -> dict[str, torch.Tensor]:
+    """``CLIPTextModelWithProjection`` state dict -> OpenCLIP names (SDXL's second text encoder)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    table = DIFFUSERS_TO_LDM_MAPPING["openclip"]
+    sub = [(hf, ldm) for hf, ldm in table["transformer"].items() if not hf.startswith("transformer.")]
+    state = _text_model_keys(state)
+    out: dict[str, torch.Tensor] = {}
+    for hf, ldm in table["layers"].items():
+        if hf in state:
+            v = state.pop(hf)
+            out[prefix + ldm] = v.T.contiguous() if ldm == "text_projection" else v
+    for k in list(state):
+        if m := re.match(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", k):
+            i, kind = m[1], m[2]
+            parts = [state.pop(f"text_model.encoder.layers.{i}.self_attn.{x}_proj.{kind}") for x in "qkv"]
+            out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(parts)
+    for k, v in state.items():
+        if re.search(r"self_attn\.[kv]_proj\.", k):
+            continue  # fused with q above
+        name = k
+        for hf, ldm in sub:
+            name = name.replace(hf, ldm)
+        if not name.startswith("resblocks."):
+            raise ValueError(f"cannot map text encoder parameter {k!r} to the OpenCLIP layout")
+        out[prefix + "transformer." + name] = v
+    return out
+
+
+def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
+    """All components of an SD v1-style or SDXL pipeline in one LDM/SGM-layout state dict."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     sd = {}
+    te2 = getattr(pipe, "text_encoder_2", None)
+    if isinstance(te2, CLIPTextModelWithProjection) and isinstance(pipe.text_encoder, CLIPTextModel):  # SDXL base
+        sd.update({"conditioner.embedders.0.transformer." + k: v
+                   for k, v in _text_model_keys(pipe.text_encoder.state_dict()).items()})
+        sd.update(open_clip_to_ldm(te2.state_dict()))
+    elif isinstance(pipe.text_encoder, CLIPTextModel) and te2 is None and getattr(pipe, "unet", None) is not None:
+        sd.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
+    else:
+        raise ValueError("single-file export supports SD v1-style pipelines (one CLIPTextModel) and SDXL base "
+                         "(CLIP-L + OpenCLIP-bigG); use the diffusers folder export (--out) for this model")
     sd.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
     sd.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    sd.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 

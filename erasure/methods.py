@@ -63,6 +63,7 @@ class MethodSpec:
         needs_mask (`bool`): train only inside a SalUn saliency mask.
         needs_images (`bool`): generate and encode Df (and Dr when the config uses retain data).
         trainable (`str`, *optional*): forced parameter filter (full/xattn/noxattn); None = the config's choice.
+        families (`tuple[str]`): the model families (:mod:`erasure.backbones`) the method applies to.
     """
 
     name: str
@@ -75,6 +76,7 @@ class MethodSpec:
     needs_mask: bool = False
     needs_images: bool = True
     trainable: str | None = None
+    families: tuple[str, ...] = ("sd", "sdxl", "sd3", "flux")
 
     def __post_init__(self) -> None:
         if (self.loss is None) == (self.run is None):

@@ -1,7 +1,8 @@
 """The run directory contract, shared by the CLI, the evaluation harness and the app.
 
 ``RUN_DIR/run.json``          config, method, base model, versions, seed, timings, mask stats
-``RUN_DIR/weights.safetensors`` the UNet parameters the run may have changed, under ``unet.state_dict()`` names
+``RUN_DIR/weights.safetensors`` the denoiser parameters the run may have changed, under the denoiser's own
+                              ``state_dict()`` names (``pipe.unet``; ``pipe.transformer`` for SD3/FLUX)
 ``RUN_DIR/mask.safetensors``  the saliency mask (masked methods only), packed bits
 ``RUN_DIR/log.jsonl``         one JSON line per training step
 
@@ -259,11 +260,11 @@ def apply_run_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor], r
         if not bool(torch.isfinite(t).all()):
             raise RunDirError(f"run {run_dir} is damaged: {name} holds NaN or infinite weights; delete the run")
         if name not in state:
-            raise RunDirError(f"run {run_dir} was made for another model: the UNet has no parameter {name!r}")
+            raise RunDirError(f"run {run_dir} was made for another model: the denoiser has no parameter {name!r}")
         if tuple(state[name].shape) != tuple(t.shape):
             raise RunDirError(
                 f"run {run_dir} was made for another model: {name} is {tuple(t.shape)} in the run, "
-                f"{tuple(state[name].shape)} in the UNet"
+                f"{tuple(state[name].shape)} in the denoiser"
             )
     with torch.no_grad():
         for name, t in weights.items():
@@ -274,7 +275,7 @@ def load_erased_pipeline(
     run_dir: str | os.PathLike, device: str | torch.device = "auto", base_model: str | None = None,
     dtype: torch.dtype | None = None,
 ):
-    """Load the run's base pipeline and overlay the erased UNet weights.
+    """Load the run's base pipeline and overlay the erased denoiser weights (``pipe.unet`` or ``pipe.transformer``).
 
     Args:
         run_dir (`str`): a directory written by :func:`erasure.erase`.
@@ -282,13 +283,19 @@ def load_erased_pipeline(
         base_model (`str`, *optional*): load this base model instead of the one recorded in ``run.json``
             (e.g. the same weights in another folder).
     """
+    from erasure.backbones import backbone_of
     from erasure.diffusion.pipeline import load_pipeline
 
     info = read_run(run_dir)
     weights = load_run_weights(run_dir)
     model = base_model or info.get("base_model")
-    pipe = load_pipeline(model, device=device, dtype=dtype)
-    apply_run_weights(pipe.unet, weights, run_dir)
+    drop_t5 = bool((info.get("config") or {}).get("drop_t5", False))
+    pipe = load_pipeline(model, device=device, dtype=dtype, drop_t5=drop_t5)
+    backbone = backbone_of(pipe)
+    if info.get("family", backbone.name) != backbone.name:
+        raise RunDirError(f"run {run_dir} was made for a {info['family']} model, but {model} is a {backbone.label} "
+                          "pipeline; pass --model with the run's base model")
+    apply_run_weights(backbone.denoiser(pipe), weights, run_dir)
     pipe.erasure_run = dict(info, run_dir=str(Path(run_dir).resolve()))
     return pipe
 

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "accumulate_gradients",
+    "score_dtype_for",
     "threshold_mask",
     "compute_mask",
     "mask_stats",
@@ -42,6 +43,25 @@ _CHUNK = 1 << 22
 MASK_FORMAT = "salun-mask-packbits-v1"
 
 
+SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def score_dtype_for(score_dtype: str | torch.dtype, n_params: int) -> torch.dtype:
+    """Resolve a score-dtype setting: a dtype, a name in :data:`SCORE_DTYPES`, or ``"auto"`` (float32 up to
+    :data:`AUTO_FP32_MAX_PARAMS` scored weights, bfloat16 above, so SD v1.x masks stay exact and SDXL-size ones fit)."""
+    if isinstance(score_dtype, torch.dtype):
+        return score_dtype
+    if score_dtype == "auto":
+        return torch.float32 if n_params <= AUTO_FP32_MAX_PARAMS else torch.bfloat16
+    try:
+        return SCORE_DTYPES[score_dtype]
+    except KeyError:
+        raise ValueError(f"score dtype must be auto, {', '.join(SCORE_DTYPES)}; got {score_dtype!r}") from None
+
+
+AUTO_FP32_MAX_PARAMS = 1_500_000_000
+
+
 def accumulate_gradients(
     params: Mapping[str, torch.nn.Parameter],
     batches: Iterable[Any],
@@ -49,57 +69,83 @@ def accumulate_gradients(
     progress: Progress | None = None,
     mode: Literal["abs_of_sum", "sum_of_abs"] = "abs_of_sum",
     total: int | None = None,
+    score_dtype: str | torch.dtype = "float32",
 ) -> dict[str, torch.Tensor]:
     """Accumulate the forget-loss gradient over ``batches`` and return a saliency score per parameter.
 
+    Each parameter's gradient is added into a score buffer of ``score_dtype`` the moment autograd has
+    accumulated it (a post-accumulate-grad hook) and ``p.grad`` is freed at once, so no full gradient set is
+    ever held: the extra memory is the score buffers (4 or 2 bytes per weight) plus the activations.
+    With float32 the scores are bit-identical to summing ``p.grad`` over the batches; a 16-bit dtype rounds
+    each sum once per batch (ties then appear at the threshold and are broken in parameter order).
+
     Args:
-        params (`Mapping[str, Parameter]`): the parameters to score, by name.
+        params (`Mapping[str, Parameter]`): the parameters to score, by name; each must require grad.
         batches (`Iterable`): each item is passed to ``loss_fn``.
         loss_fn (`Callable`): returns a scalar loss for one batch; gradients flow to ``params``.
         progress (`Callable[[int, int], None]`, *optional*): called as ``progress(done, total)``.
         mode (`str`, defaults to `"abs_of_sum"`): ``"abs_of_sum"`` is the reference SalUn score
             ``|sum_b grad_b|``; ``"sum_of_abs"`` is ``sum_b |grad_b|``.
         total (`int`, *optional*): number of batches, for progress when ``batches`` has no ``len``.
+        score_dtype (`str` or `torch.dtype`, defaults to `"float32"`): dtype of the score buffers
+            (``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"``; see :func:`score_dtype_for`).
 
     Returns:
-        `dict[str, Tensor]`: non-negative float32 scores shaped like the parameters (zeros where no gradient flowed).
+        `dict[str, Tensor]`: non-negative scores of ``score_dtype`` shaped like the parameters (zeros where no
+        gradient flowed).
     """
     if mode not in ("abs_of_sum", "sum_of_abs"):
         raise ValueError(f"mode must be 'abs_of_sum' or 'sum_of_abs', got {mode!r}")
     plist = list(params.items())
+    dtype = score_dtype_for(score_dtype, sum(p.numel() for _, p in plist))
+    acc: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad.detach()
+            p.grad = None
+            if mode == "sum_of_abs":
+                g = g.abs()
+            buf = acc.get(name)
+            if buf is None:
+                acc[name] = g.to(dtype)  # no copy when the dtypes match: the gradient is ours once p.grad is None
+            else:
+                buf.add_(g)  # computed in the wider dtype, rounded once into the buffer
+
+        return hook
+
     for _, p in plist:
         p.grad = None
-    acc: dict[str, torch.Tensor] = {}
+    handles = [p.register_post_accumulate_grad_hook(hook_for(name)) for name, p in plist]
     if total is None:
         total = len(batches) if hasattr(batches, "__len__") else 0  # type: ignore[arg-type]
     n = 0
-    for batch in batches:
-        loss = loss_fn(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"forget loss is {loss.item()} at batch {n}; lower the learning rate or check inputs")
-        loss.backward()
-        if mode == "sum_of_abs":
-            for name, p in plist:
-                if p.grad is not None:
-                    g = p.grad.detach().abs().float()
-                    if name in acc:
-                        acc[name].add_(g)
-                    else:
-                        acc[name] = g
-                    p.grad = None
-        n += 1
-        if progress is not None:
-            progress(n, max(total, n))
+    try:
+        for batch in batches:
+            loss = loss_fn(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"forget loss is {loss.item()} at batch {n}; lower the learning rate or check inputs")
+            loss.backward()
+            del loss
+            n += 1
+            if progress is not None:
+                progress(n, max(total, n))
+    finally:
+        for h in handles:
+            h.remove()
+        for _, p in plist:
+            p.grad = None
     if n == 0:
         raise ValueError("no batches to accumulate gradients over (empty forget set)")
     scores: dict[str, torch.Tensor] = {}
     for name, p in plist:
-        if mode == "abs_of_sum":
-            g = p.grad
-            p.grad = None
-            scores[name] = g.detach().float().abs_() if g is not None else torch.zeros(p.shape, device=p.device)
-        else:
-            scores[name] = acc.get(name, torch.zeros(p.shape, device=p.device))
+        s = acc.pop(name, None)
+        if s is None:
+            s = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        elif mode == "abs_of_sum":
+            s.abs_()
+        scores[name] = s
     return scores
 
 
@@ -158,12 +204,14 @@ def _kth_largest_histogram(scores: Mapping[str, torch.Tensor], k: int) -> tuple[
     return tau, above_hi + above_lo, int(hist_lo[lo])
 
 
-def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float, consume: bool = False) -> dict[str, torch.Tensor]:
     """Keep the ``round(ratio * total)`` largest scores over all tensors by one global threshold.
 
     Args:
         scores (`Mapping[str, Tensor]`): non-negative scores (e.g. from :func:`accumulate_gradients`).
         ratio (`float`): fraction of all weights to keep, in (0, 1].
+        consume (`bool`, defaults to `False`): remove each score tensor from ``scores`` (a mutable dict) as soon as
+            its mask exists, so scores and masks are never all in memory together.
 
     Returns:
         `dict[str, BoolTensor]`: masks shaped like the scores, with exactly ``k`` True entries in total
@@ -176,14 +224,20 @@ def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str
     total = sum(s.numel() for s in scores.values())
     k = max(1, int(round(float(ratio) * total)))
     if k >= total:
-        return {n: torch.ones(s.shape, dtype=torch.bool, device=s.device) for n, s in scores.items()}
+        out = {n: torch.ones(s.shape, dtype=torch.bool, device=s.device) for n, s in scores.items()}
+        if consume:
+            scores.clear()  # type: ignore[attr-defined]
+        return out
     tau, n_greater, n_equal = _kth_largest_histogram(scores, k)
     ties_needed = k - n_greater  # >= 1 by construction
     masks: dict[str, torch.Tensor] = {}
-    if n_equal == ties_needed:  # every tie is kept: one comparison per weight
-        return {name: s.detach() >= tau for name, s in scores.items()}
-    for name, s in scores.items():
-        sf = s.detach()
+    for name in list(scores):
+        sf = scores[name].detach()
+        if consume:
+            del scores[name]  # type: ignore[attr-defined]
+        if n_equal == k - n_greater:  # every tie is kept: one comparison per weight
+            masks[name] = sf >= tau
+            continue
         m = sf > tau
         if ties_needed > 0:
             eq = sf == tau
@@ -196,7 +250,7 @@ def threshold_mask(scores: Mapping[str, torch.Tensor], ratio: float) -> dict[str
                     idx = torch.nonzero(eq.reshape(-1)).reshape(-1)[:ties_needed]
                     mflat = m.reshape(-1)
                     mflat[idx] = True
-                    m = mflat.reshape(s.shape)
+                    m = mflat.reshape(sf.shape)
                     ties_needed = 0
         masks[name] = m
     return masks
@@ -209,11 +263,12 @@ def compute_mask(
     ratio: float,
     progress: Progress | None = None,
     mode: Literal["abs_of_sum", "sum_of_abs"] = "abs_of_sum",
+    score_dtype: str | torch.dtype = "float32",
 ) -> dict[str, torch.Tensor]:
     """Saliency mask: :func:`accumulate_gradients` then :func:`threshold_mask`."""
     if not (0.0 < float(ratio) <= 1.0):
         raise ValueError(f"mask ratio must be in (0, 1], got {ratio}")
-    scores = accumulate_gradients(params, batches, loss_fn, progress=progress, mode=mode)
+    scores = accumulate_gradients(params, batches, loss_fn, progress=progress, mode=mode, score_dtype=score_dtype)
     return threshold_mask(scores, ratio)
 
 

@@ -10,6 +10,8 @@ Examples::
     erasure-eval score --images out/i2p-salun --metric nudenet --threshold 0 --threshold 0.6 --out nn.json
     erasure-eval score --images out/shapes-salun --metric object --judge shapes --forget shape=circle --out obj.json
     erasure-eval report out/i2p-original out/i2p-salun --out report/
+    erasure-eval attack --run runs/no-circle --attack unlearndiffatk --prompts prompts/shapes.csv --judge shapes \\
+        --forget shape=circle --seed 0 --out out/atk-circle
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nudenet-threshold", type=float, default=None, help="Only chart this NudeNet threshold.")
 
     sub.add_parser("metrics", help="List registered metrics.")
+    from erasure_eval.attacks.cli import add_attack_parser
+
+    add_attack_parser(sub)
     return p
 
 
@@ -164,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from erasure.diffusion.pipeline import ModelLoadError
     from erasure.io import CorruptFileError
     from erasure.runs import RunDirError
+    from erasure_eval.attacks.runner import AttackCancelled
     from erasure_eval.base import MetricError
     from erasure_eval.generate import GenerationError
     from erasure_eval.prompts import PromptFileError
@@ -176,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_score(args)
         if args.cmd == "report":
             return _cmd_report(args)
+        if args.cmd == "attack":
+            from erasure_eval.attacks.cli import cmd_attack
+
+            return cmd_attack(args)
         if args.cmd == "metrics":
             import erasure_eval.metrics  # noqa: F401
             from erasure_eval.base import METRICS
@@ -184,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(f"{name:10s} {(cls.__doc__ or '').strip().splitlines()[0]}\n")
             return 0
     except (PromptFileError, GenerationError, MetricError, ModelLoadError, RunDirError, ReportError, CorruptFileError,
-            FileNotFoundError, FileExistsError, ValueError) as err:
+            FileNotFoundError, FileExistsError, ValueError, AttackCancelled) as err:
         flag = f"{err.flag}: " if isinstance(err, FieldValueError) and err.flag not in str(err) else ""
         logger.error("%s%s", flag, err)
         return EXIT_BAD_INPUT

@@ -295,9 +295,9 @@ def _resolution(cfg: GenerateConfig, model: str) -> tuple[int, int]:
     size = None
     if p.is_dir():
         try:
-            unet = read_json(p / "unet" / "config.json")
-            vae = read_json(p / "vae" / "config.json")
-            size = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+            from erasure.backbones import detect_family, get_backbone
+
+            size = get_backbone(detect_family(p)).folder_resolution(p)
         except (FileNotFoundError, KeyError, ValueError, TypeError):
             size = None
     if size is None:

@@ -214,7 +214,10 @@ def build_report(
     """
     if not dirs:
         raise ReportError("give at least one generation folder")
-    runs = [collect_run(d) for d in dirs]
+    from erasure_eval.attacks.report import attack_chart, collect_attack, is_attack_dir
+
+    attacks = [collect_attack(d) for d in dirs if is_attack_dir(d)]
+    runs = [collect_run(d) for d in dirs if not is_attack_dir(d)]
     labels = [r["label"] for r in runs]
     if len(set(labels)) != len(labels):
         for r in runs:
@@ -255,10 +258,13 @@ def build_report(
         _bar_chart(outp / "object_accuracy.png", "Object erasure: forget vs retain accuracy (%)", groups, series, "%")
         charts.append({"file": "object_accuracy.png", "title": "Forget vs retain accuracy"})
 
+    if attacks:
+        charts.append(attack_chart(attacks, outp))
+
     grid, grid_files = _image_grid(runs, outp, grid_images, show_flagged)
     hide = any(r["offensive"] for r in runs) and not show_prompts
     grid_prompts: list[str] = []
-    if grid_files and not hide:
+    if grid_files and not hide and runs:
         from erasure_eval.generate import read_manifest
 
         _, _, recs = read_manifest(runs[0]["dir"])
@@ -270,6 +276,7 @@ def build_report(
         "runs": [{k: v for k, v in r.items()} for r in runs],
         "table": rows,
         "charts": charts,
+        "attacks": attacks,
         "grid": {"file": grid, "files": grid_files, "prompts_hidden": hide},
         "neighbours": [dict(zip(t[1], row)) for t in _neighbour_tables(runs) for row in t[2]],
     }

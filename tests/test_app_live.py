@@ -129,9 +129,10 @@ def test_any_methods_settings_over_the_api(tiny_app):
     assert {"alpha", "retain_loss", "method_args", "esd_negative_guidance", "esd_sample_steps"} <= set(names)
     rid, summary, _ = c.predict(**dict(TINY_ERASE, method="esd-x"), esd_negative_guidance=2.0, esd_sample_steps=2,
                                 run_name="api-esd", api_name="/erase")
-    assert rid == "api-esd" and "with esd-x (negative_guidance=2.0, sample_steps=2)" in summary
+    assert rid == "api-esd" and "with esd-x (negative_guidance=2.0, sample_steps=2, start_guidance=3.0, xt_model=current)" in summary
     info = json.loads((root / "runs" / "api-esd" / "run.json").read_text())
-    assert info["config"]["method_args"] == {"negative_guidance": 2.0, "sample_steps": 2}
+    assert info["config"]["method_args"] == {"negative_guidance": 2.0, "sample_steps": 2, "start_guidance": 3.0,
+                                             "xt_model": "current"}
     rid, _, _ = c.predict(**dict(TINY_ERASE, method="rl"), method_args='{"alpha": 0, "retain_loss": "distill"}',
                           run_name="api-rl", api_name="/erase")
     info = json.loads((root / "runs" / rid / "run.json").read_text())

@@ -132,7 +132,8 @@ def test_method_args_in_form_and_config(service):
     assert (cfg.method_args.alpha, cfg.method_args.retain_loss) == (3.0, "denoise")
     # another method: the preset's settings of its own method do not apply
     esd = service.make_config(*circle, preset="shape_circle", method="esd-x", method_args={"sample_steps": 3}, **FAST)
-    assert esd.method_args.to_dict() == {"negative_guidance": 1.0, "sample_steps": 3} and esd.lr == 0.00025
+    assert esd.method_args.to_dict() == {"negative_guidance": 1.0, "sample_steps": 3, "start_guidance": 3.0,
+                                         "xt_model": "current"} and esd.lr == 0.00025
     with pytest.raises(TypeError, match="unknown settings"):
         _cfg(service, alpha=0.5)
 

@@ -176,7 +176,8 @@ def test_cli_method_flags(tiny_model_dir, tmp_path, capsys):
               "--forget-prompt", FORGET, "--anchor-prompt", "a red square"]
     rc = main([*common, "--method", "esd-x", "--esd-sample-steps", "2", "--esd-negative-guidance", "1.5",
                "--out", str(tmp_path / "esd")])
-    assert rc == 0 and read_run(tmp_path / "esd")["config"]["method_args"] == {"negative_guidance": 1.5, "sample_steps": 2}
+    assert rc == 0 and read_run(tmp_path / "esd")["config"]["method_args"] == {"negative_guidance": 1.5, "sample_steps": 2,
+                                                                             "start_guidance": 3.0, "xt_model": "current"}
     rc = main([*common, "--method", "salun", "--alpha", "0", "--esd-sample-steps", "2", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert rc == 2 and "--esd-sample-steps is a setting of method esd" in err and not (tmp_path / "x").exists()

@@ -114,3 +114,75 @@ def test_corrupt_mask_file(tmp_path):
         load_mask(path)
     with pytest.raises(FileNotFoundError):
         load_mask(tmp_path / "missing.safetensors")
+
+
+def _plain_grad_sum(params, batches, loss_fn, mode):
+    for p in params.values():
+        p.grad = None
+    acc = {}
+    for b in batches:
+        loss_fn(b).backward()
+        for n, p in params.items():
+            if mode == "sum_of_abs":
+                acc[n] = acc[n] + p.grad.abs() if n in acc else p.grad.abs()
+                p.grad = None
+    if mode == "abs_of_sum":
+        acc = {n: p.grad.abs() for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    return acc
+
+
+@pytest.mark.parametrize("mode", ["abs_of_sum", "sum_of_abs"])
+def test_hooked_float32_scores_equal_plain_gradient_sum_and_free_gradients(mode):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    params = dict(net.named_parameters())
+    xs = [torch.randn(5, 6) for _ in range(4)]
+    live = []
+
+    def loss(x):
+        live.append(sum(p.grad is not None for p in params.values()))  # no gradient survives a batch
+        return net(x).pow(2).sum() - net(x).sum()
+
+    ref = _plain_grad_sum(params, xs, lambda x: net(x).pow(2).sum() - net(x).sum(), mode)
+    got = accumulate_gradients(params, xs, loss, mode=mode, score_dtype="float32")
+    assert all(torch.equal(got[n], ref[n]) for n in params), "float32 hook scores must be bit-identical"
+    assert live == [0, 0, 0, 0] and all(p.grad is None for p in params.values())
+    assert not any(p._post_accumulate_grad_hooks for p in params.values()), "hooks must be removed"
+
+
+def test_16bit_scores_close_and_dtype_setting():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(32, 32)
+    params = dict(lin.named_parameters())
+    xs = [torch.randn(4, 32) for _ in range(3)]
+    ref = accumulate_gradients(params, xs, lambda x: lin(x).pow(2).sum())
+    for dt, tol in (("bfloat16", 1e-2), ("float16", 2e-3)):
+        s = accumulate_gradients(params, xs, lambda x: lin(x).pow(2).sum(), score_dtype=dt)
+        assert all(v.dtype == getattr(torch, dt) for v in s.values())
+        for n in params:
+            # one rounding per batch: errors scale with the partial sums, not with the (possibly cancelled) total
+            torch.testing.assert_close(s[n].float(), ref[n], rtol=tol, atol=3 * tol * float(ref[n].max()))
+        m, mref = threshold_mask(s, 0.3), threshold_mask(ref, 0.3)
+        assert sum(int(v.sum()) for v in m.values()) == sum(int(v.sum()) for v in mref.values())
+    with pytest.raises(ValueError, match="score dtype"):
+        accumulate_gradients(params, xs, lambda x: lin(x).sum(), score_dtype="int8")
+
+
+def test_auto_score_dtype():
+    from erasure.saliency import score_dtype_for
+
+    assert score_dtype_for("auto", 859_520_964) == torch.float32  # SD v1.4 UNet: exact as before
+    assert score_dtype_for("auto", 2_567_463_684) == torch.bfloat16  # SDXL UNet
+    assert score_dtype_for(torch.float16, 1) == torch.float16
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 1.0])
+def test_threshold_consume_frees_scores_and_gives_the_same_mask(ratio):
+    s = _scores(2)
+    ref = threshold_mask(s, ratio)
+    work = dict(s)
+    got = threshold_mask(work, ratio, consume=True)
+    assert work == {} and set(got) == set(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)

@@ -100,6 +100,9 @@ class SetupConfig(JsonConfig):
     data_root: str | None = field(None, help="folder holding the torchvision data set")
     download: bool = field(False, help="download a missing torchvision data set into --data-root")
     image_size: int | None = field(None, help="resize images to this side (e.g. 32 for upsampled digits)")
+    train_split: Literal["official", "full"] = field(
+        "official", help="CIFAR-10/100, SVHN: official (hold out the SalUn code's 10 percent per class, CIFAR-10 45,000 train) "
+        "or full (all 50,000)")
     model: str = field("small_cnn", help="small_cnn or resnet18 (CIFAR stem)")
     scenario: Literal["random", "class"] = field("random", help="random-data or class-wise forgetting")
     forget_fraction: float = field(0.1, help="share of the training set forgotten (random scenario), in (0, 1)")
@@ -125,6 +128,8 @@ class SetupConfig(JsonConfig):
             raise ValueError(f"unknown dataset {self.dataset!r}; known: {sorted(DATASETS)}")
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; known: {sorted(MODELS)}")
+        if self.train_split not in ("official", "full"):
+            raise ValueError(f"train_split must be 'official' or 'full', got {self.train_split!r}")
         if self.scenario not in ("random", "class"):
             raise ValueError(f"scenario must be 'random' or 'class', got {self.scenario!r}")
         if isinstance(self.forget_class, int):

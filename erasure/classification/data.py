@@ -3,6 +3,12 @@
 The offline default is scikit-learn's bundled handwritten digits (1,797 real 8x8 images, no download),
 split once into a fixed stratified 80/20 train/test partition. CIFAR-10, CIFAR-100 and SVHN are read
 through torchvision from a user's data root; they are downloaded only when ``download=True``.
+
+Like the official SalUn code (``Classification/dataset.py``), CIFAR-10, CIFAR-100 and SVHN hold out 10% of every
+class of their training set as a validation set by default (``train_split="official"``: CIFAR-10 45,000 train /
+5,000 held out), drawn with ``numpy.random.RandomState(1)`` class by class, as its original-model training does
+(``cifar10_dataloaders``' default seed; its unlearning scripts re-split with ``--seed``, default 2, so their
+45,000 are not exactly the original model's). ``train_split="full"`` keeps all 50,000.
 """
 
 from __future__ import annotations
@@ -158,8 +164,24 @@ register_dataset("svhn", DatasetSpec(_torchvision("svhn"), 10, 3, 32, (0.4377, 0
                                      (0.1980, 0.2010, 0.1970), augment=False, needs_root=True))
 
 
+OFFICIAL_HOLDOUT_SEED = 1
+"""``numpy.random.RandomState`` seed of the official 10%-per-class validation hold-out."""
+HOLDOUT_DATASETS = ("cifar10", "cifar100", "svhn")
+TRAIN_SPLITS = ("official", "full")
+
+
+def official_holdout(y: np.ndarray | torch.Tensor, fraction: float = 0.1, seed: int = OFFICIAL_HOLDOUT_SEED) -> np.ndarray:
+    """Indices of the official validation hold-out: for each class in order, ``int(fraction * n_class)`` of its
+    indices drawn without replacement by one ``RandomState(seed)`` (``Classification/dataset.py``)."""
+    y = np.asarray(y)
+    rng = np.random.RandomState(seed)
+    return np.hstack([rng.choice(np.where(y == c)[0], int(fraction * int((y == c).sum())), replace=False)
+                      for c in range(int(y.max()) + 1)])
+
+
 def load_dataset(
-    name: str, data_root: str | None = None, download: bool = False, image_size: int | None = None
+    name: str, data_root: str | None = None, download: bool = False, image_size: int | None = None,
+    train_split: str = "official",
 ) -> DatasetBundle:
     """Load a registered data set into memory.
 
@@ -168,14 +190,26 @@ def load_dataset(
         data_root (`str`, *optional*): folder for the torchvision data sets (unused for digits).
         download (`bool`, defaults to `False`): let torchvision download a missing data set.
         image_size (`int`, *optional*): resize images to this side (bilinear), e.g. 32 for upsampled digits.
+        train_split (`str`, defaults to `"official"`): for CIFAR-10/100 and SVHN, ``official`` drops the official
+            10%-per-class validation hold-out from the training set (CIFAR-10: 45,000 left), ``full`` keeps it.
 
     Returns:
         `DatasetBundle`
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+    if train_split not in TRAIN_SPLITS:
+        raise ValueError(f"train_split must be one of {TRAIN_SPLITS}, got {train_split!r}")
     spec = DATASETS[name]
     train, test, info = spec.loader(data_root, download)
+    if name in HOLDOUT_DATASETS and train_split == "official":
+        held = official_holdout(train.y.numpy())
+        keep = np.setdiff1d(np.arange(len(train)), held)  # sorted, as the official list(set(...)) of small ints
+        train = train.subset(torch.from_numpy(keep))
+        info = {**info, "train_split": "official", "held_out": int(len(held)),
+                "held_out_rule": f"10% per class, numpy RandomState({OFFICIAL_HOLDOUT_SEED})"}
+    elif name in HOLDOUT_DATASETS:
+        info = {**info, "train_split": "full"}
     size = spec.native_size
     if image_size is not None and image_size != spec.native_size:
         if image_size < 4:

@@ -62,7 +62,7 @@ class Workspace:
     def create(cls, setup: SetupConfig, bundle: DatasetBundle | None = None,
                recipe: TrainRecipe | None = None) -> Workspace:
         if bundle is None:
-            bundle = load_dataset(setup.dataset, setup.data_root, setup.download, setup.image_size)
+            bundle = load_dataset(setup.dataset, setup.data_root, setup.download, setup.image_size, setup.train_split)
         if recipe is None:
             recipe = train_recipe_for(setup.dataset, {
                 "epochs": setup.train_epochs, "lr": setup.train_lr, "batch_size": setup.train_batch_size,

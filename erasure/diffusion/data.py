@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from erasure.backbones import Cond, backbone_of
 from erasure.config import ConceptSpec
 from erasure.io import atomic_path, clean_stale_temps
 from erasure.progress import Progress, emit, stage_callback
@@ -44,8 +45,8 @@ class ForgetRetainData:
     """Latents and prompt indices of Df and Dr; ``prompts[i]`` is embedded as ``embeddings[i]``."""
 
     prompts: list[str]
-    embeddings: torch.Tensor  # [P, 77, D]
-    uncond: torch.Tensor  # [1, 77, D]
+    embeddings: Cond | torch.Tensor  # P rows (SD: the [P, 77, D] tensor; other families a Cond with pooled etc.)
+    uncond: Cond | torch.Tensor  # 1 row: the "" prompt
     forget_latents: torch.Tensor
     forget_prompt: torch.Tensor  # [Nf] index into prompts
     anchor_prompt: torch.Tensor  # [Nf]
@@ -54,6 +55,18 @@ class ForgetRetainData:
     forget_files: list[str]
     retain_files: list[str]
     retain_weight: torch.Tensor | None = None  # [Nr] per-image retain-loss weight (mean 1), None = all equal
+    forget_std: torch.Tensor | None = None  # VAE posterior std (only with image_latents="sample")
+    retain_std: torch.Tensor | None = None
+
+    def latents(self, which: str, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latents ``idx`` of Df (``which="forget"``) or Dr: the posterior mean, or with stored std a fresh
+        posterior sample ``mean + std * N(0, I)`` drawn from ``generator``."""
+        mean = self.forget_latents if which == "forget" else self.retain_latents
+        std = self.forget_std if which == "forget" else self.retain_std
+        if std is None:
+            return mean[idx]
+        m = mean[idx]
+        return m + std[idx] * torch.randn(m.shape, generator=generator, dtype=torch.float32).to(m.device, m.dtype)
 
 
 def _data_seed(seed: int, k: int) -> int:
@@ -151,14 +164,28 @@ def _to_tensor(path: Path, resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(pipe, files: Sequence[Path], resolution: int, batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (distribution mean x scaling factor) of image files."""
+def encode_images(pipe, files: Sequence[Path], resolution: int, batch_size: int = 8, with_std: bool = False):
+    """VAE latents (distribution mean, shifted and scaled as the family's denoiser consumes them) of image files;
+    with ``with_std`` also the posterior std x scaling factor (a sample is then ``mean + std * N(0, I)``, what
+    ``latent_dist.sample()`` draws, shifted and scaled)."""
     vae = pipe.vae
-    out = []
+    backbone = backbone_of(pipe)
+    out, std = [], []
     for i in range(0, len(files), batch_size):
         x = torch.stack([_to_tensor(f, resolution) for f in files[i : i + batch_size]]).to(vae.device, vae.dtype)
-        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-    return torch.cat(out)
+        dist = vae.encode(x).latent_dist
+        out.append(backbone.scale_latents(vae, dist.mean))
+        std.append(dist.std * vae.config.scaling_factor)
+    return (torch.cat(out), torch.cat(std)) if with_std else torch.cat(out)
+
+
+def _folder_files(spec: str | list[str], prompts: Sequence[str]) -> list[tuple[Path, int]]:
+    """(file, prompt index) pairs of an image-folder spec: one folder (its images cycle over ``prompts``) or a list
+    of folders paired with ``prompts`` by position."""
+    if isinstance(spec, list):
+        return [(f, i) for i, folder in enumerate(spec) for f in load_image_folder(folder)]
+    n = max(1, len(prompts))
+    return [(f, j % n) for j, f in enumerate(load_image_folder(spec))]
 
 
 def build_forget_retain(
@@ -174,13 +201,15 @@ def build_forget_retain(
     cache_dir: str | os.PathLike | None = None,
     need_retain: bool = True,
     progress: Progress | None = None,
+    latent_std: bool = False,
     retain_weights: dict[str, float] | None = None,
 ) -> ForgetRetainData:
     """Build Df and Dr for ``concepts`` (generated with ``pipe`` unless the concept gives image folders).
 
+    With ``latent_std`` the VAE posterior std is kept too, so training draws a fresh posterior sample per step.
     ``retain_weights`` maps retain prompts to a retain-loss weight (others weigh 1); the per-image weights are
     scaled to mean 1 over Dr, so the retain weight ``alpha`` keeps its meaning."""
-    from erasure.diffusion.pipeline import encode_prompts, validate_prompts
+    from erasure.diffusion.pipeline import encode_conditions, validate_prompts
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     prompts: list[str] = []
@@ -205,8 +234,7 @@ def build_forget_retain(
         validate_prompts(c.anchor_prompts, pipe.tokenizer, "anchor prompt")
         validate_prompts(c.retain_prompts, pipe.tokenizer, "retain prompt") if c.retain_prompts else None
         if c.forget_images:
-            for j, f in enumerate(load_image_folder(c.forget_images)):
-                i = j % len(c.forget_prompts)
+            for f, i in _folder_files(c.forget_images, c.forget_prompts):
                 f_files.append(f)
                 f_prompt.append(pid(c.forget_prompts[i]))
                 a_prompt.append(pid(c.anchor_for(i)))
@@ -223,9 +251,9 @@ def build_forget_retain(
             continue
         if c.retain_images:
             rp = c.retain_prompts or [""]
-            for j, f in enumerate(load_image_folder(c.retain_images)):
+            for f, i in _folder_files(c.retain_images, rp):
                 r_files.append(f)
-                r_prompt.append(pid(rp[j % len(rp)]))
+                r_prompt.append(pid(rp[i]))
         else:
             for p in c.retain_prompts:
                 for k in range(retain_per_prompt):
@@ -240,10 +268,10 @@ def build_forget_retain(
         for (kind, pos), path in zip(gen_slot, paths):
             (f_files if kind == "f" else r_files)[pos] = path
     emit(progress, "encoding images", 0, 1)
-    f_lat = encode_images(pipe, f_files, resolution)
-    r_lat = encode_images(pipe, r_files, resolution) if r_files else None
-    emb = encode_prompts(pipe, prompts)
-    uncond = encode_prompts(pipe, [""])
+    f_lat, f_std = _encode(pipe, f_files, resolution, latent_std)
+    r_lat, r_std = _encode(pipe, r_files, resolution, latent_std) if r_files else (None, None)
+    emb = encode_conditions(pipe, prompts, resolution)
+    uncond = encode_conditions(pipe, [""], resolution)
     emit(progress, "encoding images", 1, 1)
     r_weight = None
     if retain_weights and r_files:
@@ -261,4 +289,12 @@ def build_forget_retain(
         forget_files=[str(f) for f in f_files],
         retain_files=[str(f) for f in r_files],
         retain_weight=r_weight,
+        forget_std=f_std,
+        retain_std=r_std,
     )
+
+
+def _encode(pipe, files: Sequence[Path], resolution: int, with_std: bool):
+    if with_std:
+        return encode_images(pipe, files, resolution, with_std=True)
+    return encode_images(pipe, files, resolution), None

@@ -1,33 +1,47 @@
-"""Losses of the diffusion erasure methods, written against a small :class:`StepBatch`."""
+"""Losses of the diffusion erasure methods, written against a small :class:`StepBatch`.
+
+Every loss calls the denoiser through ``predict(denoiser, x_t, t, cond)`` (a backbone's
+:meth:`~erasure.backbones.Backbone.predict`; default :func:`unet_eps`, the SD v1/v2 UNet) and compares in the
+space of the family's training target (epsilon, v or flow velocity), so the same loss serves every family.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from erasure.backbones import cat_cond, expand_cond
+from erasure.backbones.sd import unet_predict
+
 __all__ = ["StepBatch", "add_noise", "unet_eps", "mask_loss", "remap_loss", "denoise_loss", "distill_loss", "weighted_mse", "esd_loss"]
+
+Predict = Callable[[Any, torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
 @dataclass
 class StepBatch:
     """Everything one training (micro-)step needs, already on the device.
 
-    ``forget_*``: Df latents, their noisy version at ``forget_t`` and the prompt embeddings of each image's
-    forget prompt and its anchor; ``retain_*``: the same for Dr (may be ``None``); ``uncond``: the "" embedding.
+    ``forget_*``: Df latents, their noisy version at ``forget_t``, the training target (``forget_noise``: the
+    noise for epsilon prediction; v or ``noise - x0`` for other families) and the conditions of each image's
+    forget prompt and its anchor; ``retain_*``: the same for Dr (may be ``None``); ``uncond``: the "" condition.
+    Conditions are :class:`erasure.backbones.Cond` (or plain embedding tensors for SD v1/v2).
     """
 
     forget_x: torch.Tensor
     forget_t: torch.Tensor
     forget_noise: torch.Tensor
-    forget_cond: torch.Tensor
-    anchor_cond: torch.Tensor
-    uncond: torch.Tensor
+    forget_cond: Any
+    anchor_cond: Any
+    uncond: Any
     retain_x: torch.Tensor | None = None
     retain_t: torch.Tensor | None = None
     retain_noise: torch.Tensor | None = None
-    retain_cond: torch.Tensor | None = None
+    retain_cond: Any = None
     retain_weight: torch.Tensor | None = None  # [B] per-image weight of the retain loss (None: all 1)
 
 
@@ -39,27 +53,28 @@ def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator) -> t
     return scheduler.add_noise(latents, noise, t), t, noise
 
 
-def unet_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    return unet(x, t, encoder_hidden_states=cond).sample
+def unet_eps(unet, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    return unet_predict(unet, x, t, cond)
 
 
-def mask_loss(unet, b: StepBatch, guidance: float) -> torch.Tensor:
-    """SalUn saliency loss: -MSE(noise, eps_cfg) with eps_cfg = (1+w) eps(x_t, c) - w eps(x_t, "")."""
-    n = b.forget_x.shape[0]
-    eps = unet_eps(
-        unet, torch.cat([b.forget_x, b.forget_x]), torch.cat([b.forget_t, b.forget_t]),
-        torch.cat([b.forget_cond, b.uncond.expand(n, -1, -1)]),
-    )
+def _with_uncond(x, t, cond, uncond):
+    n = x.shape[0]
+    return torch.cat([x, x]), torch.cat([t, t]), cat_cond(cond, expand_cond(uncond, n))
+
+
+def mask_loss(unet, b: StepBatch, guidance: float, predict: Predict = unet_eps) -> torch.Tensor:
+    """SalUn saliency loss: -MSE(target, pred_cfg) with pred_cfg = (1+w) pred(x_t, c) - w pred(x_t, "")."""
+    eps = predict(unet, *_with_uncond(b.forget_x, b.forget_t, b.forget_cond, b.uncond))
     eps_c, eps_u = eps.chunk(2)
     eps_cfg = (1 + guidance) * eps_c - guidance * eps_u
     return -F.mse_loss(eps_cfg.float(), b.forget_noise.float())
 
 
-def remap_loss(unet, b: StepBatch) -> torch.Tensor:
-    """Concept remapping: MSE(eps(x_t, c_forget), stopgrad eps(x_t, c_anchor)) on Df."""
+def remap_loss(unet, b: StepBatch, predict: Predict = unet_eps) -> torch.Tensor:
+    """Concept remapping: MSE(pred(x_t, c_forget), stopgrad pred(x_t, c_anchor)) on Df."""
     with torch.no_grad():
-        target = unet_eps(unet, b.forget_x, b.forget_t, b.anchor_cond)
-    pred = unet_eps(unet, b.forget_x, b.forget_t, b.forget_cond)
+        target = predict(unet, b.forget_x, b.forget_t, b.anchor_cond)
+    pred = predict(unet, b.forget_x, b.forget_t, b.forget_cond)
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -72,64 +87,52 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
     return (per * w).mean()
 
 
-def denoise_loss(unet, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
+def denoise_loss(unet, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond, predict: Predict = unet_eps,
                  weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Standard epsilon-prediction denoising MSE (per-image ``weight`` optional)."""
-    return weighted_mse(unet_eps(unet, x, t, cond), noise, weight)
+    """Standard denoising MSE to the training target (``noise``: epsilon, v or flow velocity); per-image
+    ``weight`` optional."""
+    return weighted_mse(predict(unet, x, t, cond), noise, weight)
 
 
 def distill_loss(
-    unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
+    unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond, uncond=None, predict: Predict = unet_eps,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Retain distillation: MSE(eps_theta(x_t, c), stopgrad eps*(x_t, c)) with the frozen original eps*.
+    """Retain distillation: MSE(pred_theta(x_t, c), stopgrad pred*(x_t, c)) with the frozen original pred*.
 
     With ``uncond`` the "" prediction on the same x_t is distilled too (one batched call): classifier-free
-    guidance multiplies any drift of eps(x_t, "") by the guidance scale in every generation, not only the
+    guidance multiplies any drift of pred(x_t, "") by the guidance scale in every generation, not only the
     retain prompts'. Zero at the start of training; unlike :func:`denoise_loss` the target carries no sampling
     noise, so small retain batches at a high learning rate do not random-walk the weights away.
     """
     if uncond is not None:
-        n = x.shape[0]
-        x, t, cond = torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond.expand(n, -1, -1)])
+        x, t, cond = _with_uncond(x, t, cond, uncond)
     with torch.no_grad():
-        target = unet_eps(frozen_unet, x, t, cond)
-    return weighted_mse(unet_eps(unet, x, t, cond), target, weight)
+        target = predict(frozen_unet, x, t, cond)
+    return weighted_mse(predict(unet, x, t, cond), target, weight)
 
 
-def esd_loss(unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, eta: float) -> torch.Tensor:
-    """ESD: MSE(eps_theta(x_t, c), eps*(x_t, "") - eta (eps*(x_t, c) - eps*(x_t, ""))) with the frozen original eps*."""
-    n = x.shape[0]
+def esd_loss(unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond, uncond, eta: float,
+             predict: Predict = unet_eps) -> torch.Tensor:
+    """ESD: MSE(pred_theta(x_t, c), pred*(x_t, "") - eta (pred*(x_t, c) - pred*(x_t, ""))) with the frozen original."""
     with torch.no_grad():
-        e = unet_eps(frozen_unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond.expand(n, -1, -1)]))
+        e = predict(frozen_unet, *_with_uncond(x, t, cond, uncond))
         e_c, e_u = e.chunk(2)
         target = e_u - eta * (e_c - e_u)
-    pred = unet_eps(unet, x, t, cond)
+    pred = predict(unet, x, t, cond)
     return F.mse_loss(pred.float(), target.float())
 
 
 @torch.no_grad()
 def ddim_partial_sample(
-    unet, scheduler_config, cond: torch.Tensor, uncond: torch.Tensor, shape: tuple[int, ...], num_steps: int,
-    generator: torch.Generator, guidance: float = 3.0,
+    unet, scheduler_config, cond, uncond, shape: tuple[int, ...], num_steps: int,
+    generator: torch.Generator, guidance: float = 3.0, predict: Predict = unet_eps,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ESD's x_t: run DDIM from noise with the current model for a random number of steps.
+    """ESD's x_t for UNet families: DDIM from noise with the current model for a random number of steps.
 
-    Returns (x_t, t) where ``t`` is the training timestep that x_t corresponds to (one per batch item).
+    Returns (x_t, t) where ``t`` is the training timestep that x_t corresponds to (one per batch item). Other
+    families sample with their backbone's :meth:`~erasure.backbones.Backbone.partial_sample`.
     """
-    from diffusers import DDIMScheduler
+    from erasure.backbones.sd import ddim_partial_sample as _sample
 
-    sched = DDIMScheduler.from_config(scheduler_config)
-    sched.set_timesteps(num_steps)
-    stop = int(torch.randint(0, num_steps, (1,), generator=generator))
-    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(cond.device, cond.dtype)
-    n = shape[0]
-    for i, ts in enumerate(sched.timesteps):
-        if i == stop:
-            break
-        t = ts.expand(n).to(x.device)
-        e = unet_eps(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond.expand(n, -1, -1)]))
-        e_c, e_u = e.chunk(2)
-        x = sched.step(e_u + guidance * (e_c - e_u), ts, x).prev_sample
-    t_final = sched.timesteps[stop].expand(n).to(x.device)
-    return x, t_final
+    return _sample(predict, unet, scheduler_config, cond, uncond, shape, num_steps, generator, guidance)

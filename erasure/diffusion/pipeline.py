@@ -20,8 +20,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# model_index.json ``_class_name`` values whose folders have the SD v1/v2 layout (one UNet, one CLIP text encoder)
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+# model_index.json ``_class_name`` values of the supported families (see erasure.backbones)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
+                       "StableDiffusion3Pipeline", "FluxPipeline")
 MAX_GUIDANCE = 1000.0
 """Largest accepted CFG scale (the I2P prompt set asks for up to 255; 1e300 overflows to an all-black image)."""
 MAX_SEED = 2**63 - 1
@@ -40,6 +41,7 @@ __all__ = [
     "load_pipeline",
     "validate_prompts",
     "encode_prompts",
+    "encode_conditions",
     "initial_latents",
     "generate",
     "model_fingerprint",
@@ -77,7 +79,7 @@ def resolve_model(model: str | os.PathLike | None) -> str:
         if not (p / "model_index.json").is_file():
             raise ModelLoadError(
                 f"{s} is not a diffusers pipeline folder (no model_index.json); pass the folder that holds "
-                "unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+                "unet/ (or transformer/), vae/, text_encoder/, tokenizer/ and scheduler/"
             )
         check_pipeline_class(p)
         check_components(p)
@@ -88,9 +90,9 @@ def resolve_model(model: str | os.PathLike | None) -> str:
 
 
 def check_pipeline_class(folder: str | os.PathLike) -> None:
-    """Raise :class:`ModelLoadError` when ``folder/model_index.json`` names a pipeline other than SD v1/v2.
+    """Raise :class:`ModelLoadError` when ``folder/model_index.json`` names a pipeline no backbone supports.
 
-    Read before diffusers loads anything, so an SDXL/SD3/FLUX folder gets one line naming what is supported
+    Read before diffusers loads anything, so an unsupported folder gets one line naming what is supported
     instead of an error from deep inside ``from_pretrained``. A missing ``_class_name`` is left to diffusers.
     """
     index_file = Path(folder) / "model_index.json"
@@ -103,8 +105,8 @@ def check_pipeline_class(folder: str | os.PathLike) -> None:
     name = index.get("_class_name")
     if name is not None and name not in SUPPORTED_PIPELINES:
         raise ModelLoadError(
-            f"{folder} is a {name} folder; supported: StableDiffusionPipeline (SD v1/v2 layout). "
-            "SDXL, SD3 and FLUX pipelines are not supported yet"
+            f"{folder} is a {name} folder; supported: StableDiffusionPipeline (SD v1/v2), StableDiffusionXLPipeline, "
+            "StableDiffusion3Pipeline, FluxPipeline"
         )
 
 
@@ -135,7 +137,7 @@ def check_components(folder: str | os.PathLike) -> None:
         if not sub.is_dir():
             raise ModelLoadError(f"{folder} has no {name}/ folder, which its model_index.json lists ({value[1]}); "
                                  "copy the complete pipeline folder")
-        if name in ("unet", "vae", "text_encoder") and not (sub / "config.json").is_file():
+        if name in ("unet", "transformer", "vae", "text_encoder") and not (sub / "config.json").is_file():
             raise ModelLoadError(f"{sub} has no config.json; copy the complete {name}/ folder of the pipeline")
 
 
@@ -157,35 +159,42 @@ def load_pipeline(
     device: str | torch.device = "auto",
     dtype: torch.dtype | None = None,
     scheduler: str = "ddim",
+    drop_t5: bool = False,
 ):
-    """Load a diffusers Stable Diffusion pipeline with the safety checker off and a DDIM scheduler.
+    """Load a diffusers pipeline of a supported family (SD v1/v2, SDXL, SD3, FLUX; see :mod:`erasure.backbones`).
 
     Args:
         model (`str`, *optional*): local folder or hub id; ``None`` loads the embedded shapes model.
         device (`str`, defaults to `"auto"`): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         dtype (`torch.dtype`, *optional*): defaults to float32 (float16 for inference on CUDA is the caller's choice).
-        scheduler (`str`, defaults to `"ddim"`): ``ddim`` or ``keep`` (the folder's own scheduler).
+        scheduler (`str`, defaults to `"ddim"`): ``ddim`` (the family's erasure sampler: DDIM for UNet families,
+            the folder's flow-matching Euler scheduler for SD3/FLUX) or ``keep`` (the folder's own scheduler).
+        drop_t5 (`bool`, defaults to False): SD3 only: load without the T5 text encoder.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from erasure.backbones import detect_family, get_backbone
 
     path = resolve_model(model)
     dev = resolve_device(device)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, dtype=dtype or torch.float32, safety_checker=None, requires_safety_checker=False
-        )
+        backbone = get_backbone(detect_family(path))
+    except ValueError as err:
+        raise ModelLoadError(f"cannot load {path}: {err}") from err
+    if scheduler not in ("ddim", "keep"):
+        raise ValueError(f"scheduler must be 'ddim' or 'keep', got {scheduler!r}")
+    if drop_t5 and backbone.name != "sd3":
+        raise ValueError(f"--drop-t5 applies to SD3 models only; {path} is a {backbone.label} pipeline")
+    kwargs = backbone.load_kwargs(path, drop_t5=True) if drop_t5 else backbone.load_kwargs(path)
+    try:
+        pipe = backbone.pipeline_cls().from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
     except Exception as err:  # diffusers raises many types (OSError, ValueError, EnvironmentError, HF errors)
         if not Path(path).exists():
             hint = "the hub is not reachable offline (HF_HUB_OFFLINE=1)" if offline else "it could not be downloaded"
             raise ModelLoadError(
                 f"cannot load hub model {path!r}: {hint}; download it elsewhere and pass the local folder"
             ) from err
-        raise ModelLoadError(f"cannot load {path} as a Stable Diffusion pipeline: {err}") from err
-    if scheduler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    elif scheduler != "keep":
-        raise ValueError(f"scheduler must be 'ddim' or 'keep', got {scheduler!r}")
+        raise ModelLoadError(f"cannot load {path} as a {backbone.label} pipeline: {err}") from err
+    backbone.set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe._name_or_path = path  # noqa: SLF001 - recorded in run.json
     return pipe.to(dev)
@@ -212,25 +221,32 @@ def validate_prompts(prompts: Sequence[str], tokenizer, what: str = "prompt") ->
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """Text-encoder hidden states for ``prompts`` (``[len(prompts), 77, dim]``), as the UNet consumes them."""
-    tok = pipe.tokenizer(
-        list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    )
-    te = pipe.text_encoder
-    return te(tok.input_ids.to(te.device))[0]
+    """The token embeddings the denoiser consumes (``[len(prompts), L, dim]``; SD v1/v2: the CLIP hidden states).
+
+    The full conditioning of any family (pooled embeddings, size ids) is :func:`encode_conditions`."""
+    cond = encode_conditions(pipe, prompts)
+    return cond if isinstance(cond, torch.Tensor) else cond["prompt_embeds"]
+
+
+def encode_conditions(pipe, prompts: Sequence[str], resolution: int | None = None):
+    """Everything the pipeline's denoiser needs for ``prompts``, one row each: an :class:`erasure.backbones.Cond`
+    (SD v1/v2: the plain ``[n, 77, D]`` embedding tensor)."""
+    from erasure.backbones import backbone_of
+
+    return backbone_of(pipe).encode(pipe, prompts, resolution)
 
 
 def initial_latents(pipe, seed: int, height: int, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The starting noise for one image, drawn on CPU from ``torch.Generator().manual_seed(seed)``."""
-    factor = pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
-    g = torch.Generator("cpu").manual_seed(int(seed))
-    return torch.randn(shape, generator=g, dtype=torch.float32).to(dtype or pipe.unet.dtype)
+    """The starting noise for one image, drawn on CPU from ``torch.Generator().manual_seed(seed)`` (FLUX: packed)."""
+    from erasure.backbones import backbone_of
+
+    return backbone_of(pipe).initial_latents(pipe, seed, height, width, dtype)
 
 
 def default_resolution(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    from erasure.backbones import backbone_of
+
+    return backbone_of(pipe).default_resolution(pipe)
 
 
 def generate(
@@ -274,11 +290,15 @@ def generate(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    from erasure.backbones import backbone_of
+
+    backbone = backbone_of(pipe)
     validate_prompts(prompts, pipe.tokenizer)
-    size = default_resolution(pipe)
+    size = backbone.default_resolution(pipe)
     height, width = height or size, width or size
-    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
-        raise ValueError(f"height and width must be multiples of {pipe.vae_scale_factor}")
+    multiple = backbone.size_multiple(pipe)
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple}")
     images = []
     order = list(range(len(prompts)))
     # batch rows that share a guidance value (a pipeline call takes one guidance scale)
@@ -294,15 +314,7 @@ def generate(
             batch.append(order[i])
             i += 1
         lat = torch.cat([initial_latents(pipe, seeds[j], height, width) for j in batch]).to(pipe.device)
-        res = pipe(
-            [prompts[j] for j in batch],
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=g,
-            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
-            latents=lat,
-        ).images
+        res = backbone.call(pipe, [prompts[j] for j in batch], lat, height, width, steps, g, negative_prompt)
         for j, im in zip(batch, res):
             out[j] = im
         done += len(batch)

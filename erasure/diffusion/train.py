@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import os
@@ -23,9 +24,10 @@ from typing import Any
 
 import torch
 
+from erasure.backbones import Backbone, check_method_family, get_backbone
 from erasure.config import EraseConfig, MaskConfig
 from erasure.diffusion.data import ForgetRetainData, build_forget_retain
-from erasure.diffusion.losses import StepBatch, add_noise
+from erasure.diffusion.losses import StepBatch
 from erasure.diffusion.mask import (
     compute_mask_from_data,
     resolve_mask,
@@ -69,9 +71,10 @@ class EraseCancelled(RuntimeError):
 class EraseContext:
     """What a method sees: the config, its own args, the models, the data, the randomness and the listeners.
 
-    ``unet`` is the model being changed (wrapped for data parallelism inside :func:`fit`); ``frozen_unet`` a
-    frozen copy of the original when the method asked for one; ``data`` is None for methods that need no
-    images. ``log`` collects metric dicts a ``run`` method wants in ``log.jsonl``.
+    ``unet`` is the denoiser being changed (the UNet, or the SD3/FLUX transformer; wrapped for data parallelism
+    inside :func:`fit`); ``frozen_unet`` a frozen copy of the original when the method asked for one; ``data`` is
+    None for methods that need no images. ``log`` collects metric dicts a ``run`` method wants in ``log.jsonl``.
+    ``backbone`` is the model family (:mod:`erasure.backbones`): ``ctx.predict`` calls the denoiser.
     """
 
     config: EraseConfig
@@ -86,18 +89,24 @@ class EraseContext:
     cancel: threading.Event | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
     run_info: dict[str, Any] | None = None  # extra run.json entries from the caller (settings_source, tuning)
+    backbone: Backbone = field(default_factory=lambda: get_backbone("sd"))
 
     @property
     def scheduler_config(self) -> Any:
         return self.pipe.scheduler.config
 
     @property
+    def predict(self) -> Any:
+        return self.backbone.predict
+
+    @property
     def text_encoder(self) -> Any:
-        return self.pipe.text_encoder
+        """The encoder whose token states the cross-attention K/V read (SDXL: both CLIPs as one)."""
+        return self.backbone.token_encoder(self.pipe)[0]
 
     @property
     def tokenizer(self) -> Any:
-        return self.pipe.tokenizer
+        return self.backbone.token_encoder(self.pipe)[1]
 
     @property
     def concepts(self) -> list:
@@ -114,14 +123,16 @@ class _Inputs:
     data: ForgetRetainData | None
     resolution: int
     auto: dict | None = None  # what erasure.auto added (run.json "auto")
+    backbone: Backbone = field(default_factory=lambda: get_backbone("sd"))
 
 
 # ------------------------------------------------------------------------------------------------ phases
 def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress | None = None) -> _Inputs:
     """Load the base pipeline and build Df (and Dr when the method's args use retain data)."""
     model = resolve_model(cfg.model)  # a wrong model fails before any progress is drawn
+    backbone = check_method_family(cfg, spec)
     emit(progress, "loading", 0, 1)
-    pipe = load_pipeline(model, device=device)
+    pipe = load_pipeline(model, device=device, drop_t5=cfg.drop_t5)
     res = cfg.resolution or default_resolution(pipe)
     emit(progress, "loading", 1, 1)
     data, concepts, weights, auto = None, cfg.concepts, None, None
@@ -130,21 +141,23 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
 
         if auto_active(cfg):
             concepts, weights, auto = prepare_concepts(cfg, pipe, model, cfg.method_args.uses_retain())
+        key = model_fingerprint(model) + ("|drop_t5" if cfg.drop_t5 else "")  # Df/Dr cache key
         data = build_forget_retain(
-            pipe, concepts, model_fingerprint(model), cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
+            pipe, concepts, key, cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
             cfg.data_steps, cfg.data_guidance, res, cfg.seed, cfg.cache_dir, need_retain=cfg.method_args.uses_retain(),
-            progress=progress, retain_weights=weights,
+            progress=progress, latent_std=cfg.image_latents == "sample", retain_weights=weights,
         )
-    pipe.text_encoder.requires_grad_(False)
-    pipe.vae.requires_grad_(False)
-    return _Inputs(model, pipe, data, res, auto)
+    for module in backbone.frozen_modules(pipe):
+        module.requires_grad_(False)
+    return _Inputs(model, pipe, data, res, auto=auto, backbone=backbone)
 
 
-def select_parameters(unet, mode: str, mask: dict[str, torch.Tensor] | None) -> dict[str, torch.nn.Parameter]:
+def select_parameters(unet, mode: str, mask: dict[str, torch.Tensor] | None,
+                      backbone: Backbone | None = None) -> dict[str, torch.nn.Parameter]:
     """Set ``requires_grad`` on the parameters that may train (filter, then mask) and return them by name."""
     named = dict(unet.named_parameters())
     for n, p in named.items():
-        p.requires_grad_(trainable_filter(n, mode))
+        p.requires_grad_(trainable_filter(n, mode, backbone))
     trainable = prepare_masked_params({n: p for n, p in named.items() if p.requires_grad}, mask)
     for n, p in named.items():
         if n not in trainable:
@@ -182,11 +195,12 @@ def restore(run: RunDir, cfg: EraseConfig, trainable: dict, optimizer, is_main: 
 
 
 def sample_batch(data: ForgetRetainData, cfg: EraseConfig, g: torch.Generator, scheduler, device,
-                 with_retain: bool) -> StepBatch:
+                 with_retain: bool, backbone: Backbone | None = None) -> StepBatch:
     """One micro-batch of Df (and Dr) at random timesteps, drawn from ``g``."""
+    backbone = backbone or get_backbone("sd")
     nf = data.forget_latents.shape[0]
     fi = torch.randint(0, nf, (cfg.batch_size,), generator=g)
-    x_t, t, noise = add_noise(scheduler, data.forget_latents[fi].to(device), g)
+    x_t, t, noise = backbone.noise(scheduler, data.latents("forget", fi, g).to(device), g)
     b = StepBatch(
         forget_x=x_t, forget_t=t, forget_noise=noise,
         forget_cond=data.embeddings[data.forget_prompt[fi]].to(device),
@@ -195,7 +209,7 @@ def sample_batch(data: ForgetRetainData, cfg: EraseConfig, g: torch.Generator, s
     )
     if with_retain and data.retain_latents is not None:
         ri = torch.randint(0, data.retain_latents.shape[0], (cfg.batch_size,), generator=g)
-        rx, rt, rn = add_noise(scheduler, data.retain_latents[ri].to(device), g)
+        rx, rt, rn = backbone.noise(scheduler, data.latents("retain", ri, g).to(device), g)
         b.retain_x, b.retain_t, b.retain_noise = rx, rt, rn
         b.retain_cond = data.embeddings[data.retain_prompt[ri]].to(device)
         if data.retain_weight is not None:
@@ -225,7 +239,7 @@ def fit(ctx: EraseContext, spec: MethodSpec, accelerator, run: RunDir, trainable
             ctx.generator = g
             sums: dict[str, float] = {}
             for _ in range(cfg.grad_accum):
-                b = sample_batch(ctx.data, cfg, g, ctx.pipe.scheduler, ctx.device, with_retain)
+                b = sample_batch(ctx.data, cfg, g, ctx.pipe.scheduler, ctx.device, with_retain, ctx.backbone)
                 with accelerator.autocast():
                     parts = spec.loss(ctx, b)
                 loss = parts["loss"]
@@ -290,6 +304,8 @@ def save_run(run: RunDir, ctx: EraseContext, spec: MethodSpec, inputs: _Inputs, 
         "method_shape": spec.shape,
         "needs_mask": spec.needs_mask,
         "base_model": inputs.model,
+        "family": inputs.backbone.name,
+        "denoiser": inputs.backbone.denoiser_attr,
         "base_model_fingerprint": model_fingerprint(inputs.model),
         "concepts": [c.name for c in cfg.concepts],
         "config": cfg.to_dict(),
@@ -330,13 +346,18 @@ def compute_mask(
     spec = cfg.spec
     mode = spec.trainable or cfg.trainable
     inputs = load_inputs(cfg, _with_images(spec), cfg.device, progress)
-    mask = compute_mask_from_data(inputs.pipe.unet, inputs.pipe.scheduler, inputs.data, cfg, cfg.seed, cfg.batch_size,
-                                  mode, progress)
+    bb = inputs.backbone
+    for name in (*bb.text_modules, "vae"):  # Df is encoded: the mask needs only the denoiser (SDXL: frees ~3.6 GB)
+        if getattr(inputs.pipe, name, None) is not None:
+            setattr(inputs.pipe, name, None)
+    gc.collect()
+    mask = compute_mask_from_data(bb.denoiser(inputs.pipe), inputs.pipe.scheduler, inputs.data, cfg, cfg.seed,
+                                  cfg.batch_size, mode, progress, bb)
     if out is not None:
         stats = mask_stats(mask)
         save_mask(mask, out, metadata={"base_model": inputs.model, "mask_config": MaskConfig(
             mask_ratio=cfg.mask_ratio, mask_guidance=cfg.mask_guidance, mask_batches=cfg.mask_batches,
-            mask_score=cfg.mask_score).to_dict(), "concepts": [c.to_dict() for c in cfg.concepts],
+            mask_score=cfg.mask_score, mask_score_dtype=cfg.mask_score_dtype).to_dict(), "concepts": [c.to_dict() for c in cfg.concepts],
             "trainable": mode, "seed": cfg.seed, "kept": stats["kept"], "total": stats["total"]})
     return mask
 
@@ -388,6 +409,7 @@ def erase(
     progress = _stop_between_units(progress, cancel)
     if spec.needs_mask and mask is None and cfg.mask_path:  # a bad mask file fails before anything is written
         load_mask(cfg.mask_path)
+    check_method_family(cfg, spec)  # before anything is written or generated
     accelerator = _accelerator(cfg)
     fresh = overwrite or not run.partial.exists()
     try:
@@ -428,11 +450,11 @@ def _stop_between_units(progress: Progress | None, cancel: threading.Event | Non
 def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0, run_info=None) -> Path:
     inputs = load_inputs(cfg, spec, accelerator.device, progress)
     t_data = time.time()
-    unet = inputs.pipe.unet
+    unet = inputs.backbone.denoiser(inputs.pipe)
     unet.requires_grad_(False)
     ctx = EraseContext(config=cfg, args=cfg.method_args, pipe=inputs.pipe, unet=unet, device=accelerator.device,
                        data=inputs.data, generator=step_generator(cfg.seed, 0), progress=progress, cancel=cancel,
-                       run_info=run_info)
+                       backbone=inputs.backbone, run_info=run_info)
     if cfg.method_args.needs_frozen_unet():
         ctx.frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval()
     emit(progress, "editing", 0, 1)
@@ -442,7 +464,7 @@ def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0, run_info=N
     state = unet.state_dict()
     bad = sorted(set(weights) - set(state))
     if bad:
-        raise ValueError(f"method {spec.name!r} returned {bad[0]!r}, which is not a UNet parameter")
+        raise ValueError(f"method {spec.name!r} returned {bad[0]!r}, which is not a parameter of the denoiser")
     weights = {n: t.detach().float().cpu().contiguous() for n, t in weights.items()}
     emit(progress, "editing", 1, 1)
     t_edit = time.time()
@@ -463,14 +485,14 @@ def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask
     with accelerator.main_process_first():  # the main process generates (and caches) Df/Dr; the others read it
         inputs = load_inputs(cfg, spec, device, progress)
     t_data = time.time()
-    unet = inputs.pipe.unet
+    unet = inputs.backbone.denoiser(inputs.pipe)
     named = dict(unet.named_parameters())
     mode = spec.trainable or cfg.trainable
 
     mask = None
     if spec.needs_mask:
         mask, computed = resolve_mask(cfg, unet, inputs.pipe.scheduler, inputs.data, mode, run.partial, given_mask,
-                                      progress)
+                                      progress, inputs.backbone)
         if computed and accelerator.num_processes > 1:  # every rank trains rank 0's mask (GPU sums differ bitwise)
             from accelerate.utils import broadcast
 
@@ -479,7 +501,7 @@ def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask
             save_run_mask(mask, run.partial / "mask.safetensors", cfg, mode, inputs.model)
     t_mask = time.time()
 
-    trainable = select_parameters(unet, mode, mask)
+    trainable = select_parameters(unet, mode, mask, inputs.backbone)
     args = cfg.method_args
     frozen = copy.deepcopy(unet).requires_grad_(False).eval() if args.needs_frozen_unet() else None
     if cfg.gradient_checkpointing:
@@ -493,7 +515,8 @@ def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask
     model_dp, optimizer = accelerator.prepare(unet, optimizer)
     model_dp.train()
     ctx = EraseContext(config=cfg, args=args, pipe=inputs.pipe, unet=model_dp, device=device, frozen_unet=frozen,
-                       data=inputs.data, progress=progress, cancel=cancel, run_info=run_info)
+                       data=inputs.data, progress=progress, cancel=cancel, backbone=inputs.backbone,
+                       run_info=run_info)
     last = fit(ctx, spec, accelerator, run, trainable, optimizer, upd, start)
     t_train = time.time()
     emit(progress, "saving", 0, 1)

@@ -1,16 +1,19 @@
 """ESD: Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023, https://arxiv.org/abs/2303.07345).
 
 The UNet is fine-tuned so its prediction for the concept equals the frozen model's prediction with negative
-guidance away from it, at x_t drawn from the current model's own DDIM trajectory. ``esd-x`` trains the
+guidance away from it, at x_t drawn from a partial sampling trajectory (guidance ``start_guidance``; DDIM for UNet
+families, flow-matching Euler steps for SD3/FLUX) of the current model (the CompVis ``train-esd.py``) or, with
+``xt_model="frozen"``, of the frozen original (the diffusers ``esd_sd.py``). ``esd-x`` trains the
 cross-attention weights only, ``esd-u`` everything else.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from erasure.diffusion.losses import ddim_partial_sample, esd_loss
+from erasure.diffusion.losses import ddim_partial_sample, esd_loss, unet_eps
 from erasure.jsonconfig import field
 from erasure.methods import MethodConfig, MethodSpec, register_method
 
@@ -25,6 +28,11 @@ class ESDConfig(MethodConfig):
                                      label="Negative guidance (eta)", min=0.0, max=100.0)
     sample_steps: int = field(50, help="ESD: DDIM steps of the trajectory x_t is drawn from.", label="Trajectory steps",
                               min=1, max=1000)
+    start_guidance: float = field(3.0, help="ESD: CFG scale of the trajectory x_t is drawn from (both official scripts: 3).",
+                                  label="Trajectory guidance", min=0.0, max=100.0)
+    xt_model: Literal["current", "frozen"] = field(
+        "current", help="ESD: model that samples x_t: the model being trained (the CompVis script) or the frozen "
+        "original (the diffusers rewrite esd_sd.py).", label="x_t sampled by")
 
     def needs_frozen_unet(self) -> bool:
         return True
@@ -32,11 +40,15 @@ class ESDConfig(MethodConfig):
 
 def esd(ctx, b) -> dict:
     args: ESDConfig = ctx.args
-    x, t = ddim_partial_sample(
-        ctx.unet, ctx.scheduler_config, b.forget_cond, b.uncond, tuple(b.forget_x.shape), args.sample_steps,
-        ctx.generator,
+    backbone = getattr(ctx, "backbone", None)  # None: a bare SD context (tests, older callers)
+    predict = backbone.predict if backbone is not None else unet_eps
+    sampler = (backbone.partial_sample if backbone is not None and backbone.denoiser_attr != "unet"
+               else functools.partial(ddim_partial_sample, predict=predict))  # flow matching / DDIM
+    x, t = sampler(
+        ctx.frozen_unet if args.xt_model == "frozen" else ctx.unet, ctx.scheduler_config, b.forget_cond, b.uncond,
+        tuple(b.forget_x.shape), args.sample_steps, ctx.generator, guidance=args.start_guidance,
     )
-    loss = esd_loss(ctx.unet, ctx.frozen_unet, x, t, b.forget_cond, b.uncond, args.negative_guidance)
+    loss = esd_loss(ctx.unet, ctx.frozen_unet, x, t, b.forget_cond, b.uncond, args.negative_guidance, predict)
     return {"loss": loss, "forget_loss": loss.detach()}
 
 

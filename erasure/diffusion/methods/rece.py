@@ -215,5 +215,6 @@ register_method(
         label="RECE (UCE + adversarial re-edits)",
         paper="https://arxiv.org/abs/2407.12383",
         needs_images=False,
+        families=("sd", "sdxl"),  # edits UNet cross-attention K/V (attn2.to_k / to_v)
     )
 )

@@ -39,15 +39,16 @@ def remap_with_retain(ctx, b) -> dict:
     """Shared by SalUn and RL: remap loss on Df + alpha * retain loss on Dr (denoising, or distillation from the
     frozen original UNet when ``retain_loss == "distill"``)."""
     args: SalUnConfig = ctx.args
-    forget = remap_loss(ctx.unet, b)
+    forget = remap_loss(ctx.unet, b, predict=ctx.predict)
     out = {"forget_loss": forget}
     loss = forget
     if b.retain_x is not None and args.alpha > 0:
         if args.retain_loss == "distill":
             retain = distill_loss(ctx.unet, ctx.frozen_unet, b.retain_x, b.retain_t, b.retain_cond, b.uncond,
-                                  weight=b.retain_weight)
+                                  predict=ctx.predict, weight=b.retain_weight)
         else:
-            retain = denoise_loss(ctx.unet, b.retain_x, b.retain_t, b.retain_noise, b.retain_cond, weight=b.retain_weight)
+            retain = denoise_loss(ctx.unet, b.retain_x, b.retain_t, b.retain_noise, b.retain_cond, predict=ctx.predict,
+                                  weight=b.retain_weight)
         out["retain_loss"] = retain
         loss = loss + args.alpha * retain
     out["loss"] = loss

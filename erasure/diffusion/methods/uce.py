@@ -83,6 +83,9 @@ class UCEConfig(MethodConfig):
         "prompt: the current official script, which erased far less on the shapes model).",
         label="UCE tokens",
     )
+    guide: Literal["anchor", "uncond"] = field(
+        "anchor", help="What each erase prompt is mapped to: its anchor prompt, or the empty prompt (the official "
+        "scripts' default when no guide concept is given, 'towards_uncond').", label="UCE guide")
 
 
 def cross_attention_kv(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -315,6 +318,8 @@ def concept_prompt_sets(concepts: Sequence) -> tuple[list[str], list[str], list[
 def run(ctx) -> dict[str, torch.Tensor]:
     """The engine's entry: edit ``ctx.unet`` for every concept of the run at once."""
     erase, guide, preserve = concept_prompt_sets(ctx.concepts)
+    if ctx.args.guide == "uncond":
+        guide = [""] * len(erase)
     return uce_edit(ctx.unet, ctx.text_encoder, ctx.tokenizer, erase, guide, preserve, ctx.args, device=ctx.device)
 
 
@@ -327,5 +332,6 @@ register_method(
         label="UCE (closed-form cross-attention edit)",
         paper="https://arxiv.org/abs/2308.14761",
         needs_images=False,
+        families=("sd", "sdxl"),  # edits UNet cross-attention K/V (attn2.to_k / to_v)
     )
 )
