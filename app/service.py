@@ -353,25 +353,69 @@ class AppService:
 
         p, cfg = self._preset(name)
         c = cfg.concepts[0]
-        d: dict[str, Any] = {f: getattr(cfg, f) for f in FORM_FIELDS}
-        d.update(method=cfg.method, method_args=cfg.method_args.to_dict(), name=c.name, forget="\n".join(c.forget_prompts),
+        data = self._defaults_data(p.config, p.name)  # the model's defaults under the preset's settings
+        d: dict[str, Any] = {f: data[f] for f in FORM_FIELDS}
+        d.update(method=data["method"], method_args={**cfg.method_args.to_dict(), **data["method_args"]}, name=c.name, forget="\n".join(c.forget_prompts),
                  anchor="\n".join(c.anchor_prompts), retain="\n".join(c.retain_prompts), description=p.description,
                  preset=p.name)
         return d
 
     def custom_form(self) -> dict[str, Any]:
-        """The form values of "custom": no prompts and the defaults of every setting (the config's defaults for
-        this model; never the previously chosen preset's)."""
-        from erasure.config import EraseConfig
+        """The form values of "custom": no prompts and every setting at this model's defaults (its
+        ``erasure_defaults.json``, the paper's for SD v1/v2, else the config's built-in defaults; never the
+        previously chosen preset's)."""
         from erasure.methods import METHODS
         from erasure_app.forms import FORM_FIELDS
 
-        defaults = {f: EraseConfig.__dataclass_fields__[f].default for f in FORM_FIELDS}
-        method = EraseConfig.__dataclass_fields__["method"].default
-        return dict(defaults, method=method, method_args=METHODS[method].config_cls().to_dict(), name="", forget="",
+        cfg = self._defaults_data()
+        method = cfg["method"]
+        args = {**METHODS[method].config_cls().to_dict(), **cfg["method_args"]}
+        return dict({f: cfg[f] for f in FORM_FIELDS}, method=method, method_args=args, name="", forget="",
                     anchor="", retain="", preset="custom",
-                    description="Custom: type your own forget, anchor and retain prompts (open **Prompts**); every "
-                                "setting starts from its default.")
+                    description="Custom: type your own forget and anchor prompts (open **Prompts**); retain prompts are "
+                                "optional (with fewer than 8, an automatic retain set and the nearest concepts are "
+                                "added). Every setting starts from this model's defaults.")
+
+    def _defaults_data(self, preset_config: dict[str, Any] | None = None, preset: str = "") -> dict[str, Any]:
+        """Built-in defaults < this model's defaults < the preset's config, as one EraseConfig dict (no concepts)."""
+        from erasure.auto.defaults import model_defaults, resolve_settings
+        from erasure.config import EraseConfig
+
+        try:
+            mdef, msrc = model_defaults(self.model)
+        except ValueError as err:
+            raise AppError(str(err)) from err
+        layers = ([(msrc, mdef)] if msrc else []) + ([(f"preset:{preset}", preset_config)] if preset_config else [])
+        data, _ = resolve_settings(layers)
+        out = {f: EraseConfig.__dataclass_fields__[f].default for f in EraseConfig.__dataclass_fields__
+               if f not in ("concepts", "method_args", "auto")}
+        out.update(data)
+        return out
+
+    def auto_preview(self, concept: str, forget: str | Sequence[str], anchor: str | Sequence[str],
+                     retain: str | Sequence[str] = "") -> str:
+        """What the erasure will add before training: the neighbour concepts (nearest by the text encoder, extra
+        retain weight) and, with fewer retain prompts than the threshold, the automatic retain set (markdown)."""
+        from erasure.auto.neighbours import find_neighbours
+        from erasure.auto.prepare import auto_active
+
+        cfg = self.make_config(concept, forget, anchor, retain)
+        if not auto_active(cfg):
+            return "Automatic retain and neighbour sets are off for this model."
+        a, c = cfg.auto, cfg.concepts[0]
+        lines = []
+        with self.cache.use(ORIGINAL) as pipe:
+            if a.neighbours:
+                try:
+                    nbrs, label = find_neighbours(pipe, c, a.neighbours, a.vocabulary, self.model)
+                    lines.append(f"**Neighbours** (kept with weight {a.neighbour_weight:g}; from {label}): "
+                                 + ", ".join(f"{n['term']} ({n['similarity']:.2f})" for n in nbrs))
+                except (FileNotFoundError, ValueError) as err:
+                    lines.append(f"Neighbours: none ({err})")
+        if a.min_retain and len(c.retain_prompts) < a.min_retain:
+            lines.append(f"**Automatic retain set**: {a.retain_size} diverse captions without the concept "
+                         f"({a.retain_pool} pool) are added to your {len(c.retain_prompts)} retain prompt(s).")
+        return "\n\n".join(lines) or "Nothing is added: enough retain prompts are given."
 
     def make_config(
         self,
@@ -402,7 +446,16 @@ class AppService:
         unknown = sorted(set(settings) - set(fields))
         if unknown:
             raise TypeError(f"make_config() got unknown settings {unknown}; the form shows {sorted(fields)}")
-        base: dict[str, Any] = self._preset(preset)[1].to_dict() if preset else {}
+        if preset:
+            from erasure.presets import load_preset
+
+            try:
+                pr = load_preset(preset)
+            except ValueError as err:
+                raise AppError(str(err)) from err
+            base: dict[str, Any] = self._defaults_data(pr.config, pr.name)
+        else:
+            base = self._defaults_data()
         forget_l = parse_prompts(forget, "forget prompts")
         anchor_l = parse_prompts(anchor, "anchor prompts")
         retain_l = parse_prompts(retain, "retain prompts", allow_empty=True)
@@ -792,8 +845,11 @@ class AppService:
         owner: str | None = None,
         wait: bool = True,
         resuming: bool = False,
+        tune: int = 0,
     ) -> str:
         """Train one erasure into ``runs_dir/run_id``; only one trains at a time (others wait, or fail if ``wait=False``).
+
+        ``tune`` > 0 first tries at most that many shortened candidate settings (:mod:`erasure.auto.tune`).
 
         ``progress`` receives the engine's :class:`~erasure.progress.ProgressEvent` s. ``resuming`` only words the
         errors for :meth:`resume_run`. Returns the run id. Raises :class:`AppError` on bad input, a cancelled run,
@@ -843,7 +899,14 @@ class AppService:
 
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             try:
-                erase(cfg, self.runs_dir / run_id, progress=on_progress, cancel=job.cancel)
+                if tune:
+                    from erasure.auto.config import TuneConfig
+                    from erasure.auto.tune import tune_and_erase
+
+                    tune_and_erase(cfg, TuneConfig(tune=int(tune)), self.runs_dir / run_id, progress=on_progress,
+                                   cancel=job.cancel)
+                else:
+                    erase(cfg, self.runs_dir / run_id, progress=on_progress, cancel=job.cancel)
             except EraseCancelled as err:
                 where = f"at step {job.done}/{job.total}" if job.stage == "fine-tuning" else f"during {job.stage}"
                 self._last = (f"run '{run_id}' cancelled {where}; it is listed under Interrupted runs in the Runs tab, "

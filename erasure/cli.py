@@ -48,11 +48,18 @@ def _concept_args(p: argparse.ArgumentParser, anchor_required: bool = True) -> N
 
 
 def _build_config(args: argparse.Namespace, for_mask: bool = False):
+    """The config of ``erase``/``mask`` and where each setting came from (``settings_source``).
+
+    Layers, lowest to highest: built-in defaults, the model's defaults (:mod:`erasure.auto.defaults`), a preset,
+    ``--config``, explicit flags."""
+    from erasure.auto.config import AutoConfig
+    from erasure.auto.defaults import model_defaults, resolve_settings
     from erasure.config import ConceptSpec, EraseConfig
     from erasure.presets import load_preset
 
     base: dict = {}
     concepts: list[dict] = []
+    layers: list[tuple[str, dict]] = []
     if args.config:
         base = _read_json_file(args.config, "--config")
         if not isinstance(base, dict):
@@ -62,7 +69,7 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
             raise ValueError(f"--config {args.config}: \"concepts\" must be a list of concept objects")
     if args.preset:
         pr = load_preset(args.preset)
-        base = {**pr.config, **base}
+        layers.append((f"preset:{pr.name}", pr.config))
         concepts.extend(c.to_dict() for c in pr.concepts)
     if args.concept_file:
         data = _read_json_file(args.concept_file, "--concept-file")
@@ -98,15 +105,26 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
         base, concepts = _apply_recipe(args, base, concepts)
     if not concepts:
         raise ValueError("nothing to erase: give --forget-prompt (with --anchor-prompt), --preset or --concept-file")
-    data = dict(base)
-    data.update(given_fields(EraseConfig, args))
-    data.pop("concepts", None)
-    method_args = _method_args(args, data.get("method", "salun"), data)
-    if for_mask and not any(c.get("retain_prompts") for c in concepts) and "alpha" in _method_flags(data.get("method", "salun")):
-        method_args.setdefault("alpha", 0.0)
-    data["method_args"] = method_args
+    if args.config:
+        layers.append(("config", base))
+    flags = dict(given_fields(EraseConfig, args))
+    flags.pop("concepts", None)
+    method = flags.get("method") or next((lay.get("method") for _, lay in reversed(layers) if lay.get("method")), None)
+    model = flags.get("model") or next((lay.get("model") for _, lay in reversed(layers) if lay.get("model")), "default")
+    if not getattr(args, "no_model_defaults", False):
+        mdef, msrc = model_defaults(model)
+        if msrc:
+            layers.insert(0, (msrc, mdef))
+    method = method or next((lay.get("method") for _, lay in reversed(layers) if lay.get("method")), "salun")
+    flags["method_args"] = _method_args(args, method, {})
+    flags["auto"] = given_fields(AutoConfig, args)
+    if for_mask and not any(c.get("retain_prompts") for c in concepts) and "alpha" in _method_flags(method) \
+            and "alpha" not in flags["method_args"]:
+        flags["method_args"]["alpha"] = 0.0
+    layers.append(("flag", flags))
+    data, source = resolve_settings(layers)
     data["concepts"] = concepts
-    return EraseConfig.from_dict(data)
+    return EraseConfig.from_dict(data), source
 
 
 def _apply_recipe(args: argparse.Namespace, base: dict, concepts: list[dict]) -> tuple[dict, list[dict]]:
@@ -216,15 +234,23 @@ def _cancel_on_signal():
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from erasure.diffusion.train import EraseCancelled, erase
+    from erasure.auto.config import TuneConfig
+    from erasure.auto.retain import check_sources
+    from erasure.auto.tune import tune_and_erase
+    from erasure.diffusion.train import EraseCancelled
     from erasure.io import check_output_path
+    from erasure.jsonconfig import config_from_args
 
     check_output_path(args.out, "--out", "folder")
-    cfg = _build_config(args)
+    cfg, source = _build_config(args)
+    tune = config_from_args(TuneConfig, args)
+    check_sources(cfg.auto)
+    logger.info("settings: %s", ", ".join(f"{k}={_setting(cfg, k)} ({v})" for k, v in source.items() if v != "builtin"))
     bars = TqdmProgress() if _is_main_process() else None
     try:
         with _cancel_on_signal() as cancel:
-            out = erase(cfg, args.out, overwrite=args.overwrite, progress=bars, cancel=cancel)
+            out = tune_and_erase(cfg, tune, args.out, overwrite=args.overwrite, progress=bars, cancel=cancel,
+                                 run_info={"settings_source": source})
     except EraseCancelled as err:
         print(f"erasure erase: {err}", file=sys.stderr)
         return EXIT_CANCELLED
@@ -241,13 +267,20 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting(cfg, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def cmd_mask(args: argparse.Namespace) -> int:
     from erasure.diffusion.train import compute_mask
     from erasure.io import check_output_path
     from erasure.saliency import mask_stats
 
     check_output_path(args.out, "--out", "file")
-    cfg = _build_config(args, for_mask=True)
+    cfg, _ = _build_config(args, for_mask=True)
     bars = TqdmProgress() if _is_main_process() else None
     try:
         mask = compute_mask(cfg, out=args.out, progress=bars, overwrite=args.overwrite)
@@ -422,6 +455,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _auto_arguments(p: argparse.ArgumentParser, with_tune: bool) -> None:
+    from erasure.auto.config import AutoConfig, TuneConfig
+
+    add_config_arguments(p.add_argument_group("automatic retain and neighbour sets (erasure.auto)"), AutoConfig)
+    if with_tune:
+        add_config_arguments(p.add_argument_group("budgeted tuning"), TuneConfig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from erasure.config import EraseConfig
 
@@ -434,15 +475,20 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--out", required=True, help="Run directory to create (RUN_DIR).")
     pe.add_argument("--overwrite", action="store_true", help="Replace an existing run at --out.")
     pe.add_argument("--config", help="JSON EraseConfig to start from (flags override it).")
+    pe.add_argument("--no-model-defaults", action="store_true",
+                    help="Ignore the model's erasure_defaults.json (and the paper's SD v1/v2 settings).")
     _concept_args(pe)
     add_config_arguments(pe, EraseConfig)
     add_method_arguments(pe)
+    _auto_arguments(pe, with_tune=True)
     pe.set_defaults(func=cmd_erase)
 
     pm = sub.add_parser("mask", help="Compute and save a SalUn saliency mask.")
     pm.add_argument("--out", required=True, help="Mask file to write (.safetensors).")
     pm.add_argument("--overwrite", action="store_true", help="Replace an existing mask file.")
     pm.add_argument("--config", help="JSON EraseConfig to start from (flags override it).")
+    pm.add_argument("--no-model-defaults", action="store_true",
+                    help="Ignore the model's erasure_defaults.json (and the paper's SD v1/v2 settings).")
     _concept_args(pm, anchor_required=False)
     add_config_arguments(pm, EraseConfig, skip=("steps", "lr", "optimizer", "weight_decay", "momentum",
                                                 "max_grad_norm", "grad_accum", "checkpoint_every", "mask_path",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from erasure.auto.config import AutoConfig
 from erasure.jsonconfig import JsonConfig, field
 
 __all__ = ["ConceptSpec", "EraseConfig", "MaskConfig", "TRAINABLE_CHOICES"]
@@ -146,6 +147,8 @@ class EraseConfig(MaskConfig):
     data_seed: int | None = field(None, help="Seed for generating Df/Dr only (default: --seed); fix it to train several seeds on the same data.", min=0, max=2**63 - 1)
     device: str = field("auto", help="auto, cpu, cuda or cuda:N.")
     cache_dir: str | None = field(None, help="Where generated Df/Dr images are cached (default ~/.cache/salun-erasure).")
+    auto: AutoConfig = field(default_factory=AutoConfig, help="Automatic retain and neighbour sets (erasure.auto).",
+                             cli=False, ui=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EraseConfig:
@@ -192,11 +195,16 @@ class EraseConfig(MaskConfig):
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ValueError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision bf16 or no on CPU")
-        if spec.needs_images and self.method_args.uses_retain() and not any(
+        if self.auto is None:
+            self.auto = AutoConfig()
+        elif isinstance(self.auto, dict):
+            self.auto = AutoConfig.from_dict(self.auto)
+        if spec.needs_images and self.method_args.uses_retain() and not self.auto.min_retain and not any(
             c.retain_prompts or c.retain_images for c in self.concepts
         ):
             raise ValueError("this method's retain loss needs retain prompts (or a retain image folder): add "
-                             "--retain-prompt, or set --alpha 0 to train without one")
+                             "--retain-prompt, set --min-retain above 0 for an automatic retain set, or set --alpha 0 "
+                             "to train without one")
 
     @property
     def spec(self):

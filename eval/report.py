@@ -59,6 +59,7 @@ def collect_run(folder: str | os.PathLike) -> dict[str, Any]:
         "label": gen.get("run_id") or root.name,
         "model": gen.get("model"),
         "run_id": gen.get("run_id"),
+        "run_dir": gen.get("run_dir"),
         "method": gen.get("method"),
         "prompt_set": prompts.get("name"),
         "prompt_sha256": prompts.get("sha256"),
@@ -285,6 +286,7 @@ def build_report(
         "charts": charts,
         "attacks": attacks,
         "grid": {"file": grid, "files": grid_files, "prompts_hidden": hide},
+        "neighbours": [dict(zip(t[1], row)) for t in _neighbour_tables(runs) for row in t[2]],
     }
     atomic_write_json(outp / "summary.json", summary)
     cols: list[str] = []
@@ -375,6 +377,13 @@ def _category_tables(runs: list[dict[str, Any]]) -> list[tuple[str, list[str], l
     return out
 
 
+def _neighbour_tables(runs: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
+    from erasure_eval.neighbours import neighbour_table
+
+    t = neighbour_table(runs)
+    return [t] if t else []
+
+
 def _markdown(runs, rows, charts, grid, grid_files, grid_prompts, hide) -> str:
     head, body = _table_rows(runs)
     lines = ["# Concept-erasure evaluation report", "",
@@ -384,7 +393,7 @@ def _markdown(runs, rows, charts, grid, grid_files, grid_prompts, hide) -> str:
     for b in body:
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in b) + " |")
     lines.append("")
-    for title, h, b in _category_tables(runs):
+    for title, h, b in _category_tables(runs) + _neighbour_tables(runs):
         lines += [f"## {title}", "", "| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
         lines += ["| " + " | ".join(x) + " |" for x in b]
         lines.append("")
@@ -417,7 +426,7 @@ def _html(runs, rows, charts, grid, grid_files, grid_prompts, hide) -> str:
     for b in body:
         parts.append("<tr>" + "".join(f"<td>{e(x)}</td>" for x in b) + "</tr>")
     parts.append("</table>")
-    for title, h, b in _category_tables(runs):
+    for title, h, b in _category_tables(runs) + _neighbour_tables(runs):
         parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(x)}</th>" for x in h) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{e(x)}</td>" for x in row) + "</tr>" for row in b]
         parts.append("</table>")

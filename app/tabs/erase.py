@@ -48,6 +48,10 @@ def _loss_frame(rows: list[dict]) -> pd.DataFrame | None:
     return frame.astype({"step": "int64", "series": "str", "value": "float64"})
 
 
+TUNE_BUDGET = 4
+"""Candidates the app's "Tune first" checkbox tries (``erasure erase --tune 4``)."""
+
+
 def build(service: AppService, ctx: UIContext) -> None:
     from erasure.methods import METHODS
 
@@ -87,6 +91,9 @@ def build(service: AppService, ctx: UIContext) -> None:
             erase_btn = gr.Button("Erase", variant="primary", elem_id="erase-button")
             gr.Markdown(LIMITS_TEXT, elem_id="erase-limits", elem_classes=["small-note"])
             status = gr.Markdown("", elem_id="erase-status")
+            # what the erasure adds by itself (neighbour concepts, automatic retain set), shown before training
+            preview_btn = gr.Button("Show neighbours and automatic retain set", size="sm", elem_id="erase-preview")
+            auto_md = gr.Markdown("", elem_id="erase-auto")
         with gr.Column(scale=2):
             method = named["method"] = gr.Radio([(METHODS[m].label, m) for m in order], value=selected, label="Method",
                                                 elem_id="erase-method")
@@ -103,6 +110,8 @@ def build(service: AppService, ctx: UIContext) -> None:
                         knobs[ff.api_name] = control(ff, value, elem_id=_elem_id(ff.api_name, "erase-arg-"))
                 boxes.append((g.config_cls, box))
             with gr.Accordion("Advanced", open=False):
+                tune_box = gr.Checkbox(False, label=f"Tune first (up to {TUNE_BUDGET} short trial runs on held-out "
+                                       "prompts; slower)", elem_id="erase-tune")
                 for name in FORM_FIELDS:
                     if name not in MAIN_FIELDS:
                         named[name] = control(generic[name], form.get(name, generic[name].default),
@@ -178,8 +187,9 @@ def build(service: AppService, ctx: UIContext) -> None:
         values = dict(zip(positional, (preset, concept, forget, anchor, retain, method, mask_ratio, steps, lr, alpha,
                                        forget_images_per_prompt, retain_images_per_prompt, data_steps, batch_size,
                                        seed, run_name, retain_loss, method_args), strict=True))
+        tune = TUNE_BUDGET if settings.pop("tune", False) else 0
         cfg = _config(values, settings)
-        rid = service.erase(cfg, run_name or None, owner=session_id(request))
+        rid = service.erase(cfg, run_name or None, owner=session_id(request), tune=tune)
         info = service.read_run(rid)
         t = info.get("timing_s", {})
         mask = info.get("mask") or {}
@@ -199,9 +209,18 @@ def build(service: AppService, ctx: UIContext) -> None:
                   if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("request", "progress")]
     inputs = [named[n] if n in named else knobs[n] for n in positional]
     keyword_inputs = {k: c for k, c in knobs.items() if k not in positional}
+    keyword_inputs["tune"] = tune_box
+
+    @ui_errors
+    def preview(concept, forget, anchor, retain):
+        return service.auto_preview(concept, forget, anchor, retain)
+
+    preview_btn.click(preview, [named["concept"], named["forget"], named["anchor"], named["retain"]], auto_md,
+                      api_visibility="private")
 
     @ui_errors
     def precheck(*values, **settings):
+        settings.pop("tune", None)
         cfg = _config(dict(zip(positional, values, strict=True)), settings)
         service.check_new_run(values[positional.index("run_name")], cfg)
         if not str(values[positional.index("concept")] or "").strip():

@@ -54,6 +54,7 @@ class ForgetRetainData:
     retain_prompt: torch.Tensor | None
     forget_files: list[str]
     retain_files: list[str]
+    retain_weight: torch.Tensor | None = None  # [Nr] per-image retain-loss weight (mean 1), None = all equal
     forget_std: torch.Tensor | None = None  # VAE posterior std (only with image_latents="sample")
     retain_std: torch.Tensor | None = None
 
@@ -201,10 +202,13 @@ def build_forget_retain(
     need_retain: bool = True,
     progress: Progress | None = None,
     latent_std: bool = False,
+    retain_weights: dict[str, float] | None = None,
 ) -> ForgetRetainData:
     """Build Df and Dr for ``concepts`` (generated with ``pipe`` unless the concept gives image folders).
 
-    With ``latent_std`` the VAE posterior std is kept too, so training draws a fresh posterior sample per step."""
+    With ``latent_std`` the VAE posterior std is kept too, so training draws a fresh posterior sample per step.
+    ``retain_weights`` maps retain prompts to a retain-loss weight (others weigh 1); the per-image weights are
+    scaled to mean 1 over Dr, so the retain weight ``alpha`` keeps its meaning."""
     from erasure.diffusion.pipeline import encode_conditions, validate_prompts
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -269,6 +273,10 @@ def build_forget_retain(
     emb = encode_conditions(pipe, prompts, resolution)
     uncond = encode_conditions(pipe, [""], resolution)
     emit(progress, "encoding images", 1, 1)
+    r_weight = None
+    if retain_weights and r_files:
+        w = torch.tensor([float(retain_weights.get(prompts[i], 1.0)) for i in r_prompt])
+        r_weight = w / w.mean() if float(w.mean()) > 0 else None
     return ForgetRetainData(
         prompts=prompts,
         embeddings=emb,
@@ -280,6 +288,7 @@ def build_forget_retain(
         retain_prompt=torch.tensor(r_prompt) if r_files else None,
         forget_files=[str(f) for f in f_files],
         retain_files=[str(f) for f in r_files],
+        retain_weight=r_weight,
         forget_std=f_std,
         retain_std=r_std,
     )

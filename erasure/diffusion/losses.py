@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from erasure.backbones import cat_cond, expand_cond
 from erasure.backbones.sd import unet_predict
 
-__all__ = ["StepBatch", "add_noise", "unet_eps", "mask_loss", "remap_loss", "denoise_loss", "distill_loss", "esd_loss"]
+__all__ = ["StepBatch", "add_noise", "unet_eps", "mask_loss", "remap_loss", "denoise_loss", "distill_loss", "weighted_mse", "esd_loss"]
 
 Predict = Callable[[Any, torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -42,6 +42,7 @@ class StepBatch:
     retain_t: torch.Tensor | None = None
     retain_noise: torch.Tensor | None = None
     retain_cond: Any = None
+    retain_weight: torch.Tensor | None = None  # [B] per-image weight of the retain loss (None: all 1)
 
 
 def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,13 +78,25 @@ def remap_loss(unet, b: StepBatch, predict: Predict = unet_eps) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
-def denoise_loss(unet, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond, predict: Predict = unet_eps) -> torch.Tensor:
-    """Standard denoising MSE to the training target (``noise``: epsilon, v or flow velocity)."""
-    return F.mse_loss(predict(unet, x, t, cond).float(), noise.float())
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE; with ``weight`` [B] (repeated over any leading copies of the batch) the mean of per-image MSEs x weight."""
+    if weight is None:
+        return F.mse_loss(pred.float(), target.float())
+    per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    w = weight.to(per).repeat(per.shape[0] // weight.shape[0])
+    return (per * w).mean()
+
+
+def denoise_loss(unet, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond, predict: Predict = unet_eps,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Standard denoising MSE to the training target (``noise``: epsilon, v or flow velocity); per-image
+    ``weight`` optional."""
+    return weighted_mse(predict(unet, x, t, cond), noise, weight)
 
 
 def distill_loss(
-    unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond, uncond=None, predict: Predict = unet_eps
+    unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond, uncond=None, predict: Predict = unet_eps,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Retain distillation: MSE(pred_theta(x_t, c), stopgrad pred*(x_t, c)) with the frozen original pred*.
 
@@ -96,7 +109,7 @@ def distill_loss(
         x, t, cond = _with_uncond(x, t, cond, uncond)
     with torch.no_grad():
         target = predict(frozen_unet, x, t, cond)
-    return F.mse_loss(predict(unet, x, t, cond).float(), target.float())
+    return weighted_mse(predict(unet, x, t, cond), target, weight)
 
 
 def esd_loss(unet, frozen_unet, x: torch.Tensor, t: torch.Tensor, cond, uncond, eta: float,

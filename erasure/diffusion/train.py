@@ -88,6 +88,7 @@ class EraseContext:
     progress: Progress | None = None
     cancel: threading.Event | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
+    run_info: dict[str, Any] | None = None  # extra run.json entries from the caller (settings_source, tuning)
     backbone: Backbone = field(default_factory=lambda: get_backbone("sd"))
     run: RunDir | None = None  # a ``run`` method with its own loop checkpoints into ``run.partial``
     mask: dict[str, torch.Tensor] | None = None  # the mask a masked ``run`` method trained in (it saves the file)
@@ -123,6 +124,7 @@ class _Inputs:
     pipe: Any
     data: ForgetRetainData | None
     resolution: int
+    auto: dict | None = None  # what erasure.auto added (run.json "auto")
     backbone: Backbone = field(default_factory=lambda: get_backbone("sd"))
 
 
@@ -135,18 +137,22 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
     pipe = load_pipeline(model, device=device, drop_t5=cfg.drop_t5)
     res = cfg.resolution or default_resolution(pipe)
     emit(progress, "loading", 1, 1)
-    data = None
+    data, concepts, weights, auto = None, cfg.concepts, None, None
     if spec.needs_images:
+        from erasure.auto.prepare import auto_active, prepare_concepts
+
+        if auto_active(cfg):
+            concepts, weights, auto = prepare_concepts(cfg, pipe, model, cfg.method_args.uses_retain())
         key = model_fingerprint(model) + ("|drop_t5" if cfg.drop_t5 else "")  # Df/Dr cache key
         data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
         data = build_forget_retain(
-            pipe, cfg.concepts, key, cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
+            pipe, concepts, key, cfg.forget_images_per_prompt, cfg.retain_images_per_prompt,
             cfg.data_steps, cfg.data_guidance, res, data_seed, cfg.cache_dir, need_retain=cfg.method_args.uses_retain(),
-            progress=progress, latent_std=cfg.image_latents == "sample",
+            progress=progress, latent_std=cfg.image_latents == "sample", retain_weights=weights,
         )
     for module in backbone.frozen_modules(pipe):
         module.requires_grad_(False)
-    return _Inputs(model, pipe, data, res, backbone)
+    return _Inputs(model, pipe, data, res, auto=auto, backbone=backbone)
 
 
 def select_parameters(unet, mode: str, mask: dict[str, torch.Tensor] | None,
@@ -209,6 +215,8 @@ def sample_batch(data: ForgetRetainData, cfg: EraseConfig, g: torch.Generator, s
         rx, rt, rn = backbone.noise(scheduler, data.latents("retain", ri, g).to(device), g)
         b.retain_x, b.retain_t, b.retain_noise = rx, rt, rn
         b.retain_cond = data.embeddings[data.retain_prompt[ri]].to(device)
+        if data.retain_weight is not None:
+            b.retain_weight = data.retain_weight[ri].to(device)
     return b
 
 
@@ -317,6 +325,9 @@ def save_run(run: RunDir, ctx: EraseContext, spec: MethodSpec, inputs: _Inputs, 
         "resumed_from_step": start or None,
         "environment": environment_info(),
     }
+    if inputs.auto is not None:
+        info["auto"] = inputs.auto
+    info.update(ctx.run_info or {})
     atomic_write_json(run.partial / "run.json", info)
     return run.publish()
 
@@ -376,6 +387,7 @@ def erase(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     mask: dict[str, torch.Tensor] | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> Path:
     """Run one erasure and write ``out_dir`` (see :mod:`erasure.runs`). Resumes from ``out_dir.partial`` if present.
 
@@ -386,6 +398,7 @@ def erase(
         progress (`Progress`, *optional*): called with a :class:`erasure.progress.ProgressEvent` per unit of work.
         cancel (`threading.Event`, *optional*): when set, the run checkpoints and raises :class:`EraseCancelled`.
         mask (`dict[str, BoolTensor]`, *optional*): a precomputed mask (else ``cfg.mask_path`` or computed).
+        run_info (`dict`, *optional*): extra top-level run.json entries (``settings_source``, ``tuning``).
 
     Returns:
         `Path` of the finished run directory.
@@ -407,8 +420,8 @@ def erase(
             run.begin(overwrite)
         accelerator.wait_for_everyone()
         if spec.run is not None:
-            return _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0)
-        return _erase_by_training(cfg, spec, run, accelerator, progress, cancel, mask, t0)
+            return _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0, run_info)
+        return _erase_by_training(cfg, spec, run, accelerator, progress, cancel, mask, t0, run_info)
     except (EraseCancelled, NonFiniteLossError):
         raise
     except BaseException:
@@ -437,14 +450,14 @@ def _stop_between_units(progress: Progress | None, cancel: threading.Event | Non
     return listener
 
 
-def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0) -> Path:
+def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0, run_info=None) -> Path:
     inputs = load_inputs(cfg, spec, accelerator.device, progress)
     t_data = time.time()
     unet = inputs.backbone.denoiser(inputs.pipe)
     unet.requires_grad_(False)
     ctx = EraseContext(config=cfg, args=cfg.method_args, pipe=inputs.pipe, unet=unet, device=accelerator.device,
                        data=inputs.data, generator=step_generator(cfg.seed, 0), progress=progress, cancel=cancel,
-                       backbone=inputs.backbone, run=run)
+                       backbone=inputs.backbone, run=run, run_info=run_info)
     if cfg.method_args.needs_frozen_unet():
         ctx.frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval()
     emit(progress, "editing", 0, 1)
@@ -475,7 +488,7 @@ def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0) -> Path:
     return out
 
 
-def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask, t0) -> Path:
+def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask, t0, run_info=None) -> Path:
     device = accelerator.device
     with accelerator.main_process_first():  # the main process generates (and caches) Df/Dr; the others read it
         inputs = load_inputs(cfg, spec, device, progress)
@@ -510,7 +523,8 @@ def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask
     model_dp, optimizer = accelerator.prepare(unet, optimizer)
     model_dp.train()
     ctx = EraseContext(config=cfg, args=args, pipe=inputs.pipe, unet=model_dp, device=device, frozen_unet=frozen,
-                       data=inputs.data, progress=progress, cancel=cancel, backbone=inputs.backbone)
+                       data=inputs.data, progress=progress, cancel=cancel, backbone=inputs.backbone,
+                       run_info=run_info)
     last = fit(ctx, spec, accelerator, run, trainable, optimizer, upd, start)
     t_train = time.time()
     emit(progress, "saving", 0, 1)

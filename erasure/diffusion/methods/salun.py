@@ -45,9 +45,10 @@ def remap_with_retain(ctx, b) -> dict:
     if b.retain_x is not None and args.alpha > 0:
         if args.retain_loss == "distill":
             retain = distill_loss(ctx.unet, ctx.frozen_unet, b.retain_x, b.retain_t, b.retain_cond, b.uncond,
-                                  predict=ctx.predict)
+                                  predict=ctx.predict, weight=b.retain_weight)
         else:
-            retain = denoise_loss(ctx.unet, b.retain_x, b.retain_t, b.retain_noise, b.retain_cond, predict=ctx.predict)
+            retain = denoise_loss(ctx.unet, b.retain_x, b.retain_t, b.retain_noise, b.retain_cond, predict=ctx.predict,
+                                  weight=b.retain_weight)
         out["retain_loss"] = retain
         loss = loss + args.alpha * retain
     out["loss"] = loss
