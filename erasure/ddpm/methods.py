@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from erasure.jsonconfig import JsonConfig, field
+from erasure.jsonconfig import field
+from erasure.methods import MethodConfig
 from erasure.registry import Registry
 
 __all__ = ["ClassMethodConfig", "ClassMethodSpec", "CLASS_METHODS", "register_class_method", "get_class_method",
@@ -31,17 +32,8 @@ __all__ = ["ClassMethodConfig", "ClassMethodSpec", "CLASS_METHODS", "register_cl
 
 
 @dataclass
-class ClassMethodConfig(JsonConfig):
-    """Base of a class-forgetting method's own knobs."""
-
-    def __post_init__(self) -> None:
-        self.check_fields()
-
-    def uses_retain(self) -> bool:
-        return False
-
-    def needs_frozen_unet(self) -> bool:
-        return False
+class ClassMethodConfig(MethodConfig):
+    """Base of a class-forgetting method's own knobs (the text-to-image methods' base, for the class engine)."""
 
 
 @dataclass(frozen=True)
@@ -102,17 +94,21 @@ class SalUnClassConfig(ClassMethodConfig):
         return self.alpha > 0
 
 
-def remap_loss(ctx, b) -> dict[str, torch.Tensor]:
-    out = _eps(ctx.unet, b.forget_xt, b.forget_t, b.forget_y, ctx.bf16)
-    with torch.no_grad():
-        target = _eps(ctx.unet, b.forget_xt, b.forget_t, b.anchor_y, ctx.bf16)
-    forget = F.mse_loss(out, target)
+def _with_retain(ctx, b, forget: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The forget loss plus ``alpha`` x the retain classes' denoising loss (when ``alpha`` > 0)."""
     res = {"forget_loss": forget, "loss": forget}
     if ctx.args.alpha > 0:
         r = retain_loss(ctx, b)
         res["retain_loss"] = r
         res["loss"] = forget + ctx.args.alpha * r
     return res
+
+
+def remap_loss(ctx, b) -> dict[str, torch.Tensor]:
+    out = _eps(ctx.unet, b.forget_xt, b.forget_t, b.forget_y, ctx.bf16)
+    with torch.no_grad():
+        target = _eps(ctx.unet, b.forget_xt, b.forget_t, b.anchor_y, ctx.bf16)
+    return _with_retain(ctx, b, F.mse_loss(out, target))
 
 
 @dataclass
@@ -137,13 +133,7 @@ def esd_class_loss(ctx, b) -> dict[str, torch.Tensor]:
         e = _eps(ctx.frozen_unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, ctx.null)]), ctx.bf16)
         ec, eu = e.chunk(2)
         target = eu - ctx.args.negative_guidance * (ec - eu)
-    forget = F.mse_loss(_eps(ctx.unet, x, t, y, ctx.bf16), target)
-    res = {"forget_loss": forget, "loss": forget}
-    if ctx.args.alpha > 0:
-        r = retain_loss(ctx, b)
-        res["retain_loss"] = r
-        res["loss"] = forget + ctx.args.alpha * r
-    return res
+    return _with_retain(ctx, b, F.mse_loss(_eps(ctx.unet, x, t, y, ctx.bf16), target))
 
 
 @dataclass
