@@ -97,12 +97,14 @@ def create_demo(service: AppService, gen_concurrency: int | None = None) -> gr.B
             for (_, with_original, follow), value in zip(ctx.run_dropdowns, current):
                 choices = ([ORIGINAL] if with_original else []) + runs
                 if follow and new_run in runs:
-                    keep = new_run
+                    ups.append(gr.Dropdown(choices=choices, value=new_run))
                 elif value in choices:
-                    keep = value
+                    # choices only: a refresh that read the value before another event set it (a poll racing the
+                    # erasure's own refresh) must not put the old value back
+                    ups.append(gr.Dropdown(choices=choices))
                 else:
-                    keep = runs[0] if runs else (ORIGINAL if with_original else None)
-                ups.append(gr.Dropdown(choices=choices, value=keep))
+                    ups.append(gr.Dropdown(choices=choices, value=runs[0] if runs else (ORIGINAL if with_original
+                                                                                          else None)))
             if ctx.runs_table is not None:
                 ups.append(ctx.list_table())
             for ins, _, fn in ctx.refreshers:
