@@ -50,8 +50,8 @@ def _concept_args(p: argparse.ArgumentParser, anchor_required: bool = True) -> N
 def _build_config(args: argparse.Namespace, for_mask: bool = False):
     """The config of ``erase``/``mask`` and where each setting came from (``settings_source``).
 
-    Layers, lowest to highest: built-in defaults, the model's defaults (:mod:`erasure.auto.defaults`), a preset,
-    ``--config``, explicit flags."""
+    Layers, lowest to highest: built-in defaults, the model's defaults (:mod:`erasure.auto.defaults`), a preset or
+    a recipe, ``--config``, explicit flags."""
     from erasure.auto.config import AutoConfig
     from erasure.auto.defaults import model_defaults, resolve_settings
     from erasure.config import ConceptSpec, EraseConfig
@@ -102,7 +102,8 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
     elif args.anchor_prompt or args.retain_prompt:
         raise ValueError("--anchor-prompt/--retain-prompt given without --forget-prompt")
     if args.recipe:
-        base, concepts = _apply_recipe(args, base, concepts)
+        recipe_config, concepts = _apply_recipe(args, base, concepts)
+        layers.append((f"recipe:{args.recipe.partition(':')[0]}", recipe_config))
     if not concepts:
         raise ValueError("nothing to erase: give --forget-prompt (with --anchor-prompt), --preset or --concept-file")
     if args.config:
@@ -128,7 +129,8 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
 
 
 def _apply_recipe(args: argparse.Namespace, base: dict, concepts: list[dict]) -> tuple[dict, list[dict]]:
-    """Recipe config under ``--config`` and flags; its concepts (or, for a method-only recipe, the given ones)."""
+    """The recipe's settings (a layer under ``--config`` and flags); its concepts (or, for a method-only recipe, the
+    given ones)."""
     from erasure.config import EraseConfig
     from erasure.recipes import load_recipe, resolve_recipe
 
@@ -138,7 +140,7 @@ def _apply_recipe(args: argparse.Namespace, base: dict, concepts: list[dict]) ->
     pr = resolve_recipe(args.recipe, args.recipe_data, {**base, **given_fields(EraseConfig, args)}, concepts)
     if args.recipe.partition(":")[2] and concepts:
         raise ValueError(f"--recipe {args.recipe} names its concept; drop --forget-prompt/--preset/--concept-file")
-    return {**pr.config, **base}, [c.to_dict() for c in pr.concepts]
+    return dict(pr.config), [c.to_dict() for c in pr.concepts]
 
 
 def _read_json_file(path: str, flag: str):

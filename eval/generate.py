@@ -53,7 +53,7 @@ from erasure.io import (
 from erasure.jsonconfig import JsonConfig, field
 from erasure_eval.prompts import PromptRow, filter_rows, load_prompts
 from erasure_eval.protocols import GENERATE_KEYS, generation_stamp
-from erasure_eval.schedulers import use_scheduler
+from erasure_eval.schedulers import check_scheduler, use_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -340,6 +340,8 @@ def run_generation(
     num_shards, shard_index, device, state = _shard_context(cfg)
     ident = _model_identity(cfg)
     height, width = _resolution(cfg, ident["model"])
+    if cfg.scheduler != "ddim" and pipe is None:
+        check_scheduler(ident["model"], cfg.scheduler)  # before anything is written
     settings = {
         "model_fingerprint": ident["fingerprint"], "steps": cfg.steps, "default_guidance": cfg.guidance,
         "seed_base": cfg.seed, "height": height, "width": width, "negative_prompt": cfg.negative_prompt,

@@ -136,11 +136,14 @@ def test_cli_recipe_precedence_and_method_only_recipes(tmp_path, capsys):
     from erasure.cli import _build_config, build_parser
 
     def build(*argv):
-        return _build_config(build_parser().parse_args(["erase", "--out", str(tmp_path / "o"), *argv]))
+        return _build_config(build_parser().parse_args(["erase", "--out", str(tmp_path / "o"), *argv]))[0]
 
     cfg = build("--recipe", "esd-compvis", "--forget-prompt", "Van Gogh", "--steps", "5", "--esd-negative-guidance", "2")
     assert (cfg.steps, cfg.lr, cfg.method_args.negative_guidance, cfg.method_args.sample_steps) == (5, 1e-5, 2.0, 50)
     assert cfg.concepts[0].anchor_prompts == ["Van Gogh"]
+    _, source = _build_config(build_parser().parse_args(["erase", "--out", str(tmp_path / "o"), "--recipe", "esd-compvis",
+                                                         "--forget-prompt", "Van Gogh", "--steps", "5"]))
+    assert (source["lr"], source["method"], source["steps"]) == ("recipe:esd-compvis", "recipe:esd-compvis", "flag")
     (tmp_path / "c.json").write_text(json.dumps({"lr": 3e-5}))
     assert build("--recipe", "salun-nudity", "--config", str(tmp_path / "c.json")).lr == 3e-5
     with pytest.raises(ValueError, match="brings its own concept"):
