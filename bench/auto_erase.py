@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--tune", type=int, default=0, help="Tune with this budget (erasure.auto.tune) before erasing.")
     ap.add_argument("--original-from", default=None, help="Reuse the original model's retain predictions of this JSON "
                     "(same --retain-seeds).")
+    ap.add_argument("--anchor", action="append", default=[], metavar="CONCEPT=ANCHOR",
+                    help="Anchor concept instead of the shapes world's default (e.g. red=orange; repeatable).")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--app-blue-star", action="store_true", help="Instead: the app's custom erasure of 'a blue star' "
                     "(anchor 'a blue heart', no retain prompts) through erasure_app.service.AppService.")
@@ -139,7 +141,7 @@ def main() -> None:
     with open(ROOT / "prompts" / "shapes.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     res.update(forget_seeds=args.forget_seeds, retain_seeds=args.retain_seeds, override=json.loads(args.override),
-               tune=args.tune)
+               tune=args.tune, anchors=dict(a.split("=", 1) for a in args.anchor))
     base = None
     if "original_rows" not in res and args.original_from:
         old = json.loads(Path(args.original_from).read_text())
@@ -153,11 +155,12 @@ def main() -> None:
         res["original_rows_s"] = round(time.time() - t, 1)
         save(out, res)
     kinds = dict((c, k) for c, k in concepts_all())
+    anchors = dict(a.split("=", 1) for a in args.anchor)
     todo = [(c, kinds[c]) for c in args.concepts] if args.concepts else concepts_all()
     for concept, kind in todo:
         if concept in res["concepts"] and "erased" in res["concepts"][concept]:
             continue
-        forget, anchor = plain_prompt(concept, kind), plain_prompt(default_anchor(concept), kind)
+        forget, anchor = plain_prompt(concept, kind), plain_prompt(anchors.get(concept, default_anchor(concept)), kind)
         run_dir = Path(args.runs_dir) / concept
         cache = Path(args.runs_dir) / f"cache-{concept}"
         rec: dict = {"kind": kind, "forget_prompt": forget, "anchor_prompt": anchor}
