@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "reference_data_dir",
     "atomic_path",
     "clean_stale_temps",
     "temp_prefix",
@@ -263,3 +264,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     for idx, st in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(st)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def reference_data_dir() -> Path | None:
+    """The reference data folder (I2P, UnlearnDiffAtk, Imagenette prompts, COCO-30k captions): ``$ERASURE_DATA_DIR``
+    (or its older name ``$SALUN_SHARED_DATA``), else ``../shared/data`` beside the source checkout; None when none
+    exists. Read there, never copied."""
+    for var in ("ERASURE_DATA_DIR", "SALUN_SHARED_DATA"):
+        env = os.environ.get(var)
+        if env:
+            return Path(env) if Path(env).is_dir() else None
+    p = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return p if p.is_dir() else None

@@ -10,7 +10,7 @@ sha256 of the protocol's settings plus the prompt file's own sha256. Every resul
 ``{"name", "hash"}`` (:meth:`ResolvedProtocol.stamp`); ``erasure-eval report`` refuses to mix hashes.
 
 Prompt sets are named ``package:FILE`` (shipped in ``prompts/``) or ``data:REL`` (reference data the user
-provides: ``--prompts PATH``, else ``$ERASURE_DATA_DIR/REL``). A file whose sha256 differs from the pinned
+provides: ``--prompts PATH``, else ``$ERASURE_DATA_DIR/REL``, else ``../shared/data/REL`` beside the checkout). A file whose sha256 differs from the pinned
 ``prompts_sha256`` still works, but its hash differs, so its numbers never land in the official protocol's table.
 """
 
@@ -147,8 +147,10 @@ def _prompt_path(proto: Protocol, prompts: str | os.PathLike | None) -> Path:
     elif kind == "file":
         path = Path(rel)
     else:
-        base = os.environ.get("ERASURE_DATA_DIR")
-        if not base:
+        from erasure.io import reference_data_dir
+
+        base = reference_data_dir()
+        if base is None:
             raise ProtocolError(
                 f"protocol {proto.name} needs the prompt file {rel} (sha256 {(proto.prompts_sha256 or '?')[:12]}...): "
                 "pass --prompts PATH or set ERASURE_DATA_DIR to the folder holding it"

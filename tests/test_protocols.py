@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -163,11 +164,25 @@ def test_attack_hook_names_the_attack(tmp_path):
     assert settings["nudenet"]["threshold"] == 0.45 and settings["protocol"]["hash"] == rp.hash
 
 
-def test_protocols_command_lists_names_and_hashes(capsys, monkeypatch):
-    monkeypatch.delenv("ERASURE_DATA_DIR", raising=False)
+def test_protocols_command_lists_names_and_hashes(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("ERASURE_DATA_DIR", str(tmp_path / "absent"))  # no reference data, wherever the checkout is
     assert eval_main(["protocols"]) == 0
     out = capsys.readouterr().out
     lines = {ln.split()[0]: ln for ln in out.strip().splitlines()}
     assert {"shapes", "salun-nudity", "salun-objects", "unlearndiffatk"} <= set(lines)
     assert resolve_protocol("shapes").hash[:16] in lines["shapes"]
     assert "ERASURE_DATA_DIR" in lines["salun-nudity"]  # SD prompt sets are user data: said how to point at them
+
+
+def test_reference_data_is_found_beside_the_checkout_or_through_the_environment(monkeypatch, tmp_path):
+    from erasure.io import reference_data_dir
+
+    monkeypatch.delenv("ERASURE_DATA_DIR", raising=False)
+    monkeypatch.delenv("SALUN_SHARED_DATA", raising=False)
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data"
+    assert reference_data_dir() == (beside if beside.is_dir() else None)
+    (tmp_path / "prompts").mkdir()
+    monkeypatch.setenv("SALUN_SHARED_DATA", str(tmp_path))  # the older name still works
+    assert reference_data_dir() == tmp_path
+    monkeypatch.setenv("ERASURE_DATA_DIR", str(tmp_path / "prompts"))  # and the documented one wins
+    assert reference_data_dir() == tmp_path / "prompts"

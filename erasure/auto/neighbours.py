@@ -35,7 +35,7 @@ def vocabulary(source: str, model: str) -> tuple[dict[str, list[str]], str]:
         f = d / "prompts" / "imagenet_prompts.csv" if d else None
         if f is None or not f.is_file():
             raise FileNotFoundError("no neighbour vocabulary: the ImageNet class names of the reference data were not "
-                                    "found (set SALUN_SHARED_DATA, or give --vocabulary a file of terms)")
+                                    "found (set ERASURE_DATA_DIR, or give --vocabulary a file of terms)")
         with open(f, encoding="utf-8-sig") as fh:
             terms = list(dict.fromkeys(r["label_str"].split(",")[0].strip() for r in csv.DictReader(fh)))
         return {"term": terms}, f"ImageNet class names ({f})"

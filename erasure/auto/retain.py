@@ -2,7 +2,7 @@
 removed, by text (it names all the concept's words) and by text-encoder similarity to the forget prompts.
 
 Pools: the shapes caption generator (every caption the embedded model was trained on, 1 to 3 concepts named),
-COCO-30k captions from the shared reference data (``$SALUN_SHARED_DATA`` or ``../shared/data`` beside the
+COCO-30k captions from the shared reference data (``$ERASURE_DATA_DIR`` or ``../shared/data`` beside the
 checkout; read there, never copied), or a user file (CSV with a ``prompt`` column, or one caption per line).
 Also here: forget paraphrases, pool captions that name the concept, paired with the same caption naming the anchor.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,10 @@ MAX_POOL = 2000
 
 
 def shared_data_dir() -> Path | None:
-    """``$SALUN_SHARED_DATA``, else ``../shared/data`` beside the source checkout; None when neither exists."""
-    env = os.environ.get("SALUN_SHARED_DATA")
-    if env:
-        return Path(env) if Path(env).is_dir() else None
-    p = Path(__file__).resolve().parents[3] / "shared" / "data"
-    return p if p.is_dir() else None
+    """The reference data folder (:func:`erasure.io.reference_data_dir`)."""
+    from erasure.io import reference_data_dir
+
+    return reference_data_dir()
 
 
 def is_shapes_model(model: str) -> bool:
