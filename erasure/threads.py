@@ -63,7 +63,13 @@ def run_entry_point(target: str) -> int:
     """``module:function`` called after :func:`configure_threads` (the console scripts go through here)."""
     configure_threads()
     module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)()
+    try:
+        return getattr(importlib.import_module(module), func)()
+    except BrokenPipeError:  # output piped into a reader that stopped (``| head``): end quietly, as cat does
+        import sys
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
 
 
 def erasure() -> int:

@@ -103,3 +103,19 @@ def test_entry_points_set_threads_before_torch():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["True", "PASSIVE"], r.stderr
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+    code = ("from erasure.threads import run_entry_point\n"
+            "import erasure.cli as c\n"
+            "def lots():\n"
+            "    for i in range(100000):\n"
+            "        print('line', i, flush=True)\n"
+            "    return 0\n"
+            "c.main = lots\n"
+            "raise SystemExit(run_entry_point('erasure.cli:main'))")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().startswith(b"line 0")
+    p.stdout.close()  # the reader stops, as `| head -1` does
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
