@@ -129,8 +129,6 @@ def test_shipped_model_loads_and_its_class_steers_the_sample():
     assert torch.allclose(a, again, atol=1e-5)  # an image depends on (class, seed) only
 
 
-@pytest.mark.xfail(reason="models/shapes-ddpm is under-trained (1000 steps on the loaded shared CPU): even at its "
-                   "default CFG 5 the judge agrees on about 42% of samples (see models/shapes-ddpm/README.md)", strict=False)
 def test_shipped_model_draws_the_named_class():
     from erasure.ddpm.evaluate import judge_labels
     from erasure.shapes import load_judge
