@@ -2,11 +2,12 @@
 
     python -m erasure_app                      # embedded shapes model on http://127.0.0.1:7860
     python -m erasure_app --model ./sd-v1-4 --port 7861 --auth alice:secret
+    python -m erasure_app --model models/shapes-ddpm  # a class-conditional DDPM: the class app (tabs/class_app.py)
 
 Named API endpoints (for ``gradio_client``): ``/erase``, ``/compare``, ``/inspect``, ``/evaluate``,
 ``/attack`` (an adversarial-prompt attack on a run), ``/rename_run``, ``/delete_run``, ``/download_run``, ``/export_run``, ``/list_interrupted``, ``/resume_run``,
 ``/delete_interrupted``, ``/delete_damaged``, ``/job_status`` (the running job and the queue) and ``/cancel`` (the running job, or a
-run's job by name).
+run's job by name). The class app has ``/erase_class`` and ``/compare_class``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from erasure.threads import help_text as threads_help  # noqa: E402
 from erasure_app.service import ORIGINAL, AppError, AppService  # noqa: E402
 from erasure_app.tabs import attack as attack_tab  # noqa: E402
 from erasure_app.tabs import banner as banner_tab  # noqa: E402
+from erasure_app.tabs import class_app as class_tab  # noqa: E402
 from erasure_app.tabs import compare as compare_tab  # noqa: E402
 from erasure_app.tabs import erase as erase_tab  # noqa: E402
 from erasure_app.tabs import evaluate as evaluate_tab  # noqa: E402
@@ -37,14 +39,14 @@ from erasure_app.tabs.common import UIContext  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_demo", "parse_args", "launch_kwargs", "main"]
+__all__ = ["create_demo", "create_app", "parse_args", "launch_kwargs", "main"]
 
 CSS = """
 #compare-gallery-a, #compare-gallery-b { min-height: 200px; }
 /* help text readable (the theme's default is about 1.9:1 on white) */
 .gradio-container { --block-info-text-color: #4b5563; }
 .dark .gradio-container, .gradio-container.dark { --block-info-text-color: #c4c9d1; }
-""" + banner_tab.CSS + compare_tab.CSS + evaluate_tab.CSS + attack_tab.CSS
+""" + banner_tab.CSS + compare_tab.CSS + evaluate_tab.CSS + attack_tab.CSS + class_tab.CSS
 
 FAVICON = ("<link rel=\"icon\" type=\"image/svg+xml\" href=\"data:image/svg+xml,"
            "%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 32 32'%3E%3Crect width='32' height='32' rx='6' "
@@ -173,18 +175,34 @@ def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 ssr_mode=False, css=CSS, head=FAVICON, footer_links=["api", "settings"], allowed_paths=None)
 
 
+def create_app(args: argparse.Namespace) -> tuple[Any, gr.Blocks]:
+    """The service and the (unlaunched) demo for these flags: a class-conditional DDPM folder gets the class app
+    (:mod:`erasure_app.tabs.class_app`), anything else the text-to-image app."""
+    from erasure.ddpm.model import is_class_ddpm_folder
+
+    if args.model not in ("", "default") and is_class_ddpm_folder(args.model):
+        from erasure.diffusion.pipeline import resolve_device
+        from erasure_app.class_service import ClassAppService
+        from erasure_app.tabs.class_app import create_class_demo
+
+        service = ClassAppService(args.model, args.runs_dir, device=str(resolve_device(args.device)))
+        return service, create_class_demo(service)
+    service = AppService(model=args.model, runs_dir=args.runs_dir, device=args.device, cache_size=args.cache_size,
+                         data_cache_dir=args.data_cache_dir, judge=args.judge)
+    Path(service.runs_dir).mkdir(parents=True, exist_ok=True)
+    demo = create_demo(service, gen_concurrency=args.gen_concurrency)
+    return service, demo
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kwargs = launch_kwargs(args)
     try:
-        service = AppService(model=args.model, runs_dir=args.runs_dir, device=args.device, cache_size=args.cache_size,
-                             data_cache_dir=args.data_cache_dir, judge=args.judge)
+        service, demo = create_app(args)
     except (AppError, ValueError) as err:
         print(f"erasure-app: {err}", file=sys.stderr)
         return 2
-    Path(service.runs_dir).mkdir(parents=True, exist_ok=True)
-    demo = create_demo(service, gen_concurrency=args.gen_concurrency)
     demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
     logger.info("serving %s on http://%s:%d", service.describe_model(), args.host, args.port)
     demo.launch(**kwargs)
