@@ -250,13 +250,15 @@ class ClassAppService:
 
     @staticmethod
     def summary(info: dict[str, Any]) -> dict[str, Any]:
-        """The run's headline figures: forget/anchor class, method, steps, seconds, changed weights."""
+        """The run's headline figures: forget/anchor class, method, steps, seconds, weights the run may change
+        (``mask_kept``: the saliency mask's weights; ``changed_params``: the saved tensors' sizes, whole tensors)."""
         cfg = info.get("config", {})
         return {"id": info.get("id", Path(info.get("run_dir", "")).name), "forget_class": info.get("forget_class"),
                 "anchor_class": info.get("anchor_class"), "method": info.get("method"), "steps": info.get("steps"),
                 "lr": cfg.get("lr"), "mask_ratio": cfg.get("mask_ratio") if info.get("needs_mask") else None,
                 "time_s": (info.get("timing_s") or {}).get("total"), "changed_params": info.get("changed_params"),
-                "mask_ratio_kept": (info.get("mask") or {}).get("ratio"), "created": info.get("created")}
+                "mask_kept": (info.get("mask") or {}).get("kept"), "mask_ratio_kept": (info.get("mask") or {}).get("ratio"),
+                "created": info.get("created")}
 
     # ------------------------------------------------------------------------------------------ comparing
 

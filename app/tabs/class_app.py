@@ -21,12 +21,19 @@ from erasure_app.tabs.fields import control
 __all__ = ["create_class_demo", "CSS", "RUN_COLUMNS"]
 
 CSS = """
-#class-gallery-a .caption-label, #class-gallery-b .caption-label { font-size: 0.95em; }
+/* the galleries as tall as their images, as many columns as fit (a phone shows every image, none cut off) */
+#class-gallery-a .grid-wrap, #class-gallery-b .grid-wrap { min-height: 0 !important; height: auto !important;
+  max-height: none !important; }
+#class-gallery-a .grid-container, #class-gallery-b .grid-container {
+  grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)) !important; padding-top: 30px !important; }
+#class-gallery-a .thumbnail-item, #class-gallery-b .thumbnail-item { height: auto !important; aspect-ratio: 1; }
 #class-gallery-a img, #class-gallery-b img { image-rendering: pixelated; }
+#class-gallery-a .caption-label, #class-gallery-b .caption-label { font-size: 0.9em; max-width: calc(100% - 8px);
+  white-space: nowrap; }
 #class-verdict { font-weight: 600; }
 """
 
-RUN_COLUMNS = ["id", "forget class", "anchor", "method", "steps", "time (s)", "changed weights", "created"]
+RUN_COLUMNS = ["id", "forget class", "anchor", "method", "steps", "time (s)", "weights changed", "created"]
 
 
 def _errors(fn: Callable) -> Callable:
@@ -52,10 +59,10 @@ def _summary_md(s: dict[str, Any]) -> str:
              f"{s['steps']} steps" if s.get("steps") else None,
              f"in {s['time_s']:.0f} s" if s.get("time_s") is not None else None]
     md = ", ".join(p for p in parts if p)
-    if s.get("changed_params") is not None:
-        md += f"; {s['changed_params']:,} weights changed"
-        if s.get("mask_ratio_kept") is not None:
-            md += f" (mask keeps {s['mask_ratio_kept']:.0%} of the UNet)"
+    if s.get("mask_kept") is not None:
+        md += f"; the mask let {s['mask_kept']:,} weights change ({s['mask_ratio_kept']:.0%} of the UNet)"
+    elif s.get("changed_params") is not None:
+        md += f"; {s['changed_params']:,} weights trained"
     return md + "."
 
 
@@ -64,7 +71,8 @@ def _runs_rows(service: ClassAppService) -> list[list[Any]]:
     for info in service.list_runs():
         s = service.summary(info)
         rows.append([s["id"], s["forget_class"], s.get("anchor_class") or "random", s["method"], s["steps"],
-                     s["time_s"], s["changed_params"], s["created"]])
+                     s["time_s"], s["mask_kept"] if s.get("mask_kept") is not None else s["changed_params"],
+                     s["created"]])
     return rows
 
 
@@ -192,12 +200,13 @@ def create_class_demo(service: ClassAppService) -> gr.Blocks:
             """Images of ``class_name`` from the original model and from ``run`` on the same seeds, each captioned
             with the shapes judge's label; returns (original gallery, erased gallery, verdict line)."""
             res = service.compare(run, class_name, seeds)
-            cap = [f"seed {s}: {lab}" for s, (_, lab) in zip(res["seeds"], res["original"])]
-            a = [(im, c) for (im, _), c in zip(res["original"], cap)]
-            b = [(im, f"seed {s}: {lab}") for s, (im, lab) in zip(res["seeds"], res["erased"])]
-            seen_a = sum(lab == res["forget_class"] for _, lab in res["original"])
+            # captions: the judge's label only (a phone thumbnail is ~100 px wide); the seeds are in the line above
+            a, b = list(res["original"]), list(res["erased"])
+            seen_a = sum(lab == res["forget_class"] for _, lab in a)
+            seeds_txt = ", ".join(map(str, res["seeds"]))
             line = (f"judge: forget class *{res['forget_class']}* seen in {res['forget_seen']} of {res['n']} erased "
-                    f"images (original: {seen_a} of {res['n']}); class shown: {res['class']}")
+                    f"images (original: {seen_a} of {res['n']}). Class *{res['class']}*, seeds {seeds_txt} "
+                    "(left to right); captions are the judge's labels.")
             return gr.Gallery(a, label="Original"), gr.Gallery(b, label=f"Erased ({res['run']})"), line
 
         compare_btn.click(compare_class, [run_dd, cls_dd, seeds], [gal_a, gal_b, verdict], api_name="compare_class",
