@@ -167,3 +167,12 @@ def test_ui_functions_show_errors_and_results(service):
         fns["erase_class"]("circle", "circle", "salun", 2, 2e-4, 0.5, 0, "", progress=lambda *a, **k: None)
     with pytest.raises(gr.Error, match="no run chosen"):
         fns["compare_class"](None, "circle", "0")
+
+
+def test_help_text_ends_its_sentence_before_the_range():
+    from erasure.ddpm.erase import ClassEraseConfig
+    from erasure_app.forms import form_fields
+    from erasure_app.tabs.fields import control
+
+    steps = next(ff for ff in form_fields(ClassEraseConfig) if ff.name == "steps")
+    assert control(steps, 30).info == "optimizer steps. Range: >= 1 and <= 100000."

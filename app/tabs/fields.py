@@ -28,6 +28,8 @@ def control(ff: FormField, value: Any, elem_id: str | None = None, slider: bool 
     v = to_form(ff, value)
     info = ff.help or ""
     if ff.kind in ("int", "float") and (ff.minimum is not None or ff.maximum is not None):
+        if info and not info.rstrip().endswith((".", "?", "!")):
+            info = info.rstrip() + "."
         info = (info + " " + range_text(ff)).strip()
     common = dict(label=ff.label, info=info or None, elem_id=elem_id, **kwargs)
     if ff.kind == "choice":
