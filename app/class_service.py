@@ -8,6 +8,7 @@ a run on the same seeds, each image labelled by the shapes judge. Nothing is loa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -28,6 +29,7 @@ CLASS_FORM_FIELDS = ("forget_class", "anchor_class", "method", "steps", "lr", "m
 """The :class:`~erasure.ddpm.erase.ClassEraseConfig` fields the Erase form shows (labels, limits, help from the fields)."""
 
 RANDOM_ANCHOR = "random"
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ClassEraseConfig)}  # the form starts from the config
 DISPLAY_SIZE = 64
 """Images are upscaled (bicubic) to the judge's input size for display and judging, as the judge itself does."""
 MAX_SEEDS = 16
@@ -142,8 +144,8 @@ class ClassAppService:
         p = self.runs_dir / rid
         return p.exists() or partial_dir(p).exists()
 
-    def make_config(self, forget_class: str, anchor_class: str = RANDOM_ANCHOR, method: str = "salun", steps: int = 120,
-                    lr: float = 2e-4, mask_ratio: float = 0.5, seed: int = 0, **extra: Any) -> ClassEraseConfig:
+    def make_config(self, forget_class: str, anchor_class: str = RANDOM_ANCHOR, method: str = "salun", steps: int = _DEFAULTS["steps"],
+                    lr: float = _DEFAULTS["lr"], mask_ratio: float = 0.5, seed: int = 0, **extra: Any) -> ClassEraseConfig:
         """The erasure's config from form values; one-line ``ValueError`` for bad input."""
         from erasure.ddpm.methods import CLASS_METHODS
 
@@ -184,8 +186,8 @@ class ClassAppService:
             raise ValueError(f"a run named {name!r} exists; choose another run name")
         return name
 
-    def erase(self, forget_class: str, anchor_class: str = RANDOM_ANCHOR, method: str = "salun", steps: int = 120,
-              lr: float = 2e-4, mask_ratio: float = 0.5, seed: int = 0, run_name: str | None = None,
+    def erase(self, forget_class: str, anchor_class: str = RANDOM_ANCHOR, method: str = "salun", steps: int = _DEFAULTS["steps"],
+              lr: float = _DEFAULTS["lr"], mask_ratio: float = 0.5, seed: int = 0, run_name: str | None = None,
               progress: Progress | None = None, **extra: Any) -> str:
         """Run one erasure into ``runs_dir/<run id>``; returns the run id.
 

@@ -174,5 +174,5 @@ def test_help_text_ends_its_sentence_before_the_range():
     from erasure_app.forms import form_fields
     from erasure_app.tabs.fields import control
 
-    steps = next(ff for ff in form_fields(ClassEraseConfig) if ff.name == "steps")
-    assert control(steps, 30).info == "optimizer steps. Range: >= 1 and <= 100000."
+    lr = next(ff for ff in form_fields(ClassEraseConfig) if ff.name == "lr")
+    assert control(lr, 1e-4).info == "Adam learning rate. Range: > 0 and <= 1."
