@@ -7,8 +7,6 @@ Named API endpoints: ``/erase_class`` and ``/compare_class``. The form's control
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -16,6 +14,7 @@ import gradio as gr
 from erasure.ddpm.erase import ClassEraseConfig
 from erasure_app.class_service import CLASS_FORM_FIELDS, ClassAppService, ClassEraseStopped
 from erasure_app.forms import form_fields
+from erasure_app.tabs.common import ui_errors
 from erasure_app.tabs.fields import control
 
 __all__ = ["create_class_demo", "CSS", "RUN_COLUMNS"]
@@ -36,21 +35,8 @@ CSS = """
 RUN_COLUMNS = ["id", "forget class", "anchor", "method", "steps", "time (s)", "weights changed", "created"]
 
 
-def _errors(fn: Callable) -> Callable:
-    """Bad input (``ValueError``), a missing file or a busy service as a one-line ``gr.Error`` in the page."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except ClassEraseStopped:
-            raise
-        except (ValueError, FileNotFoundError, RuntimeError) as err:
-            raise gr.Error(str(err).splitlines()[0] if str(err) else type(err).__name__, print_exception=False) from err
-
-    return wrapper
+_errors = ui_errors(also=(RuntimeError,), passthrough=(ClassEraseStopped,))
+"""Bad input, a missing file or a busy service as a one-line ``gr.Error``; a cancel propagates."""
 
 
 def _summary_md(s: dict[str, Any]) -> str:

@@ -12,19 +12,27 @@ import gradio as gr
 from erasure_app.service import AppError
 
 
-def ui_errors(fn: Callable) -> Callable:
-    """Show :class:`AppError` (and ``ValueError`` from the library) in the page as ``gr.Error``."""
+def ui_errors(fn: Callable | None = None, *, also: tuple[type[BaseException], ...] = (),
+              passthrough: tuple[type[BaseException], ...] = ()) -> Callable:
+    """Show :class:`AppError` (and ``ValueError`` / ``FileNotFoundError`` from the library, plus ``also``) in the page
+    as a one-line ``gr.Error``; ``passthrough`` exceptions propagate unchanged. Use as ``@ui_errors`` or
+    ``@ui_errors(also=..., passthrough=...)``."""
+    shown = (AppError, ValueError, FileNotFoundError, *also)
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except (AppError, ValueError, FileNotFoundError) as err:
-            raise gr.Error(str(err), print_exception=False) from err
+    def wrap(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            try:
+                return f(*args, **kwargs)
+            except (gr.Error, *passthrough):
+                raise
+            except shown as err:
+                msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise gr.Error(msg, print_exception=False) from err
 
-    return wrapper
+        return wrapper
+
+    return wrap(fn) if fn is not None else wrap
 
 
 def session_id(request: gr.Request | None) -> str | None:
