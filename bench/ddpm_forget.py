@@ -87,6 +87,13 @@ def table(res: dict) -> str:
         f"| original | {100 * o['ua']:.1f} | {o['forget_shown']} | {100 * o['other_accuracy']:.1f} | 0.0 | "
         f"{o['judge_fd_other_vs_render']:.2f} | 1.00 | 0 | - | - | - | - |",
     ]
+    if "original_resampled" in res:
+        f = res["original_resampled"]
+        lines.append(
+            f"| original, seeds {res['seeds']}-{2 * res['seeds'] - 1} (sampling noise) | {100 * f['ua']:.1f} | "
+            f"{f['forget_shown']} | {100 * f['other_accuracy']:.1f} | {100 * (o['other_accuracy'] - f['other_accuracy']):.1f} | "
+            f"{f['judge_fd_other_vs_render']:.2f} | {f['judge_fd_other_vs_render'] / o['judge_fd_other_vs_render']:.2f} | "
+            f"{f['judge_fd_other_vs_original']:.2f} | - | - | - | - |")
     for m, r in res["methods"].items():
         lines.append(
             f"| {m} | {100 * r['ua']:.1f} | {r['forget_shown']} | {100 * r['other_accuracy']:.1f} | "
@@ -113,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default="/tmp/ddpm-bench-runs")
     ap.add_argument("--out", default=str(ROOT / "results" / "ddpm_forget"))
     ap.add_argument("--redo", action="append", default=[])
+    ap.add_argument("--tag", default="", help="suffix of the method's row and run folder (settings variants)")
+    ap.add_argument("--floor", action="store_true", help="also evaluate the original model on the next --seeds "
+                    "seeds: the sampling noise of every figure (a model compared with itself)")
     ap.add_argument("--set", action="append", default=[], help="method:key=value override (e.g. salun:steps=100)")
     ap.add_argument("--merge", nargs="*", default=[], help="only merge these result JSONs (same model and class; "
                     "e.g. methods run in parallel processes) into --out")
@@ -120,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         parts = [read_json(p) for p in args.merge]
         res = dict(parts[0], methods={m: r for part in parts for m, r in part.get("methods", {}).items()})
+        for part in parts:
+            if "original_resampled" in part:
+                res["original_resampled"] = part["original_resampled"]
         atomic_write_json(Path(args.out + ".json"), res)
         atomic_write_text(Path(args.out + ".md"), table(res))
         print(table(res))
@@ -141,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     orig_rep, orig_imgs = evaluate(model, judge, args.forget, seeds, ref, None)
     res["original"] = orig_rep
     orig_other = [im for c in others for im in orig_imgs[c]]
+    if args.floor:
+        rep, _ = evaluate(model, judge, args.forget, list(range(args.seeds, 2 * args.seeds)), ref, orig_other)
+        res["original_resampled"] = rep
+        print("original, next seeds", {k: rep[k] for k in ("ua", "forget_shown", "other_accuracy",
+                                                           "judge_fd_other_vs_render", "judge_fd_other_vs_original")})
     res.setdefault("methods", {})
     overrides: dict[str, dict] = {}
     for s in args.set:
@@ -148,24 +166,25 @@ def main(argv: list[str] | None = None) -> int:
         k, v = kv.split("=", 1)
         overrides.setdefault(m, {})[k] = json.loads(v) if v[:1] in "0123456789-[{tf" else v
     for m in [x for x in args.methods.split(",") if x]:
-        if m in res["methods"] and m not in args.redo:
+        key = m + args.tag
+        if key in res["methods"] and key not in args.redo:
             continue
         kw = dict(model=str(model_dir), forget_class=args.forget, anchor_class=args.anchor, method=m)
         kw.update(overrides.get(m, {}))
         cfg = ClassEraseConfig(**kw)
-        run_dir = Path(args.runs_dir) / f"{args.forget}-{m}"
+        run_dir = Path(args.runs_dir) / f"{args.forget}-{key}"
         l0 = loadavg()
-        if not (run_dir / "run.json").is_file() or m in args.redo:
-            erase_class(cfg, run_dir, overwrite=m in args.redo)
+        if not (run_dir / "run.json").is_file() or key in args.redo:
+            erase_class(cfg, run_dir, overwrite=key in args.redo)
         info = read_json(run_dir / "run.json")
         l1 = loadavg()
         rep, _ = evaluate(load_class_run(run_dir), judge, args.forget, seeds, ref, orig_other)
         rep.update(time_s=info["timing_s"]["total"], timing=info["timing_s"], load_before=l0, load_after=l1,
                    changed_params=info["changed_params"], config=info["config"], run_dir=str(run_dir))
-        res["methods"][m] = rep
+        res["methods"][key] = rep
         atomic_write_json(out_json, res)
         atomic_write_text(Path(args.out + ".md"), table(res))
-        print(m, {k: rep[k] for k in ("ua", "forget_shown", "other_accuracy", "judge_fd_other_vs_render", "time_s")},
+        print(key, {k: rep[k] for k in ("ua", "forget_shown", "other_accuracy", "judge_fd_other_vs_render", "time_s")},
               flush=True)
     atomic_write_json(out_json, res)
     atomic_write_text(Path(args.out + ".md"), table(res))

@@ -144,6 +144,26 @@ def test_neighbours_of_red_include_orange(shapes_pipe):
     assert not any(carries(p, ["red"]) for p in prompts)
 
 
+def test_conjunction_keeps_its_halves_in_retain_and_neighbours(shapes_pipe):
+    """"a blue star": other stars and other blue shapes are what it damages, so the retain set keeps captions naming
+    one of its words (the similarity cut would drop them all) and the neighbours cover both words."""
+    from erasure.auto.neighbours import find_neighbours
+    from erasure.auto.retain import build_retain
+
+    c = ConceptSpec(name="a blue star", forget_prompts=["a blue star"], anchor_prompts=["a blue heart"])
+    prompts, info = build_retain(shapes_pipe, c, AutoConfig(retain_pool="shapes", retain_size=32), "default")
+    assert not any(carries(p, ["blue", "star"]) for p in prompts)
+    assert info["kept_partial_matches"] > 0
+    assert any(carries(p, ["star"]) for p in prompts) and any(carries(p, ["blue"]) for p in prompts)
+    nbrs, _ = find_neighbours(shapes_pipe, c, 2, "shapes", "default")
+    assert sorted(n["replaces"] for n in nbrs) == ["blue", "blue", "star", "star"]
+    assert "heart" not in [n["term"] for n in nbrs]  # the anchor is never a neighbour
+    # a single-word concept is unchanged: k neighbours in all, nothing kept past the similarity cut
+    c1 = ConceptSpec(name="star", forget_prompts=["a star"], anchor_prompts=["a circle"])
+    assert len(find_neighbours(shapes_pipe, c1, 2, "shapes", "default")[0]) == 2
+    assert build_retain(shapes_pipe, c1, AutoConfig(retain_pool="shapes"), "default")[1]["kept_partial_matches"] == 0
+
+
 def test_retain_weights_reach_the_loss(tiny_model_dir, tmp_path):
     from erasure.diffusion.data import build_forget_retain
     from erasure.diffusion.losses import weighted_mse

@@ -49,8 +49,9 @@ def vocabulary(source: str, model: str) -> tuple[dict[str, list[str]], str]:
 
 
 def find_neighbours(pipe, concept, k: int, source: str, model: str) -> tuple[list[dict[str, Any]], str]:
-    """The ``k`` nearest substitutions: ``[{"term", "replaces", "prompt", "similarity"}]`` best first, and the
-    vocabulary's label. The anchor's word and the concept's own words are never neighbours."""
+    """The ``k`` nearest substitutions of each concept word (``"a blue star"``: k colours for blue and k shapes for
+    star, since a conjunction's damage lands on both sides): ``[{"term", "replaces", "prompt", "similarity"}]`` best
+    first, and the vocabulary's label. The anchor's word and the concept's own words are never neighbours."""
     vocab, label = vocabulary(source, model)
     base = concept.forget_prompts[0]
     cw = concept_words(concept)
@@ -76,14 +77,14 @@ def find_neighbours(pipe, concept, k: int, source: str, model: str) -> tuple[lis
     emb = embed(pipe, [c[2] for c in cands])
     sim = (emb @ ref.T).squeeze(1)
     order = sim.argsort(descending=True).tolist()
-    out = []
+    out: list[dict[str, Any]] = []
+    per_word: dict[str, int] = {}
     for i in order:
         t, w, p = cands[i]
-        if any(o["term"] == t for o in out):
+        if any(o["term"] == t for o in out) or per_word.get(w, 0) == k:
             continue
         out.append({"term": t, "replaces": w, "prompt": p, "similarity": round(float(sim[i]), 4)})
-        if len(out) == k:
-            break
+        per_word[w] = per_word.get(w, 0) + 1
     return out, label
 
 

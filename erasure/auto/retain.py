@@ -103,12 +103,38 @@ def _filter(pipe, concept, pool: list[str], threshold: float) -> tuple[list[str]
     fe = embed(pipe, concept.forget_prompts)
     sim = (emb @ fe.T).max(dim=1).values if len(kept) else torch.zeros(0)
     ok = sim < threshold
+    # A conjunction ("a blue star"): captions naming some but not all of its words ("a red star", "a blue heart")
+    # sit close to it in the text encoder but are exactly what must be kept; the similarity cut would drop them all.
+    partial = torch.tensor([len(cw) > 1 and any(carries(c, [w]) for w in cw) for c in kept], dtype=torch.bool)
+    ok = ok | partial
     dropped = [c for c, keep in zip(kept, ok.tolist()) if not keep]
     kept = [c for c, keep in zip(kept, ok.tolist()) if keep]
     info = {"concept_words": cw, "dropped_by_text": len(by_text), "dropped_by_similarity": len(dropped),
             "dropped_by_similarity_examples": dropped[:5], "similarity_threshold": threshold,
-            "max_similarity_kept": round(float(sim[ok].max()), 4) if bool(ok.any()) else None}
+            "max_similarity_kept": round(float(sim[ok].max()), 4) if bool(ok.any()) else None,
+            "kept_partial_matches": int(partial.sum())}
     return kept, emb[ok], info
+
+
+def _diverse(kept: list[str], emb: torch.Tensor, idx: list[int], cw: list[str], size: int, seed: int) -> list[str]:
+    """``size`` diverse captions of ``kept[idx]`` (farthest-point in the text encoder's space). For a conjunction
+    (several concept words) half the set names one of its words, each word an equal share ("a blue star": other
+    stars and other blue shapes, where its damage lands), since farthest-point picking alone rarely reaches them."""
+    rng = random.Random(seed)
+    groups: list[tuple[list[int], int]] = []
+    if len(cw) > 1:
+        share = size // (2 * len(cw))
+        for w in cw:
+            g = [i for i in idx if carries(kept[i], [w])]
+            groups.append((g, min(share, len(g))))
+    taken = {i for g, n in groups for i in g}
+    rest = [i for i in idx if i not in taken]
+    groups.append((rest, size - sum(n for _, n in groups)))
+    chosen: list[str] = []
+    for g, n in groups:
+        if g and n > 0:
+            chosen += [kept[g[j]] for j in k_center(emb[g], n, rng.randrange(len(g)))]
+    return chosen
 
 
 def build_retain(pipe, concept, auto, model: str, seed: int = 0) -> tuple[list[str], dict[str, Any]]:
@@ -120,9 +146,7 @@ def build_retain(pipe, concept, auto, model: str, seed: int = 0) -> tuple[list[s
     if not idx:
         raise ValueError(f"concept {concept.name!r}: every caption of the retain pool carries the concept; give retain "
                          "prompts or another --retain-pool")
-    emb = emb[idx]
-    start = random.Random(seed).randrange(len(idx))
-    chosen = [kept[idx[i]] for i in k_center(emb, auto.retain_size, start)]
+    chosen = _diverse(kept, emb, idx, concept_words(concept), auto.retain_size, seed)
     info.update(pool=label, pool_size=len(pool), given=len(concept.retain_prompts), added=len(chosen), prompts=chosen)
     return chosen, info
 

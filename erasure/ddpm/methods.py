@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +71,21 @@ def _eps(unet, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, bf16: bool) ->
 
 
 def retain_loss(ctx, b) -> torch.Tensor:
-    """The DDPM denoising loss on retain-class images (labels with class dropout to the null class)."""
-    return F.mse_loss(_eps(ctx.unet, b.retain_xt, b.retain_t, b.retain_y, ctx.bf16), b.retain_noise)
+    """The retain term on noised retain-class images (labels with class dropout to the null class): the DDPM
+    denoising loss (MSE to the added noise), or with ``retain_loss="distill"`` the MSE to the frozen original
+    model's prediction for the same input and label, which keeps the model's own function on the other classes
+    rather than refitting it to the retain images."""
+    out = _eps(ctx.unet, b.retain_xt, b.retain_t, b.retain_y, ctx.bf16)
+    if getattr(ctx.args, "retain_loss", "denoise") == "distill":
+        with torch.no_grad():
+            target = _eps(ctx.frozen_unet, b.retain_xt, b.retain_t, b.retain_y, ctx.bf16)
+        return F.mse_loss(out, target)
+    return F.mse_loss(out, b.retain_noise)
+
+
+RetainLoss = Literal["denoise", "distill"]
+_RETAIN_HELP = ("retain term: denoise (MSE to the added noise, the paper's) or distill (MSE to the frozen original "
+                "model's prediction on the same noisy retain image; keeps a second UNet in memory)")
 
 
 def guided_forget_loss(ctx, b) -> torch.Tensor:
@@ -89,9 +102,13 @@ class SalUnClassConfig(ClassMethodConfig):
 
     alpha: float = field(1.0, help="weight of the retain denoising loss on the other classes (0 = none)",
                          label="Retain weight (alpha)", min=0.0, max=100.0)
+    retain_loss: RetainLoss = field("denoise", help=_RETAIN_HELP, label="Retain loss")
 
     def uses_retain(self) -> bool:
         return self.alpha > 0
+
+    def needs_frozen_unet(self) -> bool:
+        return self.uses_retain() and self.retain_loss == "distill"
 
 
 def _with_retain(ctx, b, forget: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -117,8 +134,9 @@ class ESDClassConfig(ClassMethodConfig):
 
     negative_guidance: float = field(1.0, help="eta in the target eps_u - eta (eps_c - eps_u)", label="Negative guidance (eta)",
                                      min=0.0, max=100.0)
-    alpha: float = field(0.0, help="weight of a retain denoising loss (ESD itself has none)", label="Retain weight (alpha)",
+    alpha: float = field(0.0, help="weight of a retain loss (ESD itself has none)", label="Retain weight (alpha)",
                          min=0.0, max=100.0)
+    retain_loss: RetainLoss = field("denoise", help=_RETAIN_HELP, label="Retain loss")
 
     def uses_retain(self) -> bool:
         return self.alpha > 0
