@@ -42,6 +42,18 @@ def test_two_step_erase_reload_and_sample(tiny, tmp_path, method):
     assert (out / "log.jsonl").read_text().strip()
 
 
+@pytest.mark.parametrize("retain_loss", ["distill", "denoise"])
+def test_retain_loss_target(tiny, tmp_path, retain_loss):
+    """distill pulls towards the frozen original model, so its first retain loss (model == original) is exactly 0;
+    denoise fits the added noise, which an untrained tiny model does not predict."""
+    import json
+
+    out = erase_class(_cfg(tiny, "salun", method_args={"alpha": 1.0, "retain_loss": retain_loss}), tmp_path / "run")
+    first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert (first["retain_loss"] == 0.0) == (retain_loss == "distill")
+    assert read_run(out)["config"]["method_args"]["retain_loss"] == retain_loss
+
+
 def test_salun_weights_outside_mask_bit_identical(tiny, tmp_path):
     out = erase_class(_cfg(tiny, "salun", mask_ratio=0.3, lr=1e-2), tmp_path / "run")
     mask = load_mask(out / "mask.safetensors")
@@ -99,7 +111,7 @@ def test_cli_erase_and_generate(tiny, tmp_path, capsys):
     assert main(["erase", "--model", str(tiny), "--forget-class", "circle", "--anchor-class", "random", "--method", "salun",
                  "--steps", "2", "--n-forget", "8", "--n-retain", "4", "--batch-size", "4", "--mask-batches", "2",
                  "--alpha", "0.5", "--out", str(run)]) == 0
-    assert read_run(run)["config"]["method_args"] == {"alpha": 0.5}
+    assert read_run(run)["config"]["method_args"] == {"alpha": 0.5, "retain_loss": "distill"}  # flag + default
     png = tmp_path / "c.png"
     assert main(["generate", "--run", str(run), "--class", "square", "--seed", "3", "--steps", "2", "--size", "64",
                  "--out", str(png)]) == 0

@@ -100,9 +100,9 @@ def guided_forget_loss(ctx, b) -> torch.Tensor:
 class SalUnClassConfig(ClassMethodConfig):
     """SalUn / RL: remap the forget class to the anchor class, plus the retain loss."""
 
-    alpha: float = field(1.0, help="weight of the retain denoising loss on the other classes (0 = none)",
-                         label="Retain weight (alpha)", min=0.0, max=100.0)
-    retain_loss: RetainLoss = field("denoise", help=_RETAIN_HELP, label="Retain loss")
+    alpha: float = field(3.0, help="weight of the retain loss on the other classes (0 = none; 3 with distill: "
+                         "bench/README.md)", label="Retain weight (alpha)", min=0.0, max=100.0)
+    retain_loss: RetainLoss = field("distill", help=_RETAIN_HELP, label="Retain loss")
 
     def uses_retain(self) -> bool:
         return self.alpha > 0
