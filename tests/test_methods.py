@@ -42,6 +42,7 @@ TRAINING_CASES: dict[str, dict] = {
     "bf16-adamw": {"mixed_precision": "bf16", "optimizer": "adamw", "weight_decay": 0.1},
     "accum-clip-sgd": {"grad_accum": 2, "max_grad_norm": 0.05, "optimizer": "sgd", "weight_decay": 0.01},
     "xattn-distill": {"trainable": "xattn", "method_args": {"retain_loss": "distill"}},
+    "distill-retain-on-forget": {"method_args": {"retain_loss": "distill", "retain_on_forget": True}},
 }
 
 
@@ -182,3 +183,36 @@ def test_cli_method_flags(tiny_model_dir, tmp_path, capsys):
     rc = main([*common, "--method", "salun", "--alpha", "0", "--esd-sample-steps", "2", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert rc == 2 and "--esd-sample-steps is a setting of method esd" in err and not (tmp_path / "x").exists()
+
+
+def test_retain_on_forget_adds_the_retain_prompts_on_forget_images(tiny_model_dir):
+    """retain_on_forget = the Dr distillation plus the same distillation of the retain prompts on the Df x_t."""
+    import copy
+    from types import SimpleNamespace
+
+    from erasure.diffusion.losses import StepBatch, distill_loss, unet_eps
+    from erasure.diffusion.methods.salun import SalUnConfig, remap_with_retain
+
+    with pytest.raises(ValueError, match="needs retain_loss='distill'"):
+        SalUnConfig(retain_on_forget=True)
+    pipe = load_pipeline(tiny_model_dir, device="cpu")
+    frozen = copy.deepcopy(pipe.unet).requires_grad_(False)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    c = pipe.unet.config
+    x = lambda: torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)  # noqa: E731
+    cond = lambda: torch.randn(2, 4, c.cross_attention_dim, generator=g)  # noqa: E731
+    b = StepBatch(forget_x=x(), forget_t=torch.tensor([10, 500]), forget_noise=x(), forget_cond=cond(),
+                  anchor_cond=cond(), uncond=cond()[:1], retain_x=x(), retain_t=torch.tensor([3, 900]),
+                  retain_noise=x(), retain_cond=cond())
+    losses = {}
+    for on in (False, True):
+        ctx = SimpleNamespace(unet=pipe.unet, frozen_unet=frozen, predict=unet_eps,
+                              args=SalUnConfig(alpha=2.0, retain_loss="distill", retain_on_forget=on))
+        losses[on] = {k: float(v) for k, v in remap_with_retain(ctx, b).items()}
+    extra = float(distill_loss(pipe.unet, frozen, b.forget_x, b.forget_t, b.retain_cond))
+    assert extra > 0
+    assert losses[True]["retain_loss"] == pytest.approx(losses[False]["retain_loss"] + extra, rel=1e-5)
+    assert losses[True]["loss"] == pytest.approx(losses[False]["loss"] + 2.0 * extra, rel=1e-5)

@@ -27,6 +27,18 @@ class SalUnConfig(MethodConfig):
         "in memory).",
         label="Retain loss",
     )
+    retain_on_forget: bool = field(
+        False,
+        help="With distill: also keep the retain prompts' predictions on the noisy Df images, where the remap acts "
+        "(a retain prompt near the concept, e.g. orange when red is erased, is otherwise pulled along; one more "
+        "UNet pass per step).",
+        label="Retain on forget images",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.retain_on_forget and self.retain_loss != "distill":
+            raise ValueError("retain_on_forget needs retain_loss='distill' (it keeps the frozen model's predictions)")
 
     def uses_retain(self) -> bool:
         return self.alpha > 0
@@ -49,6 +61,10 @@ def remap_with_retain(ctx, b) -> dict:
         else:
             retain = denoise_loss(ctx.unet, b.retain_x, b.retain_t, b.retain_noise, b.retain_cond, predict=ctx.predict,
                                   weight=b.retain_weight)
+        if args.retain_on_forget and args.retain_loss == "distill":
+            # the retain prompts' predictions on the forget images themselves (x_t of Df, the same t)
+            retain = retain + distill_loss(ctx.unet, ctx.frozen_unet, b.forget_x, b.forget_t, b.retain_cond, None,
+                                           predict=ctx.predict, weight=b.retain_weight)
         out["retain_loss"] = retain
         loss = loss + args.alpha * retain
     out["loss"] = loss
