@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--anchor", action="append", default=[], metavar="CONCEPT=ANCHOR",
                     help="Anchor concept instead of the shapes world's default (e.g. red=orange; repeatable).")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="Add the concept records of these result files (parallel processes, same settings) to --out.")
     ap.add_argument("--app-blue-star", action="store_true", help="Instead: the app's custom erasure of 'a blue star' "
                     "(anchor 'a blue heart', no retain prompts) through erasure_app.service.AppService.")
     args = ap.parse_args()
@@ -124,7 +126,16 @@ def main() -> None:
     if args.app_blue_star and args.out == ap.get_default("out"):
         out = out.with_name("auto_erase_app_blue_star.json")
     res = json.loads(out.read_text()) if out.is_file() else {"concepts": {}}
-    if args.table_only:
+    if args.merge:
+        for f in args.merge:
+            part = json.loads(Path(f).read_text())
+            for k in ("forget_seeds", "retain_seeds", "override", "tune", "anchors", "original_rows"):
+                if k in res and k in part and part[k] != res[k]:
+                    raise SystemExit(f"{f}: {k} differs from {out}'s; merge only runs with the same settings")
+                res.setdefault(k, part.get(k))
+            res["concepts"].update({c: r for c, r in part["concepts"].items() if r.get("erased")})
+        save(out, res)
+    if args.table_only or args.merge:
         out.with_suffix(".md").write_text(table(res) + "\n")
         print(table(res))
         return
