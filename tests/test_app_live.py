@@ -136,7 +136,7 @@ def test_any_methods_settings_over_the_api(tiny_app):
     rid, _, _ = c.predict(**dict(TINY_ERASE, method="rl"), method_args='{"alpha": 0, "retain_loss": "distill"}',
                           run_name="api-rl", api_name="/erase")
     info = json.loads((root / "runs" / rid / "run.json").read_text())
-    assert info["config"]["method_args"] == {"alpha": 0, "retain_loss": "distill"}
+    assert info["config"]["method_args"] == {"alpha": 0, "retain_loss": "distill", "retain_on_forget": False}
 
 
 def test_bad_input_gives_clear_messages_and_server_keeps_running(tiny_app, tmp_path):

@@ -119,15 +119,18 @@ def test_config_keeps_preset_settings(service):
 
 def test_method_args_in_form_and_config(service):
     # presets keep alpha/retain_loss at the top level of their config: the form reads them as method_args
-    assert service.preset_form("shape_circle")["method_args"] == {"alpha": 3.0, "retain_loss": "distill"}
-    assert service.preset_form("nudity")["method_args"] == {"alpha": 0.1, "retain_loss": "denoise"}  # the default
+    assert service.preset_form("shape_circle")["method_args"] == {"alpha": 3.0, "retain_loss": "distill",
+                                                                  "retain_on_forget": False}
+    assert service.preset_form("nudity")["method_args"] == {"alpha": 0.1, "retain_loss": "denoise",  # the default
+                                                            "retain_on_forget": False}
     assert _cfg(service).method_args.retain_loss == "denoise"  # typed prompts, no preset
     assert _cfg(service, method_args={"retain_loss": "distill"}).method_args.retain_loss == "distill"
     assert _cfg(service, method_args='{"retain_loss": "distill"}').method_args.retain_loss == "distill"  # JSON text
-    assert _cfg(service, method_args="").method_args.to_dict() == {"alpha": 0.5, "retain_loss": "denoise"}
+    assert _cfg(service, method_args="").method_args.to_dict() == {"alpha": 0.5, "retain_loss": "denoise",
+                                                                   "retain_on_forget": False}
     circle = ("circle", "a circle", "a square", "a red square")
     assert service.make_config(*circle, preset="shape_circle", **FAST).method_args.to_dict() == {
-        "alpha": 3.0, "retain_loss": "distill"}  # the preset's
+        "alpha": 3.0, "retain_loss": "distill", "retain_on_forget": False}  # the preset's
     cfg = service.make_config(*circle, preset="shape_circle", method_args={"retain_loss": "denoise"}, **FAST)
     assert (cfg.method_args.alpha, cfg.method_args.retain_loss) == (3.0, "denoise")
     # another method: the preset's settings of its own method do not apply
