@@ -150,7 +150,7 @@ def test_erase_lists_inspects_and_compares(service, run_id, fresh):
     runs = fresh.list_runs()
     assert [r["run"] for r in runs] == [run_id]
     assert runs[0]["method"] == "salun" and runs[0]["steps"] == 2
-    assert runs[0]["method settings"] == "alpha=0.5, retain_loss=denoise"
+    assert runs[0]["method settings"] == "alpha=0.5, retain_loss=denoise, retain_on_forget=False"
     assert run_id in service.run_ids()
     curve = service.loss_curve(run_id)
     assert {r["series"] for r in curve} >= {"loss", "forget_loss", "retain_loss"} and max(r["step"] for r in curve) == 2
