@@ -288,7 +288,12 @@ def save(out: Path, res: dict) -> None:
     tmp.replace(out)
 
 
-def verdict(rec: dict) -> tuple[bool, list[str]]:
+def time_limit(res: dict) -> float:
+    """The time bar: 3 minutes per erasure; with ``--tune``, 15 minutes for tuning and the final run together."""
+    return 900.0 if res.get("tune") else 180.0
+
+
+def verdict(rec: dict, limit: float = 180.0) -> tuple[bool, list[str]]:
     miss = []
     if rec["erased_forget"]["share"] > 0.05:
         miss.append(f"forget {rec['erased_forget']['share']:.1%}")
@@ -300,7 +305,7 @@ def verdict(rec: dict) -> tuple[bool, list[str]]:
         if drop > (3.0 if k == "same_kind" else 2.0):
             miss.append(f"{k.replace('_', ' ')} -{drop:.1f}")
     t = rec.get("cpu_s", rec["wall_s"])
-    if t > 180:
+    if t > limit:
         miss.append(f"time {t:.0f} s")
     return not miss, miss
 
@@ -310,7 +315,8 @@ def table(res: dict) -> str:
         f"Each concept erased alone with the model defaults from one plain forget prompt; forget: "
         f"{res.get('forget_seeds')} images (seeds) over the first 4 templates naming only the concept; retain: prompts/shapes.csv rows "
         f"without it x {res.get('retain_seeds')} seeds (drops in points against the original on the same prompts and "
-        "seeds). Bars: forget <= 5%, same kind drop <= 3, other kinds <= 2, erasure <= 180 s (CPU seconds of the one-thread "
+        f"seeds). Bars: forget <= 5%, same kind drop <= 3, other kinds <= 2, erasure <= {time_limit(res):.0f} s "
+        f"{'(tuning and the final run; ' if res.get('tune') else '('}CPU seconds of the one-thread "
         "process where measured, since the wall time depends on the shared machine's load).",
         "",
         "| concept | forget prompt -> anchor | judge sees it: before / after (worst prompt) | same kind | other kinds | "
@@ -329,7 +335,7 @@ def table(res: dict) -> str:
         nb = ", ".join(f"{t} {100 * v['original']:.0f}->{100 * v['erased']:.0f}" for t, v in r["neighbours"].items()
                        if v["original"] is not None and v["erased"] is not None) or "-"
         t = r["timing_s"]
-        ok, miss = verdict(r)
+        ok, miss = verdict(r, time_limit(res))
         la = r.get("load_avg")
         lines.append(
             f"| {name} ({r['kind']}) | {r['forget_prompt']} -> {r['anchor_prompt']} | "
@@ -339,7 +345,7 @@ def table(res: dict) -> str:
             f"{'-' if not la else f'{la[0]:.1f}-{la[3]:.1f}'} | {'met' if ok else 'missed: ' + '; '.join(miss)} |"
         )
     done = [r for r in res.get("concepts", {}).values() if "erased" in r]
-    lines += ["", f"{sum(verdict(r)[0] for r in done)} of {len(done)} concepts meet every bar."]
+    lines += ["", f"{sum(verdict(r, time_limit(res))[0] for r in done)} of {len(done)} concepts meet every bar."]
     return "\n".join(lines)
 
 

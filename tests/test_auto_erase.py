@@ -208,7 +208,8 @@ def test_tuning_budget_two_picks_by_the_rule_and_logs(tiny_model_dir, tmp_path, 
     t = read_run(out)["tuning"]
     assert len(t["log"]) == 2 and t["judge"] == "fake"
     assert t["chosen"] == t["log"][tune.choose(t["log"], 5.0)]
-    assert t["held_out"]["forget"] and all("red circle" in p for p in t["held_out"]["forget"])
+    assert t["held_out"]["forget"][0] == "a red circle"  # the user's own prompt first, then held-out captions
+    assert len(t["held_out"]["forget"]) == 3 and all("red circle" in p for p in t["held_out"]["forget"])
     assert not (tmp_path / "run.tune").exists()
     assert read_run(out)["config"]["steps"] == 2  # the final run trains the full steps
 

@@ -150,8 +150,9 @@ JUDGES: dict[str, Callable[[], Any]] = {"shapes": ShapesTuneJudge, "clip": ClipT
 
 
 def _held_out(cfg, pipe_model: str, seed: int) -> tuple[list[str], list[str]]:
-    """Held-out prompts: pool captions naming the concept that training does not use (forget), and pool captions
-    without it that are neither training retain prompts (retain). Without a caption pool: the training prompts."""
+    """Held-out prompts: the user's first forget prompt and 3 pool captions naming the concept that training does not
+    use (forget), and pool captions without it that are neither training retain prompts (retain). Without a caption
+    pool: the training prompts."""
     import random
 
     from erasure.auto.retain import caption_pool
@@ -167,7 +168,9 @@ def _held_out(cfg, pipe_model: str, seed: int) -> tuple[list[str], list[str]]:
     rng = random.Random(seed + 7)
     forget = [p for p in pool if carries(p, cw) and p not in used]
     retain = [p for p in pool if not carries(p, cw) and p not in used]
-    forget = rng.sample(forget, min(4, len(forget))) or list(c.forget_prompts[:4])
+    # the user's own first forget prompt (on judging seeds, not the training ones) leads the set: a plain prompt
+    # ("a dotted shape") can resist an erasure that pool captions naming more attributes do not show
+    forget = [c.forget_prompts[0]] + rng.sample(forget, min(3, len(forget)))
     retain = rng.sample(retain, min(8, len(retain))) or list(c.retain_prompts[:8]) or [c.anchor_for(0)]
     return forget, retain
 
