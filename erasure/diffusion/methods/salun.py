@@ -30,8 +30,8 @@ class SalUnConfig(MethodConfig):
     retain_on_forget: bool = field(
         False,
         help="With distill: also keep the retain prompts' predictions on the noisy Df images, where the remap acts "
-        "(a retain prompt near the concept, e.g. orange when red is erased, is otherwise pulled along; one more "
-        "UNet pass per step).",
+        "(partly holds a concept next to the erased one, such as orange when red is erased; one more UNet pass "
+        "per step).",
         label="Retain on forget images",
     )
 
