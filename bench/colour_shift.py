@@ -33,8 +33,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 SHAPES6 = ["circle", "square", "triangle", "star", "heart", "cross"]
 
 
-def colour_prompt(colour: str, thing: str = "shape") -> str:
-    return ("an " if colour[0] in "aeiou" else "a ") + f"{colour} {thing}"
+def colour_prompt(colour: str, shape: str | None = None) -> str:
+    """"a red shape" / "an orange circle": the shapes world's own plain caption."""
+    from erasure.shapes import make_caption
+
+    return make_caption(shape=shape, color=colour, fill=None)
 
 
 def colours_seen(pipe, judge, colours) -> dict[str, dict[str, int]]:

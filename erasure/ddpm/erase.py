@@ -63,7 +63,7 @@ class ClassEraseConfig(JsonConfig):
                               "sample, as in the paper)", label="Anchor class")
     method: str = field("salun", help="salun, rl, esd-class, ft or retrain", label="Method")
     method_args: Any = field(None, help="the method's own settings", cli=False)
-    steps: int = field(240, help="optimizer steps (240 at lr 4e-4 forgets a shapes-ddpm class: bench/README.md)",
+    steps: int = field(240, help="optimizer steps (240 at lr 4e-4 forget a class of the shipped shapes model)",
                        label="Steps", min=1, max=100000)
     lr: float = field(4e-4, help="Adam learning rate", label="Learning rate", min=0.0, min_exclusive=True, max=1.0)
     batch_size: int = field(32, help="forget images and retain images per step (each)", label="Batch size", min=1, max=4096)
