@@ -230,9 +230,9 @@ def add_config_arguments(
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         if default not in (None, [], ()):
-            help_text += f" (default: {default})"
+            help_text += f" (default: {default})".replace("%", "%%")
         choices = f.metadata.get("choices")
         lit = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
         if lit:
