@@ -45,6 +45,11 @@ class MethodConfig(JsonConfig):
         """Whether the method trains on Dr (so Dr is generated and retain prompts are required)."""
         return False
 
+    def uses_retain_prompts(self) -> bool:
+        """Whether the method reads the concepts' retain prompts (so the automatic retain and neighbour sets are
+        built for it): every method that trains on Dr, and closed-form edits that preserve prompts (UCE)."""
+        return self.uses_retain()
+
     def needs_frozen_unet(self) -> bool:
         """Whether the method needs a frozen copy of the original UNet (teacher)."""
         return False

@@ -292,3 +292,39 @@ def test_report_has_a_neighbours_section(tmp_path):
     assert row["neighbour"] == "orange" and row["images"] == "2"
     assert float(row["original"]) > float(row["erased"])  # colour lost on the neighbour, shape and fill kept
     assert "## Neighbours" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_uce_preserves_the_automatic_retain_and_neighbour_sets(tiny_model_dir, tmp_path):
+    """A closed-form edit gets what erasure.auto builds: the retain set and the neighbours (at their weight) are its
+    preserve prompts, the forget paraphrases its erase prompts; the run records them. Without a caption pool it
+    still runs (UCE's preserve set may be empty) instead of failing like a method that trains on Dr."""
+    from erasure import erase
+    from erasure.runs import load_run_weights
+    from erasure.diffusion.methods.uce import UCEConfig, uce_edit
+    from erasure.diffusion.pipeline import load_pipeline
+
+    c = ConceptSpec(name="red", forget_prompts=["a red shape"], anchor_prompts=["a blue shape"])
+    auto = AutoConfig(min_retain=8, retain_size=12, retain_pool="shapes", neighbours=2, neighbour_weight=3.0,
+                      vocabulary="shapes", augment_forget=2)
+    cfg = EraseConfig(model=str(tiny_model_dir), concepts=[c], method="uce", auto=auto, cache_dir=str(tmp_path / "c"))
+    run = erase(cfg, tmp_path / "run")
+    rec = read_run(run)["auto"]["concepts"]["red"]
+    assert rec["sizes"]["retain_prompts"] >= 12 and len(rec["neighbours"]["terms"]) == 2
+    para = rec["forget_paraphrases"]["prompts"]
+    assert para and rec["sizes"]["forget_prompts"] == 1 + len(para)
+    # the same edit by hand, from what the run says it used
+    pipe = load_pipeline(tiny_model_dir, device="cpu")
+    from erasure.auto.prepare import prepare_concepts
+
+    concepts, weights, _ = prepare_concepts(cfg, pipe, str(tiny_model_dir), True, retain_required=False)
+    (c2,) = concepts
+    assert set(rec["neighbours"]["prompts"]) <= set(c2.retain_prompts) and set(weights.values()) == {3.0}
+    expected = uce_edit(pipe.unet, pipe.text_encoder, pipe.tokenizer, c2.forget_prompts,
+                        [c2.anchor_for(i) for i in range(len(c2.forget_prompts))], c2.retain_prompts, UCEConfig(),
+                        preserve_weights=weights)
+    got = load_run_weights(run)
+    assert expected and all(torch.equal(got[k], v) for k, v in expected.items())
+    # no pool: a warning and an edit without an automatic preserve set, not an error
+    cfg2 = EraseConfig.from_dict({**cfg.to_dict(), "auto": {**auto.to_dict(), "retain_pool": str(tmp_path / "none.txt"),
+                                                            "neighbours": 0, "augment_forget": 0}})
+    assert read_run(erase(cfg2, tmp_path / "run2"))["auto"]["concepts"]["red"]["retain"]["skipped"]

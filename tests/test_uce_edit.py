@@ -162,3 +162,20 @@ def test_last_to_end_span(pipe):
     assert {k for k in before if not torch.equal(before[k], after[k])} == set(out)
     with pytest.raises(ValueError, match="UCE tokens"):
         UCEConfig(token_span="all")
+
+
+@pytest.mark.parametrize("span", ["last", "last_to_end"])
+def test_preserve_weight_equals_repeating_the_prompt(pipe, span):
+    """A preserve prompt of weight 2 (a neighbour of erasure.auto) is the same closed form as that prompt twice."""
+    from erasure.diffusion.methods.uce import uce_keys
+
+    te, tok = pipe.text_encoder, pipe.tokenizer
+    e, g, p2 = uce_keys(te, tok, ERASE, GUIDE, PRESERVE + [PRESERVE[0]], span)
+    _, _, pw = uce_keys(te, tok, ERASE, GUIDE, PRESERVE, span, preserve_weights={PRESERVE[0]: 2.0})
+    m_repeat = edit_matrix(e, g, p2, 0.5, 1.0, 1.0)
+    m_weight = edit_matrix(e, g, pw, 0.5, 1.0, 1.0)
+    m_plain = edit_matrix(e, g, uce_keys(te, tok, ERASE, GUIDE, PRESERVE, span)[2], 0.5, 1.0, 1.0)
+    assert torch.allclose(m_weight, m_repeat, atol=1e-9)
+    assert not torch.allclose(m_weight, m_plain, atol=1e-6)
+    with pytest.raises(ValueError, match=">= 0"):
+        uce_keys(te, tok, ERASE, GUIDE, PRESERVE, span, preserve_weights={PRESERVE[1]: -1.0})

@@ -23,9 +23,13 @@ def auto_active(cfg) -> bool:
     return bool(a.min_retain or a.neighbours or a.augment_forget)
 
 
-def prepare_concepts(cfg, pipe, model: str, with_retain: bool) -> tuple[list, dict[str, float], dict[str, Any]]:
+def prepare_concepts(cfg, pipe, model: str, with_retain: bool, retain_required: bool = True,
+                     ) -> tuple[list, dict[str, float], dict[str, Any]]:
     """``(concepts, retain_weights, record)``: the concepts with forget paraphrases, automatic retain prompts and
-    neighbour prompts added; the retain-loss weight of each neighbour prompt; what was done, for run.json."""
+    neighbour prompts added; the retain-loss weight of each neighbour prompt; what was done, for run.json.
+
+    ``with_retain``: build the retain and neighbour sets (the method reads retain prompts); ``retain_required``: a
+    concept left without retain prompts is an error (methods that train on Dr; UCE's preserve set may be empty)."""
     a = cfg.auto
     out, weights, record = [], {}, {"concepts": {}}
     for c in cfg.concepts:
@@ -44,7 +48,7 @@ def prepare_concepts(cfg, pipe, model: str, with_retain: bool) -> tuple[list, di
             try:
                 added, info = build_retain(pipe, c2, a, model, cfg.seed)
             except FileNotFoundError as err:
-                if not retain:
+                if not retain and retain_required:
                     raise ValueError(f"concept {c.name!r}: no retain prompts and no caption pool for an automatic "
                                      f"retain set: {err}") from None
                 logger.warning("automatic retain set skipped: %s", err)

@@ -92,6 +92,8 @@ class EraseContext:
     backbone: Backbone = field(default_factory=lambda: get_backbone("sd"))
     run: RunDir | None = None  # a ``run`` method with its own loop checkpoints into ``run.partial``
     mask: dict[str, torch.Tensor] | None = None  # the mask a masked ``run`` method trained in (it saves the file)
+    prepared_concepts: list | None = None  # the concepts after erasure.auto (see ``concepts``)
+    retain_weights: dict[str, float] | None = None  # weight of a retain prompt (neighbours); 1 when absent
 
     @property
     def scheduler_config(self) -> Any:
@@ -112,7 +114,9 @@ class EraseContext:
 
     @property
     def concepts(self) -> list:
-        return self.config.concepts
+        """The run's concepts as the method should use them: with the automatic retain, neighbour and forget
+        paraphrase prompts when ``config.auto`` added some (``prepared_concepts``), else the config's."""
+        return self.prepared_concepts if self.prepared_concepts is not None else self.config.concepts
 
     def cancelled(self) -> bool:
         return self.cancel is not None and self.cancel.is_set()
@@ -125,6 +129,8 @@ class _Inputs:
     data: ForgetRetainData | None
     resolution: int
     auto: dict | None = None  # what erasure.auto added (run.json "auto")
+    concepts: list | None = None  # the config's concepts with what erasure.auto added
+    retain_weights: dict[str, float] | None = None  # retain prompt -> weight (neighbours)
     backbone: Backbone = field(default_factory=lambda: get_backbone("sd"))
 
 
@@ -138,11 +144,13 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
     res = cfg.resolution or default_resolution(pipe)
     emit(progress, "loading", 1, 1)
     data, concepts, weights, auto = None, cfg.concepts, None, None
-    if spec.needs_images:
-        from erasure.auto.prepare import auto_active, prepare_concepts
+    from erasure.auto.prepare import auto_active, prepare_concepts
 
-        if auto_active(cfg):
-            concepts, weights, auto = prepare_concepts(cfg, pipe, model, cfg.method_args.uses_retain())
+    if auto_active(cfg) and (spec.needs_images or cfg.method_args.uses_retain_prompts()):
+        # closed-form edits (UCE) get the automatic retain and neighbour sets as their preserve prompts
+        concepts, weights, auto = prepare_concepts(cfg, pipe, model, cfg.method_args.uses_retain_prompts(),
+                                                   retain_required=cfg.method_args.uses_retain())
+    if spec.needs_images:
         key = model_fingerprint(model) + ("|drop_t5" if cfg.drop_t5 else "")  # Df/Dr cache key
         data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
         data = build_forget_retain(
@@ -152,7 +160,7 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
         )
     for module in backbone.frozen_modules(pipe):
         module.requires_grad_(False)
-    return _Inputs(model, pipe, data, res, auto=auto, backbone=backbone)
+    return _Inputs(model, pipe, data, res, auto=auto, backbone=backbone, concepts=concepts, retain_weights=weights)
 
 
 def select_parameters(unet, mode: str, mask: dict[str, torch.Tensor] | None,
@@ -457,7 +465,8 @@ def _erase_by_edit(cfg, spec, run, accelerator, progress, cancel, t0, run_info=N
     unet.requires_grad_(False)
     ctx = EraseContext(config=cfg, args=cfg.method_args, pipe=inputs.pipe, unet=unet, device=accelerator.device,
                        data=inputs.data, generator=step_generator(cfg.seed, 0), progress=progress, cancel=cancel,
-                       backbone=inputs.backbone, run=run, run_info=run_info)
+                       backbone=inputs.backbone, run=run, run_info=run_info, prepared_concepts=inputs.concepts,
+                       retain_weights=inputs.retain_weights)
     if cfg.method_args.needs_frozen_unet():
         ctx.frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval()
     emit(progress, "editing", 0, 1)
@@ -524,7 +533,7 @@ def _erase_by_training(cfg, spec, run, accelerator, progress, cancel, given_mask
     model_dp.train()
     ctx = EraseContext(config=cfg, args=args, pipe=inputs.pipe, unet=model_dp, device=device, frozen_unet=frozen,
                        data=inputs.data, progress=progress, cancel=cancel, backbone=inputs.backbone,
-                       run_info=run_info)
+                       run_info=run_info, prepared_concepts=inputs.concepts, retain_weights=inputs.retain_weights)
     last = fit(ctx, spec, accelerator, run, trainable, optimizer, upd, start)
     t_train = time.time()
     emit(progress, "saving", 0, 1)

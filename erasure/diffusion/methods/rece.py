@@ -84,6 +84,9 @@ class RECEConfig(MethodConfig):
         label="RECE: UCE tokens",
     )
 
+    def uses_retain_prompts(self) -> bool:
+        return self.uce_preserve_scale > 0 or self.preserve_scale > 0
+
     def uce_config(self) -> UCEConfig:
         """The :class:`UCEConfig` of the initial edit."""
         return UCEConfig(
@@ -148,6 +151,7 @@ def rece_edit(
     cfg: RECEConfig,
     device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
+    preserve_weights: Mapping[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Erase concepts with RECE: UCE, then ``cfg.epochs`` adversarial re-edits of every ``attn2.to_k`` /
     ``attn2.to_v`` weight of ``unet``, in place.
@@ -162,6 +166,7 @@ def rece_edit(
         device (`str` or `torch.device`, *optional*, defaults to the UNet's device): where the float64 solves run.
         progress (`Callable[[int, int], None]`, *optional*): called as ``progress(done, total)`` after the UCE
             edit (``done`` = 0) and after each epoch.
+        preserve_weights (`dict[str, float]`, *optional*): per preserve prompt weight in the initial UCE edit.
 
     Returns:
         `dict[str, torch.Tensor]`: the new weights by ``unet.state_dict()`` name, in the UNet's dtype.
@@ -171,7 +176,8 @@ def rece_edit(
     modules = cross_attention_kv(unet)
     dev = solve_device(device, unet)
     original = {n: m.weight.detach().to(device=dev, dtype=torch.float64).clone() for n, m in modules.items()}
-    out = uce_edit(unet, text_encoder, tokenizer, list(erase_prompts), guides, preserve, cfg.uce_config(), device=dev)
+    out = uce_edit(unet, text_encoder, tokenizer, list(erase_prompts), guides, preserve, cfg.uce_config(), device=dev,
+                   preserve_weights=preserve_weights)
     if progress is not None:
         progress(0, cfg.epochs)
     if cfg.epochs == 0:
@@ -203,7 +209,7 @@ def run(ctx) -> dict[str, torch.Tensor]:
     erase, guide, preserve = concept_prompt_sets(ctx.concepts)
     progress = None if ctx.progress is None else (lambda d, t: emit(ctx.progress, "editing", d, t))
     return rece_edit(ctx.unet, ctx.text_encoder, ctx.tokenizer, erase, guide, preserve, ctx.args, device=ctx.device,
-                     progress=progress)
+                     progress=progress, preserve_weights=ctx.retain_weights)
 
 
 register_method(

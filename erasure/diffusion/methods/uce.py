@@ -87,6 +87,9 @@ class UCEConfig(MethodConfig):
         "anchor", help="What each erase prompt is mapped to: its anchor prompt, or the empty prompt (the official "
         "scripts' default when no guide concept is given, 'towards_uncond').", label="UCE guide")
 
+    def uses_retain_prompts(self) -> bool:
+        return self.preserve_scale > 0
+
 
 def cross_attention_kv(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The cross-attention key and value projections UCE edits, by module name.
@@ -146,6 +149,7 @@ def uce_keys(
     guide_prompts: Sequence[str],
     preserve_prompts: Sequence[str],
     token_span: str = "last",
+    preserve_weights: Mapping[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The erase, guide and preserve embeddings UCE uses (rows, float64 on CPU), for a ``token_span``.
 
@@ -153,6 +157,8 @@ def uce_keys(
         erase_prompts (`list[str]`), guide_prompts (`list[str]`): paired one to one.
         preserve_prompts (`list[str]`): may be empty.
         token_span (`str`, defaults to `"last"`): see :class:`UCEConfig`.
+        preserve_weights (`dict[str, float]`, *optional*): weight of a preserve prompt's terms (1 when absent; the
+            neighbour prompts of :mod:`erasure.auto`): its rows are scaled by the square root, so ``P^T P`` weighs it.
 
     Returns:
         `tuple`: erase keys ``[k, d]``, guide keys ``[k, d]`` (paired by row) and preserve keys ``[m, d]`` (``None``
@@ -164,7 +170,7 @@ def uce_keys(
         keys = last_token_embeddings(text_encoder, tokenizer, list(erase_prompts) + list(guide_prompts)
                                      + list(preserve_prompts))
         n = len(erase_prompts)
-        keep = keys[2 * n :]
+        keep = keys[2 * n :] * _row_scale(preserve_prompts, preserve_weights, 1)
         return keys[:n], keys[n : 2 * n], keep if keep.shape[0] else None
     if token_span != "last_to_end":
         raise ValueError(f"token_span must be one of {TOKEN_SPANS}, got {token_span!r}")
@@ -178,7 +184,16 @@ def uce_keys(
         erase.append(hidden_e[i, e : length - (far - e)])
         guide.append(hidden_g[i, g : length - (far - g)])
     keep, _ = encode_prompt_tokens(text_encoder, tokenizer, [""] + list(preserve_prompts))
+    keep = keep * _row_scale([""] + list(preserve_prompts), preserve_weights, keep.shape[1]).unsqueeze(-1)
     return torch.cat(erase), torch.cat(guide), keep.reshape(-1, keep.shape[-1])
+
+
+def _row_scale(prompts: Sequence[str], weights: Mapping[str, float] | None, tokens: int) -> torch.Tensor:
+    """``[n, 1]`` (one token per prompt) or ``[n, tokens]``-broadcastable square roots of the prompts' weights."""
+    w = torch.tensor([float((weights or {}).get(p, 1.0)) for p in prompts], dtype=torch.float64)
+    if (w < 0).any():
+        raise ValueError("preserve weights must be >= 0")
+    return w.sqrt().unsqueeze(1).expand(-1, tokens)
 
 
 def edit_matrix(
@@ -266,6 +281,7 @@ def uce_edit(
     preserve_prompts: Sequence[str],
     cfg: UCEConfig,
     device: str | torch.device | None = None,
+    preserve_weights: Mapping[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Erase concepts with UCE: edit every ``attn2.to_k`` / ``attn2.to_v`` weight of ``unet`` in place.
 
@@ -279,6 +295,7 @@ def uce_edit(
             empty.
         cfg (`UCEConfig`): ``lamb``, ``erase_scale``, ``preserve_scale``, ``token_span``.
         device (`str` or `torch.device`, *optional*, defaults to the UNet's device): where the float64 solve runs.
+        preserve_weights (`dict[str, float]`, *optional*): per preserve prompt weight (see :func:`uce_keys`).
 
     Returns:
         `dict[str, torch.Tensor]`: the new weights by ``unet.state_dict()`` name (``...attn2.to_k.weight``,
@@ -288,7 +305,8 @@ def uce_edit(
     preserve = list(preserve_prompts)
     modules = cross_attention_kv(unet)
     dev = solve_device(device, unet)
-    erase, guide, keep = uce_keys(text_encoder, tokenizer, erase_prompts, guides, preserve, cfg.token_span)
+    erase, guide, keep = uce_keys(text_encoder, tokenizer, erase_prompts, guides, preserve, cfg.token_span,
+                                  preserve_weights)
     keep = keep.to(dev) if keep is not None else None
     m = edit_matrix(erase.to(dev), guide.to(dev), keep, cfg.lamb, cfg.erase_scale, cfg.preserve_scale)
     new = apply_edit_matrix({k: mod.weight.detach().to(dev) for k, mod in modules.items()}, m)
@@ -320,7 +338,8 @@ def run(ctx) -> dict[str, torch.Tensor]:
     erase, guide, preserve = concept_prompt_sets(ctx.concepts)
     if ctx.args.guide == "uncond":
         guide = [""] * len(erase)
-    return uce_edit(ctx.unet, ctx.text_encoder, ctx.tokenizer, erase, guide, preserve, ctx.args, device=ctx.device)
+    return uce_edit(ctx.unet, ctx.text_encoder, ctx.tokenizer, erase, guide, preserve, ctx.args, device=ctx.device,
+                    preserve_weights=ctx.retain_weights)
 
 
 register_method(
