@@ -120,7 +120,7 @@ def create_class_demo(service: ClassAppService) -> gr.Blocks:
             # ------------------------------------------------------------------------------------ Runs
             with gr.Tab("Runs", id="runs") as runs_tab:
                 runs_table = gr.Dataframe(value=_runs_rows(service), headers=RUN_COLUMNS, interactive=False,
-                                          wrap=True, elem_id="class-runs-table")
+                                          elem_id="class-runs-table")  # no wrap: headers broke per letter at 390 px
                 refresh_btn = gr.Button("Refresh", size="sm", elem_id="class-runs-refresh")
 
         # ---------------------------------------------------------------------------------------- events
