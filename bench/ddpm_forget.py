@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor", action="store_true", help="also evaluate the original model on the next --seeds "
                     "seeds: the sampling noise of every figure (a model compared with itself)")
     ap.add_argument("--set", action="append", default=[], help="method:key=value override (e.g. salun:steps=100)")
+    ap.add_argument("--model-row", action="append", default=[], metavar="NAME=DIR",
+                    help="also evaluate another model folder as a row (e.g. the original recipe trained with another "
+                    "seed: how far a second training run of the same model lands on every figure)")
     ap.add_argument("--merge", nargs="*", default=[], help="only merge these result JSONs (same model and class; "
                     "e.g. methods run in parallel processes) into --out")
     args = ap.parse_args(argv)
@@ -165,6 +168,23 @@ def main(argv: list[str] | None = None) -> int:
         m, kv = s.split(":", 1)
         k, v = kv.split("=", 1)
         overrides.setdefault(m, {})[k] = json.loads(v) if v[:1] in "0123456789-[{tf" else v
+    for spec in args.model_row:
+        name, _, path = spec.partition("=")
+        if name in res["methods"] and name not in args.redo:
+            continue
+        other = load_class_ddpm(resolve_model_dir(path))
+        if other.class_names != classes:
+            raise SystemExit(f"{path} has classes {other.class_names}, not {classes}")
+        info = read_json(Path(path) / "training_info.json")
+        rep, _ = evaluate(other, judge, args.forget, seeds, ref, orig_other)
+        secs = float(info.get("train_seconds", float("nan")))
+        rep.update(time_s=secs, timing={"total": secs}, load_before=float("nan"), load_after=float("nan"),
+                   changed_params=int(info.get("parameters", 0)), config=info["config"], run_dir=str(path))
+        res["methods"][name] = rep
+        atomic_write_json(out_json, res)
+        atomic_write_text(Path(args.out + ".md"), table(res))
+        print(name, {k: rep[k] for k in ("ua", "forget_shown", "other_accuracy", "judge_fd_other_vs_render")},
+              flush=True)
     for m in [x for x in args.methods.split(",") if x]:
         key = m + args.tag
         if key in res["methods"] and key not in args.redo:

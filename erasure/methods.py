@@ -50,6 +50,12 @@ class MethodConfig(JsonConfig):
         built for it): every method that trains on Dr, and closed-form edits that preserve prompts (UCE)."""
         return self.uses_retain()
 
+    def tune_grid(self, cfg) -> list[dict] | None:
+        """The ordered candidate settings ``--tune`` tries for this method (the first is the config's own, ``{}``):
+        keys are this config's fields, ``EraseConfig`` fields or ``neighbour_weight``. ``None``: the trainer's grid
+        over learning rate, retain weight and mask ratio (:func:`erasure.auto.tune.candidates`)."""
+        return None
+
     def needs_frozen_unet(self) -> bool:
         """Whether the method needs a frozen copy of the original UNet (teacher)."""
         return False

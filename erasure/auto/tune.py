@@ -17,6 +17,7 @@ log and the choice go into the final run's ``run.json["tuning"]``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import shutil
@@ -34,7 +35,11 @@ __all__ = ["candidates", "choose", "tune_and_erase", "JUDGES", "ShapesTuneJudge"
 
 
 def candidates(cfg, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` of a fixed, ordered list of settings around ``cfg`` (the config's own first)."""
+    """The first ``n`` of a fixed, ordered list of settings around ``cfg`` (the config's own first): the method's
+    own grid (:meth:`erasure.methods.MethodConfig.tune_grid`) or the trainer's."""
+    own = cfg.method_args.tune_grid(cfg)
+    if own is not None:
+        return [{k: float(f"{v:.3g}") for k, v in g.items()} for g in own[:n]]
     lr, ratio = cfg.lr, cfg.mask_ratio
     alpha = getattr(cfg.method_args, "alpha", None)
     grid: list[dict[str, Any]] = [{}, {"lr": lr * 1.5}, {"lr": lr * 0.6}]
@@ -63,8 +68,8 @@ def choose(log: Sequence[dict[str, Any]], max_drop: float) -> int:
 def _apply(cfg, cand: dict[str, Any], steps: int):
     c = copy.deepcopy(cfg)
     for k, v in cand.items():
-        if k == "alpha":
-            c.method_args.alpha = v
+        if k in {f.name for f in dataclasses.fields(c.method_args)}:
+            setattr(c.method_args, k, v)
         elif k == "neighbour_weight":
             c.auto.neighbour_weight = v
         else:
@@ -221,7 +226,8 @@ def tune_and_erase(cfg, tune: TuneConfig, out_dir: str | os.PathLike, overwrite:
     base = load_pipeline(model, device=cfg.device)
     full = cfg
     if auto_active(cfg):
-        concepts, _, _ = prepare_concepts(cfg, base, model, cfg.method_args.uses_retain())
+        concepts, _, _ = prepare_concepts(cfg, base, model, cfg.method_args.uses_retain_prompts(),
+                                          retain_required=cfg.method_args.uses_retain())
         full = copy.deepcopy(cfg)
         full.concepts = concepts
     forget, retain = _held_out(full, model, cfg.seed)

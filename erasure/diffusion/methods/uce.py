@@ -90,6 +90,18 @@ class UCEConfig(MethodConfig):
     def uses_retain_prompts(self) -> bool:
         return self.preserve_scale > 0
 
+    def tune_grid(self, cfg) -> list[dict]:
+        """A closed form has no learning rate or steps: ``--tune`` moves the erase and preserve weights (a concept
+        that resists: erase harder or preserve less; collateral damage: preserve more) and the neighbours' weight."""
+        es, ps, lamb = self.erase_scale, self.preserve_scale, self.lamb
+        nw = cfg.auto.neighbour_weight if cfg.auto.neighbours else None
+        grid = [{}, {"erase_scale": es * 3}, {"preserve_scale": ps * 3}, {"preserve_scale": ps * 0.3},
+                {"erase_scale": es * 3, "preserve_scale": ps * 3}]
+        if nw:
+            grid += [{"neighbour_weight": nw / 3}, {"neighbour_weight": nw * 3}]
+        grid += [{"erase_scale": es * 10}, {"lamb": lamb * 0.2}, {"erase_scale": es * 10, "preserve_scale": ps * 3}]
+        return grid
+
 
 def cross_attention_kv(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The cross-attention key and value projections UCE edits, by module name.
