@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from erasure.ddpm.erase import ClassEraseConfig, erase_class, load_class_run, resolve_model_dir  # noqa: E402
-from erasure.ddpm.evaluate import class_report, judge_fd  # noqa: E402
+from erasure.ddpm.evaluate import class_report, judge_fd, unconditional_report  # noqa: E402
 from erasure.ddpm.model import load_class_ddpm  # noqa: E402
 from erasure.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from erasure.shapes import load_judge  # noqa: E402
@@ -63,10 +63,12 @@ def reference_images(classes: list[str], n: int, size: int) -> list:
     return out
 
 
-def evaluate(model, judge, forget: str, seeds: list[int], ref: list, orig_other: list | None) -> dict:
+def evaluate(model, judge, forget: str, seeds: list[int], ref: list, orig_other: list | None, uncond: int = 0) -> dict:
     t0 = time.time()
     imgs = {c: model.sample([c] * len(seeds), seeds, batch_size=128) for c in model.class_names}
     rep = class_report(judge, imgs, forget)
+    if uncond:
+        rep["unconditional"] = unconditional_report(judge, model, forget, list(range(uncond)), batch_size=128)
     other = [im for c in model.class_names if c != forget for im in imgs[c]]
     rep["judge_fd_other_vs_render"] = judge_fd(judge, other, ref)
     if orig_other is not None:
@@ -75,28 +77,34 @@ def evaluate(model, judge, forget: str, seeds: list[int], ref: list, orig_other:
     return rep, imgs
 
 
+def _uncond(r: dict) -> str:
+    u = r.get("unconditional")
+    return "-" if u is None else f"{100 * u['forget_share']:.1f}% of {u['n']}"
+
+
 def table(res: dict) -> str:
     o = res["original"]
     lines = [
         f"Forget class **{res['forget']}** of `{res['model']}` ({res['seeds']} seeds per class, DDIM "
         f"{res['sampler']['steps']} steps, CFG {res['sampler']['guidance']}; judge: models/shapes-judge).",
         "",
-        "| method | UA (%) | forget class shown (of {n}) | other-class judge acc (%) | drop (pts) | judge-FD other vs "
-        "render | FD ratio to original | judge-FD other vs original | wall time (s) | CPU time (s) | load avg | changed weights |".format(n=res["seeds"]),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| original | {100 * o['ua']:.1f} | {o['forget_shown']} | {100 * o['other_accuracy']:.1f} | 0.0 | "
+        "| method | UA (%) | forget class shown (of {n}) | unconditional: forget class share | other-class judge acc (%) "
+        "| drop (pts) | judge-FD other vs render | FD ratio to original | judge-FD other vs original | wall time (s) | "
+        "CPU time (s) | load avg | changed weights |".format(n=res["seeds"]),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| original | {100 * o['ua']:.1f} | {o['forget_shown']} | {_uncond(o)} | {100 * o['other_accuracy']:.1f} | 0.0 | "
         f"{o['judge_fd_other_vs_render']:.2f} | 1.00 | 0 | - | - | - | - |",
     ]
     if "original_resampled" in res:
         f = res["original_resampled"]
         lines.append(
             f"| original, seeds {res['seeds']}-{2 * res['seeds'] - 1} (sampling noise) | {100 * f['ua']:.1f} | "
-            f"{f['forget_shown']} | {100 * f['other_accuracy']:.1f} | {100 * (o['other_accuracy'] - f['other_accuracy']):.1f} | "
+            f"{f['forget_shown']} | {_uncond(f)} | {100 * f['other_accuracy']:.1f} | {100 * (o['other_accuracy'] - f['other_accuracy']):.1f} | "
             f"{f['judge_fd_other_vs_render']:.2f} | {f['judge_fd_other_vs_render'] / o['judge_fd_other_vs_render']:.2f} | "
             f"{f['judge_fd_other_vs_original']:.2f} | - | - | - | - |")
     for m, r in res["methods"].items():
         lines.append(
-            f"| {m} | {100 * r['ua']:.1f} | {r['forget_shown']} | {100 * r['other_accuracy']:.1f} | "
+            f"| {m} | {100 * r['ua']:.1f} | {r['forget_shown']} | {_uncond(r)} | {100 * r['other_accuracy']:.1f} | "
             f"{100 * (o['other_accuracy'] - r['other_accuracy']):.1f} | {r['judge_fd_other_vs_render']:.2f} | "
             f"{r['judge_fd_other_vs_render'] / o['judge_fd_other_vs_render']:.2f} | {r['judge_fd_other_vs_original']:.2f} | "
             f"{r['time_s']:.0f} | {r['timing'].get('cpu', float('nan')):.0f} | {r['load_before']:.1f}/{r['load_after']:.1f} | {r['changed_params']:,} |")
@@ -124,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor", action="store_true", help="also evaluate the original model on the next --seeds "
                     "seeds: the sampling noise of every figure (a model compared with itself)")
     ap.add_argument("--set", action="append", default=[], help="method:key=value override (e.g. salun:steps=100)")
+    ap.add_argument("--uncond", type=int, default=128, help="also draw this many images from the null class "
+                    "(unconditional) and report the forget class's share there (0 = skip; rows measured before "
+                    "this column show '-')")
     ap.add_argument("--model-row", action="append", default=[], metavar="NAME=DIR",
                     help="also evaluate another model folder as a row (e.g. the original recipe trained with another "
                     "seed: how far a second training run of the same model lands on every figure)")
@@ -154,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = reference_images(others, args.seeds, model.image_size)
     res.update(forget=args.forget, model="models/" + model_dir.name, model_dir=str(model_dir), seeds=args.seeds,
                classes=classes, sampler={"steps": model.num_inference_steps, "guidance": model.guidance_scale})
-    orig_rep, orig_imgs = evaluate(model, judge, args.forget, seeds, ref, None)
+    orig_rep, orig_imgs = evaluate(model, judge, args.forget, seeds, ref, None, args.uncond)
     res["original"] = orig_rep
     orig_other = [im for c in others for im in orig_imgs[c]]
     if args.floor:
@@ -176,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if other.class_names != classes:
             raise SystemExit(f"{path} has classes {other.class_names}, not {classes}")
         info = read_json(Path(path) / "training_info.json")
-        rep, _ = evaluate(other, judge, args.forget, seeds, ref, orig_other)
+        rep, _ = evaluate(other, judge, args.forget, seeds, ref, orig_other, args.uncond)
         secs = float(info.get("train_seconds", float("nan")))
         rep.update(time_s=secs, timing={"total": secs}, load_before=float("nan"), load_after=float("nan"),
                    changed_params=int(info.get("parameters", 0)), config=info["config"], run_dir=str(path))
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             erase_class(cfg, run_dir, overwrite=key in args.redo)
         info = read_json(run_dir / "run.json")
         l1 = loadavg()
-        rep, _ = evaluate(load_class_run(run_dir), judge, args.forget, seeds, ref, orig_other)
+        rep, _ = evaluate(load_class_run(run_dir), judge, args.forget, seeds, ref, orig_other, args.uncond)
         rep.update(time_s=info["timing_s"]["total"], timing=info["timing_s"], load_before=l0, load_after=l1,
                    changed_params=info["changed_params"], config=info["config"], run_dir=str(run_dir))
         res["methods"][key] = rep

@@ -332,9 +332,9 @@ def test_uce_preserves_the_automatic_retain_and_neighbour_sets(tiny_model_dir, t
     preserve prompts, the forget paraphrases its erase prompts; the run records them. Without a caption pool it
     still runs (UCE's preserve set may be empty) instead of failing like a method that trains on Dr."""
     from erasure import erase
-    from erasure.runs import load_run_weights
     from erasure.diffusion.methods.uce import UCEConfig, uce_edit
     from erasure.diffusion.pipeline import load_pipeline
+    from erasure.runs import load_run_weights
 
     c = ConceptSpec(name="red", forget_prompts=["a red shape"], anchor_prompts=["a blue shape"])
     auto = AutoConfig(min_retain=8, retain_size=12, retain_pool="shapes", neighbours=2, neighbour_weight=3.0,

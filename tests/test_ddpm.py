@@ -28,7 +28,7 @@ def _cfg(model, method, **kw):
     return ClassEraseConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method", ["salun", "rl", "esd-class", "ft", "retrain"])
+@pytest.mark.parametrize("method", ["salun", "rl", "esd-class", "ft", "retrain", "relabel"])
 def test_two_step_erase_reload_and_sample(tiny, tmp_path, method):
     out = erase_class(_cfg(tiny, method, method_args={"train_steps": 2} if method == "retrain" else None), tmp_path / "run")
     info = read_run(out)
@@ -174,3 +174,22 @@ def test_eval_generate_reads_a_class_csv(tiny, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("class\ndragon\n")
     assert eval_main(["generate", "--model", str(tiny), "--prompts", str(bad), "--out", str(tmp_path / "g2")]) != 0
+
+
+def test_relabel_changes_one_row_and_leaves_the_null_class(tiny, tmp_path):
+    """The sanity baseline: the forget class now draws exactly what the anchor draws, every other class and the
+    null class (unconditional) draw exactly what they did; a random anchor comes from the seed."""
+    out = erase_class(_cfg(tiny, "relabel", anchor_class="square"), tmp_path / "run")
+    original, erased = load_class_ddpm(tiny), load_class_run(out)
+    diff = erased.unet.class_embedding.weight - original.unet.class_embedding.weight
+    assert diff.abs().sum(dim=1).nonzero().flatten().tolist() == [original.class_index("circle")]
+    seeds = [0, 1]
+    kw = dict(num_inference_steps=2, output="tensor")
+    assert torch.equal(erased.sample(["circle"] * 2, seeds, **kw), original.sample(["square"] * 2, seeds, **kw))
+    assert torch.equal(erased.sample([None] * 2, seeds, **kw), original.sample([None] * 2, seeds, **kw))
+    assert not torch.equal(erased.sample(["circle"] * 2, seeds, **kw), original.sample(["circle"] * 2, seeds, **kw))
+    a = read_run(erase_class(_cfg(tiny, "relabel", seed=3), tmp_path / "r3"))
+    b = read_run(erase_class(_cfg(tiny, "relabel", seed=3), tmp_path / "r3b"))
+    assert a["changed_params"] == b["changed_params"]
+    wa, wb = (load_class_run(tmp_path / r).unet.class_embedding.weight for r in ("r3", "r3b"))
+    assert torch.equal(wa, wb)

@@ -199,7 +199,8 @@ def erase_class(cfg: ClassEraseConfig, out: str | os.PathLike, overwrite: bool =
         timing["train"] = time.time() - t0
         atomic_save_safetensors(weights, run.partial / "weights.safetensors")
         tlog = run.partial / "train" / "train_log.jsonl"
-        log_path.write_text(tlog.read_text() if tlog.is_file() else "")
+        log_path.write_text(tlog.read_text() if tlog.is_file() else
+                            json.dumps({"step": 0, "changed_params": sum(v.numel() for v in weights.values())}) + "\n")
         import shutil
 
         shutil.rmtree(run.partial / "train", ignore_errors=True)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["draw_classes", "judge_labels", "class_report", "judge_fd"]
+__all__ = ["draw_classes", "judge_labels", "class_report", "judge_fd", "unconditional_report"]
 
 
 def draw_classes(model, classes: list[str], seeds: list[int], batch_size: int = 64, **kw: Any) -> dict[str, list]:
@@ -61,3 +61,15 @@ def class_report(judge, images: dict[str, list], forget: str | None = None) -> d
         out["ua"] = 1.0 - per[forget]["accuracy"]
         out["forget_shown"] = per[forget]["labels"].get(forget, 0)
     return out
+
+
+def unconditional_report(judge, model, forget: str, seeds: list[int], batch_size: int = 64) -> dict[str, Any]:
+    """What the null class (the model's unconditional distribution) draws: the judge's label counts and the share
+    labelled ``forget``. Class-conditional metrics (UA, the other classes' accuracy and FD) never look here, so a
+    method that only relabels the class scores perfectly on them while the model still draws it; the original
+    draws each of ``k`` balanced classes about 1/k of the time, a model retrained without the class about 0."""
+    labels = judge_labels(judge, model.sample([None] * len(seeds), list(seeds), batch_size=batch_size))
+    counts: dict[str, int] = {}
+    for lab in labels:
+        counts[lab] = counts.get(lab, 0) + 1
+    return {"n": len(labels), "labels": counts, "forget_share": counts.get(forget, 0) / max(1, len(labels))}

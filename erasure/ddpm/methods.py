@@ -12,6 +12,10 @@ in :mod:`erasure.ddpm.erase` owns the masked loop) or ``run(ctx) -> state_dict``
   frozen model's ``eps_u - eta (eps_c - eps_u)`` (x_t: noised forget-class images), plus optional retain loss.
 * ``ft``     fine-tuning on the retain classes only (the denoising loss; forgetting comes from drift alone).
 * ``retrain``  training from scratch without the forget class (the exact-unlearning reference; small models).
+* ``relabel``  a sanity baseline, not an unlearning method: the forget class's embedding row is overwritten with
+  the anchor class's, nothing else changes. It scores perfectly on UA and leaves the other classes bit-identical
+  (FD ratio 1.00), yet the model still draws the class from the null class: what those metrics cannot see
+  (``bench/ddpm_forget.py`` reports the unconditional share for this reason).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from erasure.methods import MethodConfig
 from erasure.registry import Registry
 
 __all__ = ["ClassMethodConfig", "ClassMethodSpec", "CLASS_METHODS", "register_class_method", "get_class_method",
-           "SalUnClassConfig", "ESDClassConfig", "FTClassConfig", "RetrainClassConfig"]
+           "SalUnClassConfig", "ESDClassConfig", "FTClassConfig", "RetrainClassConfig", "RelabelClassConfig"]
 
 
 @dataclass
@@ -199,6 +203,26 @@ def retrain_run(ctx) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
 
 
+@dataclass
+class RelabelClassConfig(ClassMethodConfig):
+    """No knobs: the forget class's embedding row becomes the anchor class's (a random other class with
+    ``--anchor-class random``, drawn from the run's seed)."""
+
+
+def relabel_run(ctx) -> dict[str, torch.Tensor]:
+    emb = getattr(ctx.unet, "class_embedding", None)
+    if not isinstance(emb, torch.nn.Embedding):
+        raise ValueError("relabel needs a UNet with a class embedding table (num_class_embeds)")
+    anchor = ctx.anchor_idx
+    if anchor is None:
+        others = [i for i in range(ctx.null) if i != ctx.forget_idx]
+        anchor = others[int(torch.randint(len(others), (1,), generator=torch.Generator().manual_seed(ctx.cfg.seed)))]
+    new = emb.weight.detach().clone()
+    new[ctx.forget_idx] = new[anchor]
+    ctx.report("relabel", 1, 1, anchor=anchor)
+    return {"class_embedding.weight": new}
+
+
 register_class_method(ClassMethodSpec(
     "salun", SalUnClassConfig, "Saliency-masked remapping of the forget class to an anchor class + retain loss (SalUn).",
     loss=remap_loss, needs_mask=True, paper="https://arxiv.org/abs/2310.12508"))
@@ -213,3 +237,6 @@ register_class_method(ClassMethodSpec(
 register_class_method(ClassMethodSpec(
     "retrain", RetrainClassConfig, "Training from scratch without the forget class (exact-unlearning reference).",
     run=retrain_run))
+register_class_method(ClassMethodSpec(
+    "relabel", RelabelClassConfig, "Sanity baseline: the forget class's embedding row := the anchor's (removes "
+    "nothing; the null class still draws it).", run=relabel_run))

@@ -129,7 +129,7 @@ class ClassDDPM:
     @torch.no_grad()
     def sample(
         self,
-        classes: list[str | int],
+        classes: list[str | int | None],
         seeds: list[int],
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
@@ -139,7 +139,8 @@ class ClassDDPM:
         """Draw one image per ``(class, seed)``.
 
         Args:
-            classes: class names or indices, one per image.
+            classes: class names or indices, one per image; ``None`` draws from the null class (the model's
+                unconditional distribution, no guidance).
             seeds: per-image seeds of the starting noise.
             guidance_scale: classifier-free guidance weight (1 = no guidance); defaults to the model's.
             num_inference_steps: DDIM steps (eta 0); defaults to the model's.
@@ -150,7 +151,7 @@ class ClassDDPM:
             raise ValueError("classes and seeds must have the same length")
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         steps = self.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-        labels = [self.class_index(c) for c in classes]
+        labels = [self.null_class if c is None else self.class_index(c) for c in classes]
         dev = next(self.unet.parameters()).device
         size = self.image_size
         outs = []
