@@ -54,6 +54,20 @@ def test_retain_loss_target(tiny, tmp_path, retain_loss):
     assert read_run(out)["config"]["method_args"]["retain_loss"] == retain_loss
 
 
+def test_anchor_target_current_or_frozen(tiny, tmp_path):
+    """The forget loss's anchor prediction comes from the model being trained or from the frozen original: the same
+    first step (the two models are equal there), different second steps."""
+    import json
+
+    logs = {}
+    for target in ("current", "frozen"):
+        out = erase_class(_cfg(tiny, "salun", steps=3, lr=1e-2, method_args={"anchor_target": target}),
+                          tmp_path / target)
+        logs[target] = [json.loads(ln)["forget_loss"] for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert logs["current"][0] == logs["frozen"][0]
+    assert logs["current"][1:] != logs["frozen"][1:]
+
+
 def test_salun_weights_outside_mask_bit_identical(tiny, tmp_path):
     out = erase_class(_cfg(tiny, "salun", mask_ratio=0.3, lr=1e-2), tmp_path / "run")
     mask = load_mask(out / "mask.safetensors")

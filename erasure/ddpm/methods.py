@@ -107,12 +107,15 @@ class SalUnClassConfig(ClassMethodConfig):
     alpha: float = field(3.0, help="weight of the retain loss on the other classes (0 = none; 3 with distill: "
                          "bench/README.md)", label="Retain weight (alpha)", min=0.0, max=100.0)
     retain_loss: RetainLoss = field("distill", help=_RETAIN_HELP, label="Retain loss")
+    anchor_target: Literal["current", "frozen"] = field(
+        "current", help="whose prediction for the anchor class the forget class is pulled to: the model being "
+        "trained (detached, as the official DDPM code) or the frozen original", label="Anchor target")
 
     def uses_retain(self) -> bool:
         return self.alpha > 0
 
     def needs_frozen_unet(self) -> bool:
-        return self.uses_retain() and self.retain_loss == "distill"
+        return (self.uses_retain() and self.retain_loss == "distill") or self.anchor_target == "frozen"
 
 
 def _with_retain(ctx, b, forget: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -127,8 +130,9 @@ def _with_retain(ctx, b, forget: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def remap_loss(ctx, b) -> dict[str, torch.Tensor]:
     out = _eps(ctx.unet, b.forget_xt, b.forget_t, b.forget_y, ctx.bf16)
+    teacher = ctx.frozen_unet if getattr(ctx.args, "anchor_target", "current") == "frozen" else ctx.unet
     with torch.no_grad():
-        target = _eps(ctx.unet, b.forget_xt, b.forget_t, b.anchor_y, ctx.bf16)
+        target = _eps(teacher, b.forget_xt, b.forget_t, b.anchor_y, ctx.bf16)
     return _with_retain(ctx, b, F.mse_loss(out, target))
 
 
