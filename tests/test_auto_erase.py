@@ -247,6 +247,25 @@ def test_tuning_a_closed_form_moves_its_own_weights(tiny_model_dir, tmp_path, mo
     assert info["config"]["method_args"] == expected
 
 
+def test_held_out_retain_covers_the_neighbours(tmp_path):
+    """Tuning judges the retain side where damage lands: two held-out captions per neighbour term come first."""
+    from erasure.auto.tune import _held_out
+
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join(["a red circle", "a photo of a red star", "a red heart on paper"]
+                              + [f"an orange {s}" for s in ("square", "heart", "cross")]
+                              + [f"a green {s}" for s in ("square", "heart", "cross", "star")]
+                              + [f"a {c} triangle" for c in ("blue", "purple", "yellow")]
+                              + ["a purple star", "a yellow heart", "a blue cross"]) + "\n")
+    cfg = EraseConfig(model="default", auto=AutoConfig(retain_pool=str(pool)), concepts=[ConceptSpec(
+        name="red", forget_prompts=["a red shape"], anchor_prompts=["a blue shape"], retain_prompts=["a green heart"])])
+    forget, retain = _held_out(cfg, "default", 0, ["orange"])
+    assert forget[0] == "a red shape" and all("red" in p for p in forget)
+    assert all("orange" in p for p in retain[:2]) and len(set(retain)) == len(retain) == 2 + 8
+    assert "a green heart" not in retain and not any("red" in p for p in retain)
+    assert len(_held_out(cfg, "default", 0)[1]) == 8  # no neighbours: 8 random held-out captions
+
+
 def test_choose_rule():
     from erasure.auto.tune import choose
 

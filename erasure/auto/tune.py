@@ -154,9 +154,10 @@ class ClipTuneJudge:
 JUDGES: dict[str, Callable[[], Any]] = {"shapes": ShapesTuneJudge, "clip": ClipTuneJudge}
 
 
-def _held_out(cfg, pipe_model: str, seed: int) -> tuple[list[str], list[str]]:
+def _held_out(cfg, pipe_model: str, seed: int, neighbours: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """Held-out prompts: the user's first forget prompt and 3 pool captions naming the concept that training does not
-    use (forget), and pool captions without it that are neither training retain prompts (retain). Without a caption
+    use (forget), and pool captions without it that are neither training retain prompts (retain): 2 naming each
+    neighbour term (where collateral damage lands: orange when red is erased) and 8 others. Without a caption
     pool: the training prompts."""
     import random
 
@@ -176,7 +177,13 @@ def _held_out(cfg, pipe_model: str, seed: int) -> tuple[list[str], list[str]]:
     # the user's own first forget prompt (on judging seeds, not the training ones) leads the set: a plain prompt
     # ("a dotted shape") can resist an erasure that pool captions naming more attributes do not show
     forget = [c.forget_prompts[0]] + rng.sample(forget, min(3, len(forget)))
-    retain = rng.sample(retain, min(8, len(retain))) or list(c.retain_prompts[:8]) or [c.anchor_for(0)]
+    near: list[str] = []
+    for term in neighbours:
+        named = [p for p in retain if carries(p, [term.lower()]) and p not in near]
+        near += rng.sample(named, min(2, len(named)))
+    rest = [p for p in retain if p not in near]
+    retain = near + rng.sample(rest, min(8, len(rest)))
+    retain = retain or list(c.retain_prompts[:8]) or [c.anchor_for(0)]
     return forget, retain
 
 
@@ -226,11 +233,14 @@ def tune_and_erase(cfg, tune: TuneConfig, out_dir: str | os.PathLike, overwrite:
     base = load_pipeline(model, device=cfg.device)
     full = cfg
     if auto_active(cfg):
-        concepts, _, _ = prepare_concepts(cfg, base, model, cfg.method_args.uses_retain_prompts(),
-                                          retain_required=cfg.method_args.uses_retain())
+        concepts, _, record = prepare_concepts(cfg, base, model, cfg.method_args.uses_retain_prompts(),
+                                               retain_required=cfg.method_args.uses_retain())
         full = copy.deepcopy(cfg)
         full.concepts = concepts
-    forget, retain = _held_out(full, model, cfg.seed)
+        nbrs = [n["term"] for rec in record["concepts"].values() for n in rec.get("neighbours", {}).get("terms", [])]
+    else:
+        nbrs = []
+    forget, retain = _held_out(full, model, cfg.seed, nbrs)
     concept = full.concepts[0]
     seeds = list(range(tune.tune_seeds))
     half = seeds[: max(1, len(seeds) // 2)]
