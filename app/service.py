@@ -13,6 +13,7 @@ it with ``gr.Error``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -357,8 +358,17 @@ class AppService:
         d: dict[str, Any] = {f: data[f] for f in FORM_FIELDS}
         d.update(method=data["method"], method_args={**cfg.method_args.to_dict(), **data["method_args"]}, name=c.name, forget="\n".join(c.forget_prompts),
                  anchor="\n".join(c.anchor_prompts), retain="\n".join(c.retain_prompts), description=p.description,
-                 preset=p.name)
+                 preset=p.name, model_method_args=self.model_method_args())
         return d
+
+    def model_method_args(self) -> dict[str, Any]:
+        """The model's default settings of every method (where the controls of a method other than the form's start)."""
+        from erasure.auto.defaults import model_method_args
+
+        try:
+            return model_method_args(self.model)
+        except ValueError as err:
+            raise AppError(str(err)) from err
 
     def custom_form(self) -> dict[str, Any]:
         """The form values of "custom": no prompts and every setting at this model's defaults (its
@@ -371,7 +381,7 @@ class AppService:
         method = cfg["method"]
         args = {**METHODS[method].config_cls().to_dict(), **cfg["method_args"]}
         return dict({f: cfg[f] for f in FORM_FIELDS}, method=method, method_args=args, name="", forget="",
-                    anchor="", retain="", preset="custom",
+                    anchor="", retain="", preset="custom", model_method_args=self.model_method_args(),
                     description="Custom: type your own forget and anchor prompts (open **Prompts**); retain prompts are "
                                 "optional (with fewer than 8, an automatic retain set and the nearest concepts are "
                                 "added). Every setting starts from this model's defaults.")
@@ -423,7 +433,7 @@ class AppService:
         forget: str | Sequence[str],
         anchor: str | Sequence[str],
         retain: str | Sequence[str],
-        method: str = "salun",
+        method: str | None = None,
         preset: str | None = None,
         method_args: dict[str, Any] | str | None = None,
         **settings: Any,
@@ -431,6 +441,8 @@ class AppService:
         """Validate the form and build an :class:`~erasure.EraseConfig` (a preset's other settings are kept).
 
         Args:
+            method (`str`, *optional*): the erasure method; by default the preset's, else the model's default one
+                (its ``erasure_defaults.json``), else SalUn.
             method_args (`dict` or JSON `str`, *optional*): the method's own settings; those it leaves out are the
                 preset's (when the preset uses this method) or the defaults.
             settings: :data:`~erasure_app.forms.FORM_FIELDS` values as the form gives them (``steps=100``); a
@@ -460,12 +472,17 @@ class AppService:
         anchor_l = parse_prompts(anchor, "anchor prompts")
         retain_l = parse_prompts(retain, "retain prompts", allow_empty=True)
         concept = (concept or "").strip() or forget_l[0][:LIMITS["concept_chars"]]
+        method = method or base.get("method") or "salun"
         if len(concept) > LIMITS["concept_chars"]:
             raise AppError(f"concept name is {len(concept)} characters long; the limit is {LIMITS['concept_chars']}")
         if method not in METHODS:
             raise AppError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
         try:
-            args = dict(base.get("method_args") or {}) if base.get("method", method) == method else {}
+            if base.get("method", method) == method:
+                args = dict(base.get("method_args") or {})
+            else:  # another method than the preset's or the model's: the model's defaults for it
+                own = {f.name for f in dataclasses.fields(METHODS[method].config_cls)}
+                args = {k: v for k, v in self.model_method_args().items() if k in own}
             args.update(parse_method_args(method_args))
             for key, value in settings.items():
                 base[key] = from_form(fields[key], value)

@@ -311,6 +311,17 @@ def test_app_custom_form_starts_from_the_model_defaults(model_with_defaults, tmp
     assert cfg.lr == 3e-4 and cfg.steps == 7 and cfg.auto.neighbours == 1
     cfg = service.make_config("c", "a red circle", "a red square", "a blue star", lr=1e-4)  # the form wins
     assert cfg.lr == 1e-4
+    # a model whose defaults pick another method: the custom form and a config without a method use it
+    f = model_with_defaults / DEFAULTS_FILE
+    f.write_text(json.dumps({"config": {**json.loads(f.read_text())["config"], "method": "uce"}}))
+    service = AppService(model=str(model_with_defaults), runs_dir=tmp_path / "runs", device="cpu", judge="none")
+    assert service.custom_form()["method"] == "uce"
+    cfg = service.make_config("c", "a red circle", "a red square", "")
+    assert cfg.method == "uce" and cfg.method_args.preserve_scale == 1.0
+    # SalUn picked instead starts from the model's SalUn settings (as `erasure erase --method salun` does)
+    assert service.custom_form()["model_method_args"]["alpha"] == 2.0
+    cfg = service.make_config("c", "a red circle", "a red square", "a blue star", method="salun")
+    assert cfg.method_args.alpha == 2.0
 
 
 def test_report_has_a_neighbours_section(tmp_path):

@@ -106,7 +106,7 @@ def build(service: AppService, ctx: UIContext) -> None:
                 shown = METHODS[selected].config_cls is g.config_cls
                 with gr.Group(visible=shown, elem_id=_elem_id(g.methods[0], "erase-args-")) as box:
                     for ff in g.fields:
-                        value = args.get(ff.name, ff.default) if shown else ff.default
+                        value = (args if shown else form.get("model_method_args", {})).get(ff.name, ff.default)
                         knobs[ff.api_name] = control(ff, value, elem_id=_elem_id(ff.api_name, "erase-arg-"))
                 boxes.append((g.config_cls, box))
             with gr.Accordion("Advanced", open=False):
@@ -155,8 +155,10 @@ def build(service: AppService, ctx: UIContext) -> None:
         out += [to_form(generic[n], f[n]) for n in FORM_FIELDS]
         for g in groups:
             for ff in g.fields:
-                # every method's controls start from the preset's (its method) or the defaults, never the last preset's
-                out.append(to_form(ff, f["method_args"].get(ff.name, ff.default) if g.config_cls is cls else ff.default))
+                # every method's controls start from the preset's (its method), else the model's defaults for that
+                # method, else the built-in ones; never from the last preset's
+                own = f["method_args"] if g.config_cls is cls else f.get("model_method_args", {})
+                out.append(to_form(ff, own.get(ff.name, ff.default)))
         return out
 
     preset.change(fill_preset, preset, filled, api_visibility="private", queue=False)

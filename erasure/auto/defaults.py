@@ -19,8 +19,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULTS_FILE", "PAPER_SD_DEFAULTS", "model_defaults", "resolve_settings", "default_config",
-           "is_sd_v1_v2"]
+__all__ = ["DEFAULTS_FILE", "PAPER_SD_DEFAULTS", "model_defaults", "model_method_args", "resolve_settings",
+           "default_config", "is_sd_v1_v2"]
 
 DEFAULTS_FILE = "erasure_defaults.json"
 
@@ -75,6 +75,13 @@ def model_defaults(model: str) -> tuple[dict[str, Any], str]:
     if is_sd_v1_v2(str(path)):
         return json.loads(json.dumps(PAPER_SD_DEFAULTS)), "paper"
     return {}, ""
+
+
+def model_method_args(model: str) -> dict[str, Any]:
+    """Every method setting the model's defaults give, whichever method they belong to (``alpha`` for SalUn beside
+    ``lamb`` for UCE): what a method other than the model's default one starts from. ``resolve_settings`` keeps
+    only the chosen method's."""
+    return dict(_normalise(model_defaults(model)[0]).get("method_args") or {})
 
 
 def _check_keys(cfg: dict, where: str) -> None:
