@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--anchor", default="random")
     ap.add_argument("--methods", default="salun,rl,esd-class,ft,retrain")
     ap.add_argument("--seeds", type=int, default=64)
-    ap.add_argument("--runs-dir", default="/tmp/ddpm-bench-runs")
+    ap.add_argument("--runs-dir", default=str(ROOT.parent / "runs" / "bench-ddpm"), help="run folders (kept: a "
+                    "later process reuses them; under /tmp a reboot lost the Retrain run once)")
     ap.add_argument("--out", default=str(ROOT / "results" / "ddpm_forget"))
     ap.add_argument("--redo", action="append", default=[])
     ap.add_argument("--tag", default="", help="suffix of the method's row and run folder (settings variants)")
