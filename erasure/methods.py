@@ -103,6 +103,11 @@ class MethodSpec:
     def shape(self) -> str:
         return "loss" if self.loss is not None else "run"
 
+    @property
+    def closed_form(self) -> bool:
+        """An edit computed in one go from prompts (UCE, RECE): no images, no optimizer, no steps or learning rate."""
+        return self.run is not None and not self.needs_images
+
     def default_args(self) -> MethodConfig:
         return self.config_cls()
 

@@ -29,6 +29,16 @@ def _count(text: str | None) -> int:
     return len([ln for ln in (text or "").splitlines() if ln.strip()])
 
 
+def _main_field_applies(name: str, method: str) -> bool:
+    """Mask ratio for masked methods only; steps and learning rate for every method but closed-form edits."""
+    from erasure.methods import METHODS
+
+    spec = METHODS[method] if method in METHODS else None
+    if spec is None:
+        return True
+    return spec.needs_mask if name == "mask_ratio" else not spec.closed_form
+
+
 def prompts_label(form: dict) -> str:
     """The collapsed prompt lists' title: their counts."""
     f, a, r = (_count(form.get(k)) for k in ("forget", "anchor", "retain"))
@@ -100,7 +110,8 @@ def build(service: AppService, ctx: UIContext) -> None:
             with gr.Row():
                 for name in MAIN_FIELDS:
                     named[name] = control(generic[name], form.get(name, generic[name].default),
-                                          elem_id=_elem_id(name), min_width=120)
+                                          elem_id=_elem_id(name), min_width=120,
+                                          visible=_main_field_applies(name, selected))
             # one group of controls per method config class, visible while a method using it is selected
             for g in groups:
                 shown = METHODS[selected].config_cls is g.config_cls
@@ -133,18 +144,20 @@ def build(service: AppService, ctx: UIContext) -> None:
         return gr.Accordion(label=prompts_label({"forget": forget, "anchor": anchor, "retain": retain}))
 
     for box in (named["forget"], named["anchor"], named["retain"]):
-        box.change(count_label, [named["forget"], named["anchor"], named["retain"]], prompts_box,
-                   api_visibility="private", queue=False, show_progress="hidden")
+        # typing only: a preset fills the three boxes at once and sets the label itself (change events raced there)
+        box.input(count_label, [named["forget"], named["anchor"], named["retain"]], prompts_box,
+                  api_visibility="private", queue=False, show_progress="hidden")
 
     def show_method(name: str):
         cls = METHODS[name].config_cls if name in METHODS else None
-        return [gr.Group(visible=c is cls) for c, _ in boxes]
+        return ([gr.Group(visible=c is cls) for c, _ in boxes]
+                + [gr.update(visible=_main_field_applies(n, name)) for n in MAIN_FIELDS])
 
-    method.change(show_method, method, [b for _, b in boxes], api_visibility="private", queue=False,
-                  show_progress="hidden")
+    method.change(show_method, method, [b for _, b in boxes] + [named[n] for n in MAIN_FIELDS],
+                  api_visibility="private", queue=False, show_progress="hidden")
 
     filled = [description, named["concept"], named["forget"], named["anchor"], named["retain"], method]
-    filled += [named[n] for n in FORM_FIELDS] + list(knobs.values())
+    filled += [named[n] for n in FORM_FIELDS] + list(knobs.values()) + [prompts_box]
 
     @ui_errors
     def fill_preset(name: str):
@@ -159,7 +172,7 @@ def build(service: AppService, ctx: UIContext) -> None:
                 # method, else the built-in ones; never from the last preset's
                 own = f["method_args"] if g.config_cls is cls else f.get("model_method_args", {})
                 out.append(to_form(ff, own.get(ff.name, ff.default)))
-        return out
+        return out + [gr.Accordion(label=prompts_label(f))]
 
     preset.change(fill_preset, preset, filled, api_visibility="private", queue=False)
 

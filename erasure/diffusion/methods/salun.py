@@ -77,7 +77,7 @@ register_method(
         config_cls=SalUnConfig,
         loss=remap_with_retain,
         description="Saliency-masked concept remapping + retain loss (SalUn).",
-        label="SalUn (saliency-masked forgetting, default)",
+        label="SalUn (saliency-masked forgetting)",
         paper="https://arxiv.org/abs/2310.12508",
         needs_mask=True,
     )
