@@ -96,10 +96,11 @@ class UCEConfig(MethodConfig):
         es, ps, lamb = self.erase_scale, self.preserve_scale, self.lamb
         nw = cfg.auto.neighbour_weight if cfg.auto.neighbours else None
         # alternating: a candidate against resistance, one against damage, ...
-        grid = [{}, {"erase_scale": es * 3}, {"preserve_scale": ps * 3}]
-        grid += [{"neighbour_weight": nw / 3}, {"neighbour_weight": nw * 3}] if nw else []
-        grid += [{"erase_scale": es * 10}, {"erase_scale": es * 3, "preserve_scale": ps * 3},
-                 {"preserve_scale": ps * 0.3}, {"lamb": lamb * 0.2}, {"erase_scale": es * 10, "preserve_scale": ps * 3}]
+        # (a conjunction such as "a blue star" resisted at the defaults and gave way at erase x10 or preserve x0.3)
+        grid = [{}, {"erase_scale": es * 3}, {"preserve_scale": ps * 3}, {"erase_scale": es * 10}]
+        grid += [{"neighbour_weight": nw * 3}, {"neighbour_weight": nw / 3}] if nw else []
+        grid += [{"erase_scale": es * 3, "preserve_scale": ps * 3}, {"preserve_scale": ps * 0.3}, {"lamb": lamb * 0.2},
+                 {"erase_scale": es * 10, "preserve_scale": ps * 3}]
         return grid
 
 
