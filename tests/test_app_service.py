@@ -482,7 +482,12 @@ def test_form_has_a_control_group_for_every_method(service, toy_method):
     ids = [o.elem_id for o in show.outputs]
     for method, shown in (("toy", "erase-args-toy"), ("rl", "erase-args-salun"), ("esd-u", "erase-args-esd-x")):
         visible = [u.get("visible") if isinstance(u, dict) else u.visible for u in show.fn(method)]
-        assert [i for i, v in zip(ids, visible, strict=True) if v] == [shown], method
+        assert [i for i, v in zip(ids, visible, strict=True) if v and i.startswith("erase-args-")] == [shown], method
+    # the generic settings beside the method: mask ratio for masked methods, steps and lr unless closed-form
+    for method, main in (("salun", ["erase-mask-ratio", "erase-steps", "erase-lr"]), ("rl", ["erase-steps", "erase-lr"]),
+                         ("uce", []), ("rece", [])):
+        visible = [u.get("visible") if isinstance(u, dict) else u.visible for u in show.fn(method)]
+        assert [i for i, v in zip(ids, visible, strict=True) if v and not i.startswith("erase-args-")] == main, method
 
 
 def test_erase_with_settings_from_generated_controls(fresh, toy_method):

@@ -125,7 +125,8 @@ def test_cli_erase_and_generate(tiny, tmp_path, capsys):
     assert main(["erase", "--model", str(tiny), "--forget-class", "circle", "--anchor-class", "random", "--method", "salun",
                  "--steps", "2", "--n-forget", "8", "--n-retain", "4", "--batch-size", "4", "--mask-batches", "2",
                  "--alpha", "0.5", "--out", str(run)]) == 0
-    assert read_run(run)["config"]["method_args"] == {"alpha": 0.5, "retain_loss": "distill"}  # flag + default
+    assert read_run(run)["config"]["method_args"] == {"alpha": 0.5, "retain_loss": "distill",  # flag + defaults
+                                                      "anchor_target": "current"}
     png = tmp_path / "c.png"
     assert main(["generate", "--run", str(run), "--class", "square", "--seed", "3", "--steps", "2", "--size", "64",
                  "--out", str(png)]) == 0

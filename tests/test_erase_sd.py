@@ -303,7 +303,7 @@ def test_cli_config_files_fail_with_their_name(tmp_path, capsys):
                          ("--config", "f.json", "expected a JSON object")):
         args = ["erase", "--out", str(tmp_path / "run"), flag, str(tmp_path / f)]
         if flag == "--config":
-            args += ["--forget-prompt", "a", "--anchor-prompt", "b", "--alpha", "0"]
+            args += ["--forget-prompt", "a", "--anchor-prompt", "b", "--method", "salun", "--alpha", "0"]
         assert cli_main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert msg in err[-1] and (f in err[-1] or flag == "--config" and "must" in err[-1]), err
