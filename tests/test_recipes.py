@@ -209,7 +209,7 @@ def test_uce_guide_uncond_maps_to_the_empty_prompt(tiny_model_dir):
     p1, p2 = load_pipeline(tiny_model_dir, device="cpu"), load_pipeline(tiny_model_dir, device="cpu")
     concept = ConceptSpec(name="c", forget_prompts=["a red circle"], anchor_prompts=["a red square"])
     ctx = SimpleNamespace(concepts=[concept], unet=p1.unet, text_encoder=p1.text_encoder, tokenizer=p1.tokenizer,
-                          args=UCEConfig(guide="uncond"), device="cpu")
+                          args=UCEConfig(guide="uncond"), device="cpu", retain_weights=None)
     got = run(ctx)
     want = uce_edit(p2.unet, p2.text_encoder, p2.tokenizer, ["a red circle"], [""], [], UCEConfig(), device="cpu")
     assert set(got) == set(want) and all(torch.allclose(got[k], want[k]) for k in got)
