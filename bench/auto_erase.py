@@ -251,7 +251,8 @@ def app_blue_star(args, res: dict, out: Path) -> None:
         rec["preview"] = service.auto_preview("", "a blue star", "a blue heart", "")
         t = time.time()
         load0 = os.getloadavg()
-        service.erase(cfg, rid)
+        service.erase(cfg, rid, tune=args.tune)  # --tune N: the app's "Tune first" (4 candidates)
+        rec["tune"] = args.tune
         rec["wall_s"] = round(time.time() - t, 1)
         rec["load_avg"] = [round(x, 2) for x in load0 + os.getloadavg()]
     info = read_run(Path(args.runs_dir) / rid)
