@@ -208,3 +208,19 @@ def test_relabel_changes_one_row_and_leaves_the_null_class(tiny, tmp_path):
     assert a["changed_params"] == b["changed_params"]
     wa, wb = (load_class_run(tmp_path / r).unet.class_embedding.weight for r in ("r3", "r3b"))
     assert torch.equal(wa, wb)
+
+
+def test_unconditional_report_counts_null_class_samples(tiny):
+    """The bench's unconditional column: the judge's labels of null-class samples and the forget class's share."""
+    from collections import Counter
+
+    from erasure.ddpm.evaluate import judge_labels, unconditional_report
+    from erasure.shapes import load_judge
+
+    model, judge, seeds = load_class_ddpm(tiny), load_judge(), list(range(6))
+    labels = Counter(judge_labels(judge, model.sample([None] * 6, seeds, num_inference_steps=2)))
+    model.num_inference_steps = 2
+    rep = unconditional_report(judge, model, "circle", seeds, batch_size=4)
+    assert rep["n"] == 6 and rep["labels"] == dict(labels)
+    top = labels.most_common(1)[0][0]
+    assert unconditional_report(judge, model, top, seeds)["forget_share"] == labels[top] / 6

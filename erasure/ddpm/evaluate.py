@@ -68,8 +68,6 @@ def unconditional_report(judge, model, forget: str, seeds: list[int], batch_size
     labelled ``forget``. Class-conditional metrics (UA, the other classes' accuracy and FD) never look here, so a
     method that only relabels the class scores perfectly on them while the model still draws it; the original
     draws each of ``k`` balanced classes about 1/k of the time, a model retrained without the class about 0."""
-    labels = judge_labels(judge, model.sample([None] * len(seeds), list(seeds), batch_size=batch_size))
-    counts: dict[str, int] = {}
-    for lab in labels:
-        counts[lab] = counts.get(lab, 0) + 1
-    return {"n": len(labels), "labels": counts, "forget_share": counts.get(forget, 0) / max(1, len(labels))}
+    images = model.sample([None] * len(seeds), list(seeds), batch_size=batch_size)
+    per = class_report(judge, {"null": images})["per_class"]["null"]  # its label counts; "accuracy" means nothing here
+    return {"n": per["n"], "labels": per["labels"], "forget_share": per["labels"].get(forget, 0) / max(1, per["n"])}

@@ -130,7 +130,7 @@ def _with_retain(ctx, b, forget: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def remap_loss(ctx, b) -> dict[str, torch.Tensor]:
     out = _eps(ctx.unet, b.forget_xt, b.forget_t, b.forget_y, ctx.bf16)
-    teacher = ctx.frozen_unet if getattr(ctx.args, "anchor_target", "current") == "frozen" else ctx.unet
+    teacher = ctx.frozen_unet if ctx.args.anchor_target == "frozen" else ctx.unet
     with torch.no_grad():
         target = _eps(teacher, b.forget_xt, b.forget_t, b.anchor_y, ctx.bf16)
     return _with_retain(ctx, b, F.mse_loss(out, target))
