@@ -164,7 +164,32 @@ def test_last_to_end_span(pipe):
         UCEConfig(token_span="all")
 
 
-@pytest.mark.parametrize("span", ["last", "last_to_end"])
+def test_concept_to_end_span(pipe):
+    """The default span starts where the erase prompt first differs from its guide: for "a striped shape" ->
+    "a solid shape" the word "striped" is edited (the paper-era span starts at "shape", the last word)."""
+    from erasure.diffusion.methods.uce import first_difference, uce_keys
+
+    te, tok = pipe.text_encoder, pipe.tokenizer
+    assert UCEConfig().token_span == "concept_to_end"
+    erase_p, guide_p = ["a striped shape", "a circle"], ["a solid shape", "a red square"]
+    assert first_difference(tok, erase_p, guide_p) == [2, 2]  # 0 start-of-text, 1 "a"
+    hidden_e, _ = encode_prompt_tokens(te, tok, erase_p)
+    hidden_g, _ = encode_prompt_tokens(te, tok, guide_p)
+    erase, guide, keep = uce_keys(te, tok, erase_p, guide_p, ["a star"], "concept_to_end")
+    n = tok.model_max_length
+    assert torch.equal(erase, torch.cat([hidden_e[0, 2:], hidden_e[1, 2:]]))
+    assert torch.equal(guide, torch.cat([hidden_g[0, 2:], hidden_g[1, 2:]]))
+    assert keep.shape == (2 * n, erase.shape[1])
+    last_e, _, _ = uce_keys(te, tok, erase_p[:1], guide_p[:1], [], "last_to_end")
+    assert torch.equal(last_e, hidden_e[0, 3:n]) and erase.shape[0] == 2 * (n - 2)  # one token more per prompt
+    # a pair that tokenizes identically adds nothing; only such pairs: a clear error
+    e2, _, _ = uce_keys(te, tok, erase_p + ["a star"], guide_p + ["a star"], [], "concept_to_end")
+    assert torch.equal(e2, erase)
+    with pytest.raises(ValueError, match="differs from the forget prompt"):
+        uce_keys(te, tok, ["a star"], ["a star"], [], "concept_to_end")
+
+
+@pytest.mark.parametrize("span", ["last", "last_to_end", "concept_to_end"])
 def test_preserve_weight_equals_repeating_the_prompt(pipe, span):
     """A preserve prompt of weight 2 (a neighbour of erasure.auto) is the same closed form as that prompt twice."""
     from erasure.diffusion.methods.uce import uce_keys

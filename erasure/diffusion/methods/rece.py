@@ -79,7 +79,7 @@ class RECEConfig(MethodConfig):
                                    min=0.0, max=1e6, min_exclusive=True)
     uce_preserve_scale: float = field(1.0, help="Initial UCE edit: preserve scale (see UCE).",
                                       label="RECE: UCE preserve scale", min=0.0, max=1e6)
-    uce_token_span: Literal["last", "last_to_end"] = field(
+    uce_token_span: Literal["last", "last_to_end", "concept_to_end"] = field(
         "last_to_end", help="Initial UCE edit: tokens (see UCE; RECE's UCE checkpoints used 'last_to_end').",
         label="RECE: UCE tokens",
     )
