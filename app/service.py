@@ -404,8 +404,10 @@ class AppService:
 
     def auto_preview(self, concept: str, forget: str | Sequence[str], anchor: str | Sequence[str],
                      retain: str | Sequence[str] = "") -> str:
-        """What the erasure will add before training: the neighbour concepts (nearest by the text encoder, extra
-        retain weight) and, with fewer retain prompts than the threshold, the automatic retain set (markdown)."""
+        """What the erasure will add before training: the anchor when none is typed, the neighbour concepts (nearest
+        by the text encoder, extra retain weight) and, with fewer retain prompts than the threshold, the automatic
+        retain set (markdown)."""
+        from erasure.auto.anchor import with_anchor
         from erasure.auto.neighbours import find_neighbours
         from erasure.auto.prepare import auto_active
 
@@ -415,6 +417,11 @@ class AppService:
         a, c = cfg.auto, cfg.concepts[0]
         lines = []
         with self.cache.use(ORIGINAL) as pipe:
+            c, chosen = with_anchor(pipe, c, a.anchor_rule, a.vocabulary, self.model)
+            if chosen is not None:
+                how = (f"the nearest {chosen['replaces']} ({chosen['term']}, similarity {chosen['similarity']:.2f})"
+                       if "term" in chosen else "the empty prompt")
+                lines.append(f"**Anchor** (none typed): {c.anchor_prompts[0]!r}, {how}")
             if a.neighbours:
                 try:
                     nbrs, label = find_neighbours(pipe, c, a.neighbours, a.vocabulary, self.model)
@@ -469,7 +476,7 @@ class AppService:
         else:
             base = self._defaults_data()
         forget_l = parse_prompts(forget, "forget prompts")
-        anchor_l = parse_prompts(anchor, "anchor prompts")
+        anchor_l = parse_prompts(anchor, "anchor prompts", allow_empty=True)  # none: the model's anchor rule
         retain_l = parse_prompts(retain, "retain prompts", allow_empty=True)
         concept = (concept or "").strip() or forget_l[0][:LIMITS["concept_chars"]]
         method = method or base.get("method") or "salun"

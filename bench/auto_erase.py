@@ -1,6 +1,8 @@
 """Automatic erasure on the embedded model: every shape, colour and fill erased one at a time with the model's
 defaults (models/shapes-sd/erasure_defaults.json: automatic retain set, forget paraphrases, neighbour set; no
-tuning) from one plain forget prompt ("a star", "a red shape", "a dotted shape") and its default anchor.
+tuning) from one plain forget prompt ("a star", "a red shape", "a dotted shape") and no anchor: the model's anchor
+rule chooses it (the nearest concept of the same kind; ``--preset-anchors``: the presets' anchors, as the tables
+before that rule).
 
 For each concept: a whole erasure from an empty Df/Dr cache (the time includes generating Df/Dr), then the shapes
 judge on
@@ -115,6 +117,9 @@ def main() -> None:
                     "(same --retain-seeds).")
     ap.add_argument("--anchor", action="append", default=[], metavar="CONCEPT=ANCHOR",
                     help="Anchor concept instead of the shapes world's default (e.g. red=orange; repeatable).")
+    ap.add_argument("--preset-anchors", action="store_true", help="Give each concept the presets' anchor "
+                    "(circle -> square, red -> blue, striped -> solid; the tables before the automatic anchor) "
+                    "instead of leaving it to the model's anchor rule.")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="Add the concept records of these result files (parallel processes, same settings) to --out.")
@@ -152,7 +157,7 @@ def main() -> None:
     with open(ROOT / "prompts" / "shapes.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     res.update(forget_seeds=args.forget_seeds, retain_seeds=args.retain_seeds, override=json.loads(args.override),
-               tune=args.tune, anchors=dict(a.split("=", 1) for a in args.anchor))
+               tune=args.tune, anchors=dict(a.split("=", 1) for a in args.anchor), preset_anchors=args.preset_anchors)
     base = None
     if "original_rows" not in res and args.original_from:
         old = json.loads(Path(args.original_from).read_text())
@@ -171,11 +176,13 @@ def main() -> None:
     for concept, kind in todo:
         if concept in res["concepts"] and "erased" in res["concepts"][concept]:
             continue
-        forget, anchor = plain_prompt(concept, kind), plain_prompt(anchors.get(concept, default_anchor(concept)), kind)
+        forget = plain_prompt(concept, kind)
+        given = anchors.get(concept, default_anchor(concept) if args.preset_anchors else None)
+        anchor = plain_prompt(given, kind) if given else None  # None: the model's anchor rule chooses
         run_dir = Path(args.runs_dir) / concept
         cache = Path(args.runs_dir) / f"cache-{concept}"
         rec: dict = {"kind": kind, "forget_prompt": forget, "anchor_prompt": anchor}
-        spec = ConceptSpec(name=concept, forget_prompts=[forget], anchor_prompts=[anchor])
+        spec = ConceptSpec(name=concept, forget_prompts=[forget], anchor_prompts=[anchor] if anchor else [])
         cfg, source = default_config(concepts=[spec], cache_dir=str(cache), **json.loads(args.override))
         if not (run_dir / "run.json").is_file():
             shutil.rmtree(cache, ignore_errors=True)
@@ -197,6 +204,9 @@ def main() -> None:
         info = read_run(run_dir)
         rec["timing_s"] = info["timing_s"]
         rec["auto"] = info.get("auto")
+        if anchor is None:  # the automatic anchor
+            rec["anchor_prompt"] = rec["auto"]["concepts"][concept]["anchor"]["prompts"][0]
+            rec["anchor_auto"] = True
         rec["tuning"] = info.get("tuning")
         rec.setdefault("wall_s", info["timing_s"]["total"])
         if base is None:
@@ -339,7 +349,7 @@ def table(res: dict) -> str:
         ok, miss = verdict(r, time_limit(res))
         la = r.get("load_avg")
         lines.append(
-            f"| {name} ({r['kind']}) | {r['forget_prompt']} -> {r['anchor_prompt']} | "
+            f"| {name} ({r['kind']}) | {r['forget_prompt']} -> {r['anchor_prompt']}{' (auto)' if r.get('anchor_auto') else ''} | "
             f"{100 * r['original_forget']['share']:.0f}% / {100 * r['erased_forget']['share']:.1f}% "
             f"({100 * r['erased_forget']['worst_prompt']:.1f}%) | {d('same_kind')} | {others} | {nb} | "
             f"{r['wall_s']:.0f} ({t['data']:.0f}/{t['mask']:.0f}/{t['train']:.0f}) | {r.get('cpu_s', '-')} | "

@@ -40,7 +40,8 @@ def _concept_args(p: argparse.ArgumentParser, anchor_required: bool = True) -> N
     g.add_argument(
         "--anchor-prompt", action="append", default=[],
         help="Remap target: once for all forget prompts, or once per forget prompt in the same order (repeatable)."
-        + ("" if anchor_required else " Not needed for masks."),
+        + (" Without one, --anchor-rule decides (the model defaults: the nearest concept of the same kind)."
+           if anchor_required else " Not needed for masks."),
     )
     g.add_argument("--retain-prompt", action="append", default=[], help="Prompt whose output must not change (repeatable).")
     g.add_argument("--forget-images", default=None, help="Folder of images to use as Df instead of generating them.")
@@ -87,14 +88,9 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
     if args.forget_prompt:
         anchors = args.anchor_prompt or (args.forget_prompt if for_mask else [])
         if args.recipe and not args.anchor_prompt:
-            anchors = []  # the recipe decides (ESD needs none; UCE maps to the empty prompt)
-        if not anchors and not args.recipe:
-            raise ValueError("--anchor-prompt is required: the prompt the concept is remapped to")
-        concepts.append(dict(
-            name=args.concept_name or args.forget_prompt[0][:40], forget_prompts=args.forget_prompt,
-            anchor_prompts=anchors, retain_prompts=args.retain_prompt, forget_images=args.forget_images,
-            retain_images=args.retain_images,
-        ) if not anchors else ConceptSpec(
+            anchors = []
+        # no anchor: the recipe decides (ESD needs none; UCE maps to the empty prompt), else auto.anchor_rule
+        concepts.append(ConceptSpec(
             name=args.concept_name or args.forget_prompt[0][:40], forget_prompts=args.forget_prompt,
             anchor_prompts=anchors, retain_prompts=args.retain_prompt, forget_images=args.forget_images,
             retain_images=args.retain_images,
@@ -105,7 +101,7 @@ def _build_config(args: argparse.Namespace, for_mask: bool = False):
         recipe_config, concepts = _apply_recipe(args, base, concepts)
         layers.append((f"recipe:{args.recipe.partition(':')[0]}", recipe_config))
     if not concepts:
-        raise ValueError("nothing to erase: give --forget-prompt (with --anchor-prompt), --preset or --concept-file")
+        raise ValueError("nothing to erase: give --forget-prompt, --preset or --concept-file")
     if args.config:
         layers.append(("config", base))
     flags = dict(given_fields(EraseConfig, args))

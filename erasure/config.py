@@ -35,7 +35,8 @@ class ConceptSpec(JsonConfig):
     forget_prompts: list[str] = field(default_factory=list, help="Prompts that produce the concept (Df is generated from them).")
     anchor_prompts: list[str] = field(
         default_factory=list,
-        help="Remap targets: one prompt for all forget prompts, or one per forget prompt (paired by position).",
+        help="Remap targets: one prompt for all forget prompts, or one per forget prompt (paired by position); none: "
+        "chosen by auto.anchor_rule.",
     )
     retain_prompts: list[str] = field(default_factory=list, help="Prompts whose outputs must not change (Dr).")
     forget_images: str | list[str] | None = field(
@@ -57,14 +58,14 @@ class ConceptSpec(JsonConfig):
                 raise ValueError(f"concept {self.name!r}: {key.replace('_', ' ')} must be a folder path or a list of "
                                  f"them, got {v!r}")
         self.forget_prompts = _check_prompts("forget prompts", self.forget_prompts)
-        self.anchor_prompts = _check_prompts("anchor prompts", self.anchor_prompts)
+        self.anchor_prompts = _check_prompts("anchor prompts", self.anchor_prompts, allow_empty=True)
         self.retain_prompts = _check_prompts("retain prompts", self.retain_prompts, allow_empty=True)
         for key, prompts in (("forget_images", self.forget_prompts), ("retain_images", self.retain_prompts)):
             v = getattr(self, key)
             if isinstance(v, list) and len(v) != len(prompts):
                 raise ValueError(f"concept {self.name!r}: {key.replace('_', ' ')} lists {len(v)} folders for "
                                  f"{len(prompts)} {key.split('_')[0]} prompts; give one folder per prompt (or one folder)")
-        if len(self.anchor_prompts) not in (1, len(self.forget_prompts)):
+        if len(self.anchor_prompts) not in (0, 1, len(self.forget_prompts)):
             raise ValueError(
                 f"concept {self.name!r}: give 1 anchor prompt or one per forget prompt "
                 f"({len(self.forget_prompts)}), got {len(self.anchor_prompts)}"
@@ -72,6 +73,9 @@ class ConceptSpec(JsonConfig):
 
     def anchor_for(self, i: int) -> str:
         """The anchor prompt paired with forget prompt ``i``."""
+        if not self.anchor_prompts:
+            raise ValueError(f"concept {self.name!r} has no anchor prompt: give one (--anchor-prompt) or let the "
+                             "erasure choose it (--anchor-rule nearest)")
         return self.anchor_prompts[0] if len(self.anchor_prompts) == 1 else self.anchor_prompts[i]
 
 
@@ -199,6 +203,10 @@ class EraseConfig(MaskConfig):
             self.auto = AutoConfig()
         elif isinstance(self.auto, dict):
             self.auto = AutoConfig.from_dict(self.auto)
+        missing = [c.name for c in self.concepts if not c.anchor_prompts]
+        if missing and self.auto.anchor_rule == "none":
+            raise ValueError(f"concept {missing[0]!r} has no anchor prompt (what it is remapped to): give one "
+                             "(--anchor-prompt) or let the erasure choose it (--anchor-rule nearest or empty)")
         if spec.needs_images and self.method_args.uses_retain() and not self.auto.min_retain and not any(
             c.retain_prompts or c.retain_images for c in self.concepts
         ):

@@ -94,7 +94,7 @@ def build(service: AppService, ctx: UIContext) -> None:
                 named["forget"] = gr.Textbox(form.get("forget", ""), lines=3, max_lines=12,
                                              label="Forget prompts (one per line)", elem_id="erase-forget")
                 named["anchor"] = gr.Textbox(form.get("anchor", ""), lines=1, max_lines=6,
-                                             label="Anchor prompts (one for all, or one per forget prompt)",
+                                             label="Anchor prompts (one for all, or one per forget prompt; empty: the nearest concept)",
                                              elem_id="erase-anchor")
                 named["retain"] = gr.Textbox(form.get("retain", ""), lines=3, max_lines=12,
                                              label="Retain prompts (one per line)", elem_id="erase-retain")
@@ -102,7 +102,7 @@ def build(service: AppService, ctx: UIContext) -> None:
             gr.Markdown(LIMITS_TEXT, elem_id="erase-limits", elem_classes=["small-note"])
             status = gr.Markdown("", elem_id="erase-status")
             # what the erasure adds by itself (neighbour concepts, automatic retain set), shown before training
-            preview_btn = gr.Button("Show neighbours and automatic retain set", size="sm", elem_id="erase-preview")
+            preview_btn = gr.Button("Show anchor, neighbours and automatic retain set", size="sm", elem_id="erase-preview")
             auto_md = gr.Markdown("", elem_id="erase-auto")
         with gr.Column(scale=2):
             method = named["method"] = gr.Radio([(METHODS[m].label, m) for m in order], value=selected, label="Method",

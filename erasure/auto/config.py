@@ -4,6 +4,7 @@ budgeted tuning (:class:`TuneConfig`, used by :func:`erasure.auto.tune.tune_and_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from erasure.jsonconfig import JsonConfig, field
 
@@ -49,7 +50,7 @@ class AutoConfig(JsonConfig):
                                     label="Neighbour weight", min=0.0, max=100.0)
     vocabulary: str = field(
         "auto",
-        help="Where neighbours are searched: auto (the shapes/colours/fills for the embedded model, else the ImageNet "
+        help="Where neighbours and automatic anchors are searched: auto (the shapes/colours/fills for the embedded model, else the ImageNet "
         "class names of the shared reference data), shapes, imagenet, or a text file (one term per line).",
         label="Neighbour vocabulary",
     )
@@ -57,6 +58,14 @@ class AutoConfig(JsonConfig):
         0, help="Add up to this many paraphrases of the forget prompts (pool captions naming the concept, paired with "
         "the same caption naming the anchor; only when forget and anchor differ by one word; 0 = off).",
         label="Forget paraphrases", min=0, max=10_000,
+    )
+
+    anchor_rule: Literal["none", "nearest", "empty"] = field(
+        "none",
+        help="A concept given without an anchor prompt is remapped to: nearest (its nearest vocabulary term of the "
+        "same kind, by text-encoder similarity: star -> triangle, yellow -> orange; the empty prompt when no concept "
+        "word is a vocabulary term), empty (the empty prompt), or none (an anchor prompt is required).",
+        label="Anchor when none is given",
     )
 
     def __post_init__(self) -> None:

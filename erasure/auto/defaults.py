@@ -24,7 +24,7 @@ __all__ = ["DEFAULTS_FILE", "PAPER_SD_DEFAULTS", "model_defaults", "model_method
 
 DEFAULTS_FILE = "erasure_defaults.json"
 
-AUTO_ON = {"min_retain": 8, "retain_size": 32, "neighbours": 2, "neighbour_weight": 3.0, "augment_forget": 8}
+AUTO_ON = {"anchor_rule": "nearest", "min_retain": 8, "retain_size": 32, "neighbours": 2, "neighbour_weight": 3.0, "augment_forget": 8}
 """The automatic retain/neighbour settings the SD v1/v2 defaults switch on."""
 
 PAPER_SD_DEFAULTS: dict[str, Any] = {

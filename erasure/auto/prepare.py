@@ -10,6 +10,7 @@ import dataclasses
 import logging
 from typing import Any
 
+from erasure.auto.anchor import with_anchor
 from erasure.auto.neighbours import find_neighbours, neighbour_prompts
 from erasure.auto.retain import build_retain, forget_paraphrases
 
@@ -20,12 +21,12 @@ __all__ = ["auto_active", "prepare_concepts"]
 
 def auto_active(cfg) -> bool:
     a = cfg.auto
-    return bool(a.min_retain or a.neighbours or a.augment_forget)
+    return bool(a.min_retain or a.neighbours or a.augment_forget) or any(not c.anchor_prompts for c in cfg.concepts)
 
 
 def prepare_concepts(cfg, pipe, model: str, with_retain: bool, retain_required: bool = True,
                      ) -> tuple[list, dict[str, float], dict[str, Any]]:
-    """``(concepts, retain_weights, record)``: the concepts with forget paraphrases, automatic retain prompts and
+    """``(concepts, retain_weights, record)``: the concepts with their automatic anchor, forget paraphrases, automatic retain prompts and
     neighbour prompts added; the retain-loss weight of each neighbour prompt; what was done, for run.json.
 
     ``with_retain``: build the retain and neighbour sets (the method reads retain prompts); ``retain_required``: a
@@ -34,6 +35,9 @@ def prepare_concepts(cfg, pipe, model: str, with_retain: bool, retain_required: 
     out, weights, record = [], {}, {"concepts": {}}
     for c in cfg.concepts:
         rec: dict[str, Any] = {}
+        c, anchor = with_anchor(pipe, c, a.anchor_rule, a.vocabulary, model)
+        if anchor is not None:
+            rec["anchor"] = anchor
         forget, anchors, retain = list(c.forget_prompts), list(c.anchor_prompts), list(c.retain_prompts)
         if a.augment_forget and not c.forget_images:
             extra_f, extra_a, info = forget_paraphrases(pipe, c, a, model, cfg.seed)

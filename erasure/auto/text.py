@@ -41,6 +41,8 @@ def concept_words(concept) -> list[str]:
     named = [w for w in words(concept.name) if w not in STOPWORDS]
     if named and all(_has(fw, w) for w in named):
         return list(dict.fromkeys(named))
+    if not concept.anchor_prompts:  # before an automatic anchor is chosen
+        return [w for w in dict.fromkeys(words(concept.forget_prompts[0])) if w not in STOPWORDS]
     diff = []
     for i, p in enumerate(concept.forget_prompts):
         d = one_word_diff(p, concept.anchor_for(i))
