@@ -419,9 +419,9 @@ class AppService:
         with self.cache.use(ORIGINAL) as pipe:
             c, chosen = with_anchor(pipe, c, a.anchor_rule, a.vocabulary, self.model)
             if chosen is not None:
-                how = (f"the nearest {chosen['replaces']} ({chosen['term']}, similarity {chosen['similarity']:.2f})"
-                       if "term" in chosen else "the empty prompt")
-                lines.append(f"**Anchor** (none typed): {c.anchor_prompts[0]!r}, {how}")
+                how = (f"{chosen['term']} is the {chosen['vocabulary'].split(' (')[0]} term nearest {chosen['replaces']} "
+                       f"(similarity {chosen['similarity']:.2f})" if "term" in chosen else "the empty prompt")
+                lines.append(f"**Anchor** (none typed): {c.anchor_prompts[0]!r}: {how}")
             if a.neighbours:
                 try:
                     nbrs, label = find_neighbours(pipe, c, a.neighbours, a.vocabulary, self.model)

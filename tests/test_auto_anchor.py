@@ -119,5 +119,5 @@ def test_app_custom_form_without_anchor(tmp_path):
     cfg = service.make_config("", "a triangle", "", "")
     assert cfg.concepts[0].anchor_prompts == [] and cfg.auto.anchor_rule == "nearest"
     md = service.auto_preview("", "a triangle", "", "")
-    assert "**Anchor** (none typed): 'a star'" in md
+    assert "**Anchor** (none typed): 'a star': star is the shapes world term nearest triangle" in md
     assert "star (" not in md.split("**Neighbours**")[1].split("\n")[0]  # the anchor is not kept as a neighbour

@@ -90,8 +90,8 @@ class UCEConfig(MethodConfig):
         help="Tokens edited: 'concept_to_end' (from the first token where the erase prompt differs from its guide to "
         "the end of the padded sequence), 'last_to_end' (from the last word: the paper-era official code; misses a "
         "concept word that is not last, as 'striped' in 'a striped shape') or 'last' (the last word of each prompt: "
-        "the current official script, which erased far less on the shapes model). The last two preserve every token "
-        "of the preserve prompts and of the empty prompt, as does the first.",
+        "the current official script, which erased far less on the shapes model). The first two preserve every token "
+        "of the preserve prompts and of the empty prompt.",
         label="UCE tokens",
     )
     guide: Literal["anchor", "uncond"] = field(
