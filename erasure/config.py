@@ -14,7 +14,8 @@ TRAINABLE_CHOICES = ("full", "xattn", "noxattn")
 MAX_NAME_CHARS = 200
 
 
-def _check_prompts(name: str, prompts: list[str], allow_empty: bool = False) -> list[str]:
+def _check_prompts(name: str, prompts: list[str], allow_empty: bool = False, allow_blank: bool = False) -> list[str]:
+    """``allow_empty``: the list may be empty; ``allow_blank``: a prompt may be ``""`` (the unconditional prompt)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
@@ -22,7 +23,7 @@ def _check_prompts(name: str, prompts: list[str], allow_empty: bool = False) -> 
     if not prompts and not allow_empty:
         raise ValueError(f"{name} is empty: give at least one prompt")
     for p in prompts:
-        if not isinstance(p, str) or not p.strip():
+        if not isinstance(p, str) or not (p.strip() or allow_blank):
             raise ValueError(f"{name} contains an empty prompt: every prompt must contain text")
     return [p.strip() for p in prompts]
 
@@ -35,8 +36,8 @@ class ConceptSpec(JsonConfig):
     forget_prompts: list[str] = field(default_factory=list, help="Prompts that produce the concept (Df is generated from them).")
     anchor_prompts: list[str] = field(
         default_factory=list,
-        help="Remap targets: one prompt for all forget prompts, or one per forget prompt (paired by position); none: "
-        "chosen by auto.anchor_rule.",
+        help="Remap targets: one prompt for all forget prompts, or one per forget prompt (paired by position); "" is the "
+        "empty prompt; none: chosen by auto.anchor_rule.",
     )
     retain_prompts: list[str] = field(default_factory=list, help="Prompts whose outputs must not change (Dr).")
     forget_images: str | list[str] | None = field(
@@ -58,7 +59,8 @@ class ConceptSpec(JsonConfig):
                 raise ValueError(f"concept {self.name!r}: {key.replace('_', ' ')} must be a folder path or a list of "
                                  f"them, got {v!r}")
         self.forget_prompts = _check_prompts("forget prompts", self.forget_prompts)
-        self.anchor_prompts = _check_prompts("anchor prompts", self.anchor_prompts, allow_empty=True)
+        # "" is the empty (unconditional) prompt, ESD's and UCE's default target
+        self.anchor_prompts = _check_prompts("anchor prompts", self.anchor_prompts, allow_empty=True, allow_blank=True)
         self.retain_prompts = _check_prompts("retain prompts", self.retain_prompts, allow_empty=True)
         for key, prompts in (("forget_images", self.forget_prompts), ("retain_images", self.retain_prompts)):
             v = getattr(self, key)

@@ -121,3 +121,22 @@ def test_app_custom_form_without_anchor(tmp_path):
     md = service.auto_preview("", "a triangle", "", "")
     assert "**Anchor** (none typed): 'a star': star is the shapes world term nearest triangle" in md
     assert "star (" not in md.split("**Neighbours**")[1].split("\n")[0]  # the anchor is not kept as a neighbour
+
+
+def test_empty_rule_without_preserve_set(tiny_model_dir, tmp_path):
+    """A method that reads no retain prompts (UCE with preserve scale 0) still gets its anchor from the rule."""
+    from erasure import erase
+    from erasure.diffusion.methods.uce import UCEConfig, uce_edit
+    from erasure.diffusion.pipeline import load_pipeline
+    from erasure.runs import load_run_weights
+
+    c = ConceptSpec(name="red", forget_prompts=["a red shape"])
+    cfg = EraseConfig(model=str(tiny_model_dir), concepts=[c], method="uce", method_args={"preserve_scale": 0.0},
+                      auto=AutoConfig(anchor_rule="empty"), cache_dir=str(tmp_path / "c"))
+    run = erase(cfg, tmp_path / "run")
+    assert read_run(run)["auto"]["concepts"]["red"]["anchor"] == {"rule": "empty", "prompts": [""]}
+    pipe = load_pipeline(tiny_model_dir, device="cpu")
+    expected = uce_edit(pipe.unet, pipe.text_encoder, pipe.tokenizer, ["a red shape"], [""], [],
+                        UCEConfig(preserve_scale=0.0))
+    got = load_run_weights(run)
+    assert expected and all(torch.equal(got[k], v) for k, v in expected.items())

@@ -26,8 +26,9 @@ def auto_active(cfg) -> bool:
 
 def prepare_concepts(cfg, pipe, model: str, with_retain: bool, retain_required: bool = True,
                      ) -> tuple[list, dict[str, float], dict[str, Any]]:
-    """``(concepts, retain_weights, record)``: the concepts with their automatic anchor, forget paraphrases, automatic retain prompts and
-    neighbour prompts added; the retain-loss weight of each neighbour prompt; what was done, for run.json.
+    """``(concepts, retain_weights, record)``: the concepts with their automatic anchor, forget paraphrases,
+    automatic retain prompts and neighbour prompts added; the retain-loss weight of each neighbour prompt; what was
+    done, for run.json.
 
     ``with_retain``: build the retain and neighbour sets (the method reads retain prompts); ``retain_required``: a
     concept left without retain prompts is an error (methods that train on Dr; UCE's preserve set may be empty)."""

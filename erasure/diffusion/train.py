@@ -146,7 +146,8 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
     data, concepts, weights, auto = None, cfg.concepts, None, None
     from erasure.auto.prepare import auto_active, prepare_concepts
 
-    if auto_active(cfg) and (spec.needs_images or cfg.method_args.uses_retain_prompts()):
+    missing_anchor = any(not c.anchor_prompts for c in cfg.concepts)
+    if auto_active(cfg) and (spec.needs_images or cfg.method_args.uses_retain_prompts() or missing_anchor):
         # closed-form edits (UCE) get the automatic retain and neighbour sets as their preserve prompts
         concepts, weights, auto = prepare_concepts(cfg, pipe, model, cfg.method_args.uses_retain_prompts(),
                                                    retain_required=cfg.method_args.uses_retain())
