@@ -125,6 +125,8 @@ def main() -> None:
                     help="Add the concept records of these result files (parallel processes, same settings) to --out.")
     ap.add_argument("--app-blue-star", action="store_true", help="Instead: the app's custom erasure of 'a blue star' "
                     "(anchor 'a blue heart', no retain prompts) through erasure_app.service.AppService.")
+    ap.add_argument("--app-anchor", default="a blue heart", help="The anchor typed in the app's form for "
+                    "--app-blue-star ('' = none typed: the model's anchor rule chooses).")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
@@ -257,8 +259,9 @@ def app_blue_star(args, res: dict, out: Path) -> None:
     rec = res.setdefault("app_blue_star", {})
     rid = "app-blue-star"
     if not (Path(args.runs_dir) / rid / "run.json").is_file():
-        cfg = service.make_config("", "a blue star", "a blue heart", "")  # every setting: the custom form's
-        rec["preview"] = service.auto_preview("", "a blue star", "a blue heart", "")
+        cfg = service.make_config("", "a blue star", args.app_anchor, "")  # every setting: the custom form's
+        rec["preview"] = service.auto_preview("", "a blue star", args.app_anchor, "")
+        rec["anchor_typed"] = args.app_anchor
         t = time.time()
         load0 = os.getloadavg()
         service.erase(cfg, rid, tune=args.tune)  # --tune N: the app's "Tune first" (4 candidates)
