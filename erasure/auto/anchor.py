@@ -4,7 +4,7 @@
 same text-encoder similarity as the neighbour set), swapped into every forget prompt: "a triangle" -> "a star",
 "a yellow shape" -> "an orange shape". The smallest remapping leaves the least to conflict with what must be kept:
 on the embedded model with UCE, triangle -> square left 56-66% triangles and triangle -> star 3%; yellow -> blue
-cost the other colours 7.5 points (orange turned yellow), yellow -> orange none (``bench/results/auto_erase_anchor.md``).
+cost the other colours 7.5 points (orange turned yellow), yellow -> orange none (``bench/results/auto_erase_uce_anchor.md``, ``bench/README.md``).
 It is the choice of Ablating Concepts (Kumari et al. 2023: "grumpy cat" -> "cat"). A concept none of whose words is
 a vocabulary term (``nudity`` among ImageNet classes) maps to the empty prompt, as ESD and UCE's default; ``empty``
 always does.
@@ -55,8 +55,8 @@ def choose_anchor(pipe, concept, rule: str, source: str, model: str) -> tuple[li
               "similarity": round(float(sim[order[0]]), 4), "prompts": anchors,
               "candidates": [{"term": cands[i][0], "replaces": cands[i][1], "similarity": round(float(sim[i]), 4)}
                              for i in order[:5]]}
-    logger.info("concept %r: anchor %r (nearest %s to %r, similarity %.2f)", concept.name, anchors[0], word, term,
-                record["similarity"])
+    logger.info("concept %r: anchor %r (%s is the term nearest %r, similarity %.2f)", concept.name, anchors[0], term,
+                word, record["similarity"])
     return anchors, record
 
 

@@ -50,8 +50,9 @@ class AutoConfig(JsonConfig):
                                     label="Neighbour weight", min=0.0, max=100.0)
     vocabulary: str = field(
         "auto",
-        help="Where neighbours and automatic anchors are searched: auto (the shapes/colours/fills for the embedded model, else the ImageNet "
-        "class names of the shared reference data), shapes, imagenet, or a text file (one term per line).",
+        help="Where neighbours and automatic anchors are searched: auto (the shapes/colours/fills for the embedded "
+        "model, else the ImageNet class names of the shared reference data), shapes, imagenet, or a text file (one "
+        "term per line).",
         label="Neighbour vocabulary",
     )
     augment_forget: int = field(
