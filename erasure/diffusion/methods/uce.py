@@ -164,12 +164,13 @@ def _tokenize(tokenizer, prompts: Sequence[str]):
 
 def first_difference(tokenizer, erase_prompts: Sequence[str], guide_prompts: Sequence[str]) -> list[int | None]:
     """Per pair, the index of the first token where the erase prompt's ids differ from its guide's (``None`` when
-    the two tokenize identically)."""
+    the two tokenize identically). Several tokenizers (SDXL's ``[n, 2, L]`` ids): the first position where any
+    differs."""
     a, b = _tokenize(tokenizer, erase_prompts).input_ids, _tokenize(tokenizer, guide_prompts).input_ids
     out: list[int | None] = []
     for x, y in zip(a, b):
-        diff = (x != y).nonzero()
-        out.append(int(diff[0]) if len(diff) else None)
+        diff = (x != y).reshape(-1, x.shape[-1]).any(0).nonzero()
+        out.append(int(diff[0, 0]) if len(diff) else None)
     return out
 
 
