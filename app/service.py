@@ -498,15 +498,13 @@ class AppService:
         base.update(method=method, method_args=args, model=self.model, device=self.device)
         if self.data_cache_dir:
             base["cache_dir"] = self.data_cache_dir
+        if not anchor_l and (base.get("auto") or {}).get("anchor_rule", "none") == "none":  # not a form control
+            raise AppError("anchor prompts are empty and this model's defaults do not choose an anchor: type the "
+                           "prompt the concept should become")
         try:
             spec = ConceptSpec(name=concept, forget_prompts=forget_l, anchor_prompts=anchor_l, retain_prompts=retain_l)
             cfg = EraseConfig.from_dict({**base, "concepts": [spec.to_dict()]})
-        except ValueError as err:
-            if not anchor_l and "has no anchor prompt" in str(err):  # the rule is not a form control
-                raise AppError("anchor prompts are empty and this model's defaults do not choose an anchor: type "
-                               "the prompt the concept should become") from err
-            raise AppError(page_words(str(err))) from err
-        except TypeError as err:
+        except (ValueError, TypeError) as err:
             raise AppError(page_words(str(err))) from err
         check_job_size(cfg)
         return cfg

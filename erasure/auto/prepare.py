@@ -16,12 +16,17 @@ from erasure.auto.retain import build_retain, forget_paraphrases
 
 logger = logging.getLogger("erasure.auto")
 
-__all__ = ["auto_active", "prepare_concepts"]
+__all__ = ["anchor_missing", "auto_active", "prepare_concepts"]
+
+
+def anchor_missing(cfg) -> bool:
+    """A concept without anchor prompts: :func:`prepare_concepts` chooses them (``auto.anchor_rule``)."""
+    return any(not c.anchor_prompts for c in cfg.concepts)
 
 
 def auto_active(cfg) -> bool:
     a = cfg.auto
-    return bool(a.min_retain or a.neighbours or a.augment_forget) or any(not c.anchor_prompts for c in cfg.concepts)
+    return bool(a.min_retain or a.neighbours or a.augment_forget) or anchor_missing(cfg)
 
 
 def prepare_concepts(cfg, pipe, model: str, with_retain: bool, retain_required: bool = True,

@@ -144,10 +144,9 @@ def load_inputs(cfg: EraseConfig, spec: MethodSpec, device, progress: Progress |
     res = cfg.resolution or default_resolution(pipe)
     emit(progress, "loading", 1, 1)
     data, concepts, weights, auto = None, cfg.concepts, None, None
-    from erasure.auto.prepare import auto_active, prepare_concepts
+    from erasure.auto.prepare import anchor_missing, auto_active, prepare_concepts
 
-    missing_anchor = any(not c.anchor_prompts for c in cfg.concepts)
-    if auto_active(cfg) and (spec.needs_images or cfg.method_args.uses_retain_prompts() or missing_anchor):
+    if auto_active(cfg) and (spec.needs_images or cfg.method_args.uses_retain_prompts() or anchor_missing(cfg)):
         # closed-form edits (UCE) get the automatic retain and neighbour sets as their preserve prompts
         concepts, weights, auto = prepare_concepts(cfg, pipe, model, cfg.method_args.uses_retain_prompts(),
                                                    retain_required=cfg.method_args.uses_retain())
