@@ -221,10 +221,13 @@ def save_lora(ext: LoraExtraction, path: str | os.PathLike, fmt: Literal["peft",
 def lora_from_run(run_dir: str | os.PathLike, rank: int | None = None, energy: float | None = None,
                   base_model: str | None = None, pipe=None, bias: bool = False) -> LoraExtraction:
     """Extract the LoRA of a run: its saved weights against the base model's (loaded here unless ``pipe`` is given)."""
-    from erasure.runs import load_run_weights, read_run
+    from erasure.runs import TE_PREFIX, load_run_weights, read_run
 
     info = read_run(run_dir)
     weights = load_run_weights(run_dir)
+    if any(n.startswith(TE_PREFIX) for n in weights):
+        raise ValueError(f"run {run_dir} changed the text encoder (method {info.get('method')}); a LoRA here carries "
+                         "denoiser changes only: export the whole pipeline with `erasure export` instead")
     if pipe is None:
         from erasure.diffusion.pipeline import load_pipeline
 

@@ -24,10 +24,11 @@ from erasure import (
     read_run,
 )
 from erasure.methods import METHODS
+from erasure.runs import TE_PREFIX
 
 FORGET = "a red circle"
 
-# method -> (extra config, which parameters may change: "all" | "xattn" | "noxattn" | "attn2_kv")
+# method -> (extra config, which parameters may change: "all" | "xattn" | "noxattn" | "attn2_kv" | "text_encoder")
 METHOD_CASES: dict[str, tuple[dict, str]] = {
     "salun": ({}, "all"),
     "rl": ({}, "all"),
@@ -36,6 +37,7 @@ METHOD_CASES: dict[str, tuple[dict, str]] = {
     "uce": ({}, "attn2_kv"),
     "rece": ({"method_args": {"epochs": 2}}, "attn2_kv"),
     "salun-adv": ({"method_args": {"attack_steps": 2}}, "all"),
+    "text-remap": ({"method_args": {"iterations": 3, "saliency": 0.3}}, "text_encoder"),
 }
 # the training options of the engine, each on the masked method (mixed precision, accumulation, clipping, ...)
 TRAINING_CASES: dict[str, dict] = {
@@ -59,7 +61,9 @@ def _cfg(model, tmp_path, **kw) -> EraseConfig:
 
 
 def _may_change(name: str, rule: str) -> bool:
-    return {"all": True, "xattn": ".attn2." in name, "attn2_kv": ".attn2.to_k." in name or ".attn2.to_v." in name,
+    if name.startswith(TE_PREFIX):  # text-encoder tensors: only a text-encoder method writes them
+        return rule == "text_encoder" and "embeddings" not in name
+    return {"text_encoder": False, "all": True, "xattn": ".attn2." in name, "attn2_kv": ".attn2.to_k." in name or ".attn2.to_v." in name,
             "noxattn": ".attn2." not in name and not name.startswith(("time_embedding", "conv_out", "conv_norm_out"))}[rule]
 
 
@@ -71,7 +75,9 @@ def _check_run(run, base_params, rule, masked):
     info = read_run(run)
     weights = load_file(str(run / "weights.safetensors"))
     assert weights and all(_may_change(n, rule) for n in weights), sorted(n for n in weights if not _may_change(n, rule))[:3]
-    erased = dict(load_erased_pipeline(run, device="cpu").unet.named_parameters())
+    pipe = load_erased_pipeline(run, device="cpu")
+    erased = dict(pipe.unet.named_parameters())
+    erased.update({TE_PREFIX + n: p for n, p in pipe.text_encoder.named_parameters()})
     changed = 0
     mask = load_mask(run / "mask.safetensors") if masked else None
     for n, p in base_params.items():
@@ -79,7 +85,7 @@ def _check_run(run, base_params, rule, masked):
         if not _may_change(n, rule):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{n} changed"
         if mask is not None:
-            m = mask[n]
+            m = mask.get(n, torch.zeros(a.shape, dtype=torch.bool))  # no entry: nothing of it may change
             assert not bool(m.any()) or _may_change(n, rule)  # the saved mask shows only trainable weights
             assert torch.equal(a[~m].view(torch.int32), b[~m].view(torch.int32)), f"{n} changed outside the mask"
         changed += int((a != b).sum())
@@ -89,7 +95,9 @@ def _check_run(run, base_params, rule, masked):
 
 @pytest.fixture(scope="module")
 def base_params(tiny_model_dir):
-    return dict(load_pipeline(tiny_model_dir, device="cpu").unet.named_parameters())
+    pipe = load_pipeline(tiny_model_dir, device="cpu")
+    return {**dict(pipe.unet.named_parameters()),
+            **{TE_PREFIX + n: p for n, p in pipe.text_encoder.named_parameters()}}
 
 
 @pytest.mark.parametrize("method", list(METHOD_CASES))
