@@ -86,8 +86,8 @@ class MaskConfig(JsonConfig):
     """How the saliency mask is computed (used by ``erasure mask`` and by masked methods)."""
 
     mask_ratio: float = field(
-        0.5, help="Fraction of the trainable UNet weights (those the trainable-parameter setting or the method selects) kept in the "
-        "saliency mask, in (0, 1].", label="Mask ratio", min=0.0, max=1.0, min_exclusive=True,
+        0.5, help="Fraction of the trainable weights (the UNet's that the trainable-parameter setting or the method selects; "
+        "the text encoder's for text-remap) kept in the saliency mask, in (0, 1].", label="Mask ratio", min=0.0, max=1.0, min_exclusive=True,
     )
     mask_guidance: float = field(7.5, help="CFG scale w in the mask loss eps_cfg = (1+w) eps(x_t,c) - w eps(x_t,'').",
                                  label="Mask guidance", min=0.0, max=100.0)

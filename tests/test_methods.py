@@ -37,7 +37,7 @@ METHOD_CASES: dict[str, tuple[dict, str]] = {
     "uce": ({}, "attn2_kv"),
     "rece": ({"method_args": {"epochs": 2}}, "attn2_kv"),
     "salun-adv": ({"method_args": {"attack_steps": 2}}, "all"),
-    "text-remap": ({"method_args": {"iterations": 3, "saliency": 0.3}}, "text_encoder"),
+    "text-remap": ({"method_args": {"iterations": 3}}, "text_encoder"),
 }
 # the training options of the engine, each on the masked method (mixed precision, accumulation, clipping, ...)
 TRAINING_CASES: dict[str, dict] = {

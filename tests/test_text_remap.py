@@ -23,13 +23,14 @@ from erasure import (
 )
 from erasure.diffusion.methods.text_remap import TextRemapConfig
 from erasure.runs import TE_PREFIX
+from erasure.saliency import save_mask
 from erasure.shapes import default_model_path
 
 FORGET, ANCHOR, KEEP = "a red circle", "a red square", "a blue star"
 
 
-def _cfg(model, tmp_path, **margs) -> EraseConfig:
-    return EraseConfig(
+def _cfg(model, tmp_path, mask_ratio=1.0, **margs) -> EraseConfig:
+    return EraseConfig(mask_ratio=mask_ratio,
         model=str(model), method="text-remap", method_args={"iterations": 100, "learning_rate": 3e-4, **margs},
         concepts=[ConceptSpec(name="circle", forget_prompts=[FORGET], anchor_prompts=[ANCHOR], retain_prompts=[KEEP])],
         cache_dir=str(tmp_path.parent / "cache"), device="cpu", checkpoint_every=0)
@@ -81,7 +82,7 @@ def test_logged_loss_is_the_documented_loss(tiny_model_dir, tmp_path):
 
 def test_mask_is_salun_top_gradient_and_nothing_else_changes(tiny_model_dir, tmp_path):
     ratio = 0.2
-    run = erase(_cfg(tiny_model_dir, tmp_path, saliency=ratio, iterations=5), tmp_path / "run")
+    run = erase(_cfg(tiny_model_dir, tmp_path, mask_ratio=ratio, iterations=5), tmp_path / "run")
     mask = load_mask(run / "mask.safetensors")
     orig = load_pipeline(tiny_model_dir, device="cpu")
     te = orig.text_encoder
@@ -116,22 +117,37 @@ def test_mask_is_salun_top_gradient_and_nothing_else_changes(tiny_model_dir, tmp
 
 
 def test_resume_after_cancel_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    cfg = _cfg(tiny_model_dir, tmp_path, iterations=6, saliency=0.5)
+    cfg = _cfg(tiny_model_dir, tmp_path, mask_ratio=0.5, iterations=6)
     full = erase(cfg, tmp_path / "full")
     cancel = threading.Event()
     with pytest.raises(EraseCancelled, match="resume"):
         erase(cfg, tmp_path / "resumed", cancel=cancel,
               progress=lambda e: cancel.set() if e.stage == "fine-tuning" and e.done == 2 else None)
     assert (tmp_path / "resumed.partial" / "checkpoint-2").is_dir()
+    saved = load_mask(tmp_path / "resumed.partial" / "mask.safetensors")
     out = erase(cfg, tmp_path / "resumed")
+    assert all(torch.equal(saved[n], m) for n, m in load_mask(out / "mask.safetensors").items())
     a, b = load_file(str(full / "weights.safetensors")), load_file(str(out / "weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len((out / "log.jsonl").read_text().splitlines()) == 6
+    # a resumed run trains in the mask saved beside its checkpoint, not in a recomputed one
+    cancel.clear()
+    with pytest.raises(EraseCancelled):
+        erase(cfg, tmp_path / "again", cancel=cancel,
+              progress=lambda e: cancel.set() if e.stage == "fine-tuning" and e.done == 2 else None)
+    cancel.clear()
+    path = tmp_path / "again.partial" / "mask.safetensors"
+    mask = load_mask(path)
+    name = next(n for n, m in mask.items() if n.startswith(TE_PREFIX) and int(m.sum()) >= 2)
+    flat = mask[name].reshape(-1)
+    flat[int(flat.nonzero()[0, 0])] = False
+    save_mask(mask, path)
+    assert torch.equal(load_mask(erase(cfg, tmp_path / "again") / "mask.safetensors")[name], mask[name])
 
 
 def test_bad_input(tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match="salient fraction must be > 0"):
-        TextRemapConfig(saliency=0.0)
+    with pytest.raises(ValueError, match="learning rate must be > 0"):
+        TextRemapConfig(learning_rate=0.0)
     with pytest.raises(ValueError, match="(?i)iterations must be"):
         TextRemapConfig(iterations=0)
     cfg = TextRemapConfig(iterations=7, preserve_scale=0.0)

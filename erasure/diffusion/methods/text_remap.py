@@ -7,9 +7,10 @@ neighbour prompts, weighted, and the empty prompt of classifier-free guidance) s
 
     L = erase_scale * mean_span ||E'(f)_t - E(a)_t||^2 + preserve_scale * sum_j w_j mean_t ||E'(p_j)_t - E(p_j)_t||^2 / m
 
-Only the top ``saliency`` fraction of the encoder's transformer weights changes, chosen by SalUn's rule (Fan et al.,
-ICLR 2024, https://arxiv.org/abs/2310.12508): the magnitude of the gradient of the erase term at the original
-weights; the token and position embeddings never change, and weights outside the mask stay bit-identical.
+Only the top ``mask_ratio`` fraction (the engine's ``--mask-ratio``, as for SalUn) of the encoder's transformer
+weights changes, chosen by SalUn's rule (Fan et al., ICLR 2024, https://arxiv.org/abs/2310.12508): the magnitude of
+the gradient of the erase term at the original weights; the token and position embeddings never change, and
+weights outside the mask stay bit-identical.
 
 Why the encoder: UCE edits the cross-attention K/V, a linear map of each token state. A conjunction ("a blue star",
 kept apart from other stars and other blue shapes) or a far anchor ("a blue heart") needs that map to move one
@@ -59,9 +60,6 @@ class TextRemapConfig(MethodConfig):
                             "preserve_batch preserve prompts).", label="Iterations", min=1, max=100_000)
     learning_rate: float = field(1e-5, help="Adam learning rate of the text-encoder weights.",
                                  label="Learning rate", min=0.0, max=1.0, min_exclusive=True)
-    saliency: float = field(1.0, help="Fraction of the encoder's transformer weights that may change: the largest by "
-                            "|gradient| of the erase term (SalUn's mask); 1 = all of them.", label="Salient fraction",
-                            min=0.0, max=1.0, min_exclusive=True)
     erase_scale: float = field(1.0, help="Weight of the erase term (forget prompts' states -> the anchor's).",
                                label="Erase weight", min=0.0, max=1e6, min_exclusive=True)
     preserve_scale: float = field(1.0, help="Weight of the preserve term (retain, neighbour and empty prompts keep "
@@ -78,7 +76,7 @@ class TextRemapConfig(MethodConfig):
         nw = cfg.auto.neighbour_weight if cfg.auto.neighbours else None
         grid = [{}, {"preserve_scale": ps * 3}, {"erase_scale": es * 3}, {"iterations": it * 2}]
         grid += [{"neighbour_weight": nw * 3}] if nw else []
-        grid += [{"preserve_scale": ps * 3, "iterations": it * 2}, {"saliency": min(1.0, self.saliency * 0.5)},
+        grid += [{"preserve_scale": ps * 3, "iterations": it * 2}, {"mask_ratio": min(1.0, cfg.mask_ratio * 2)},
                  {"erase_scale": es * 3, "preserve_scale": ps * 3}]
         return grid
 
@@ -158,7 +156,7 @@ def text_remap(ctx) -> dict[str, torch.Tensor]:
     from erasure.masked import prepare_masked_params
     from erasure.progress import emit
     from erasure.runs import TE_PREFIX, Checkpoint
-    from erasure.saliency import mask_stats, save_mask
+    from erasure.saliency import load_mask, mask_stats, save_mask
 
     cfg, args, dev = ctx.config, ctx.args, ctx.device
     if ctx.run is None:
@@ -172,12 +170,16 @@ def text_remap(ctx) -> dict[str, torch.Tensor]:
     e_ids, span, targets, p_ids, keep = remap_targets(te, tok, erase, guide, preserve or [""], dev)
 
     t0 = time.time()
-    mask = text_saliency_mask(te, e_ids, span, targets, args.saliency)
-    full = {TE_PREFIX + n: m for n, m in mask.items()}
+    mask_file = ctx.run.partial / "mask.safetensors"
+    if (ctx.run.partial / "latest_checkpoint").is_file() and mask_file.is_file():
+        # resuming: train in the mask the checkpoint was trained in (a GPU's gradient sums can differ bitwise)
+        full = {n: m for n, m in load_mask(mask_file).items() if n.startswith(TE_PREFIX)}
+    else:
+        full = {TE_PREFIX + n: m for n, m in text_saliency_mask(te, e_ids, span, targets, cfg.mask_ratio).items()}
     ctx.mask = {**{n: torch.zeros(p.shape, dtype=torch.bool) for n, p in ctx.unet.named_parameters()}, **full}
     stats = mask_stats(full)
-    save_mask(ctx.mask, ctx.run.partial / "mask.safetensors", metadata={
-        "saliency": args.saliency, "module": "text_encoder", "kept": stats["kept"], "total": stats["total"]})
+    save_mask(ctx.mask, mask_file, metadata={
+        "mask_ratio": cfg.mask_ratio, "module": "text_encoder", "kept": stats["kept"], "total": stats["total"]})
     emit(ctx.progress, "mask", 1, 1, seconds=round(time.time() - t0, 2))
 
     te.requires_grad_(False)
