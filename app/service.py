@@ -1145,7 +1145,8 @@ class AppService:
 
     # ------------------------------------------------------------------ inspect
     def mask_sparsity(self, run_id: str, depth: int = 3) -> list[dict[str, Any]]:
-        """Kept fraction of the saliency mask per UNet block (parameter names cut to ``depth`` parts)."""
+        """Kept fraction of the saliency mask per UNet block (parameter names cut to ``depth`` parts) and per
+        text-encoder layer (methods that train it); a module none of whose weights is kept is one row."""
         from erasure import load_mask, mask_stats
 
         d = self.run_dir(run_id)
@@ -1156,14 +1157,27 @@ class AppService:
             stats = mask_stats(load_mask(f))
         except ValueError as err:
             raise AppError(str(err)) from err
+        from erasure.runs import TE_PREFIX
+
         groups: OrderedDict[str, list[int]] = OrderedDict()
+        modules: dict[str, list[int]] = {}  # "denoiser" / "text encoder": [weights, kept]
         for name, s in stats["per_layer"].items():
             parts = name.split(".")
-            g = ".".join(parts[:depth if parts[0] in ("down_blocks", "up_blocks") else min(depth - 1, len(parts) - 1)])
-            acc = groups.setdefault(g, [0, 0])
-            acc[0] += s["numel"]
-            acc[1] += s["kept"]
-        return [{"layer": g, "kept": k / n if n else 0.0, "weights": n} for g, (n, k) in groups.items()]
+            if name.startswith(TE_PREFIX):
+                cut = parts.index("layers") + 2 if "layers" in parts else min(depth, len(parts) - 1)
+            else:
+                cut = depth if parts[0] in ("down_blocks", "up_blocks") else min(depth - 1, len(parts) - 1)
+            g = ".".join(parts[:cut])
+            for acc in (groups.setdefault(g, [0, 0]), modules.setdefault(
+                    "text encoder" if name.startswith(TE_PREFIX) else "denoiser", [0, 0])):
+                acc[0] += s["numel"]
+                acc[1] += s["kept"]
+        rows = [{"layer": g, "kept": k / n if n else 0.0, "weights": n} for g, (n, k) in groups.items()]
+        if len(modules) > 1:  # a module the method left whole is one row ("denoiser: untouched")
+            idle = {m for m, (_, k) in modules.items() if k == 0}
+            rows = [r for r in rows if ("text encoder" if r["layer"].startswith(TE_PREFIX) else "denoiser") not in idle]
+            rows += [{"layer": f"{m} (untouched)", "kept": 0.0, "weights": modules[m][0]} for m in sorted(idle)]
+        return rows
 
     def loss_curve(self, run_id: str) -> list[dict[str, Any]]:
         """Rows ``{step, series, value}`` from the run's ``log.jsonl``."""

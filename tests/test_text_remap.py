@@ -199,3 +199,17 @@ def test_export_carries_the_encoder_and_lora_is_refused(tiny_model_dir, tmp_path
     err = capsys.readouterr().err
     assert "changed the text encoder" in err and "erasure export" in err and len(err.strip().splitlines()) == 1
     assert not lora.exists()
+
+
+def test_app_inspect_shows_encoder_layers_and_an_untouched_denoiser(tiny_model_dir, tmp_path):
+    from erasure_app.service import AppService
+
+    erase(_cfg(tiny_model_dir, tmp_path, mask_ratio=0.4, iterations=2), tmp_path / "runs" / "r")
+    rows = AppService(model=str(tiny_model_dir), runs_dir=str(tmp_path / "runs"), device="cpu").mask_sparsity("r")
+    te_rows = [r for r in rows if r["layer"].startswith(TE_PREFIX)]
+    assert [r["layer"] for r in rows if not r["layer"].startswith(TE_PREFIX)] == ["denoiser (untouched)"]
+    assert any(".layers.0" in r["layer"] for r in te_rows) and any(".layers.1" in r["layer"] for r in te_rows)
+    kept = sum(r["kept"] * r["weights"] for r in te_rows) / sum(r["weights"] for r in te_rows)
+    assert kept == pytest.approx(0.4, abs=0.01)
+    unet = load_pipeline(tiny_model_dir, device="cpu").unet
+    assert rows[-1]["weights"] == sum(p.numel() for p in unet.parameters())
