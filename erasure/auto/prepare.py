@@ -80,7 +80,7 @@ def prepare_concepts(cfg, pipe, model: str, with_retain: bool, retain_required: 
                     retain.append(p)
                 weights[p] = a.neighbour_weight
             rec["neighbours"] = {"vocabulary": label, "weight": a.neighbour_weight, "terms": nbrs, "prompts": prompts}
-            logger.info("concept %r: neighbours %s (weight %g among the retain (UCE: preserve) prompts, %d prompts)", c.name,
+            logger.info("concept %r: neighbours %s (weight %g among the retain prompts, which UCE and text-remap preserve; %d prompts)", c.name,
                         ", ".join(f"{n['term']} ({n['similarity']:.2f})" for n in nbrs) or "none", a.neighbour_weight,
                         len(prompts))
         rec["sizes"] = {"forget_prompts": len(forget), "retain_prompts": len(retain)}

@@ -39,7 +39,7 @@ def candidates(cfg, n: int) -> list[dict[str, Any]]:
     own grid (:meth:`erasure.methods.MethodConfig.tune_grid`) or the trainer's."""
     own = cfg.method_args.tune_grid(cfg)
     if own is not None:
-        return [{k: float(f"{v:.3g}") for k, v in g.items()} for g in own[:n]]
+        return [{k: _round(v) for k, v in g.items()} for g in own[:n]]
     lr, ratio = cfg.lr, cfg.mask_ratio
     alpha = getattr(cfg.method_args, "alpha", None)
     grid: list[dict[str, Any]] = [{}, {"lr": lr * 1.5}, {"lr": lr * 0.6}]
@@ -51,7 +51,12 @@ def candidates(cfg, n: int) -> list[dict[str, Any]]:
         grid += [{"lr": lr * 1.5, "alpha": alpha * 2}, {"lr": lr * 0.6, "alpha": alpha * 2}, {"alpha": alpha * 0.5}]
     grid += [{"mask_ratio": max(0.1, ratio * 0.6)}, {"lr": lr * 1.5, "mask_ratio": max(0.1, ratio * 0.6)},
              {"lr": lr * 2.5}, {"lr": lr * 0.35}]
-    return [{k: float(f"{v:.3g}") for k, v in g.items()} for g in grid[:n]]
+    return [{k: _round(v) for k, v in g.items()} for g in grid[:n]]
+
+
+def _round(v: Any) -> Any:
+    """3 significant digits for a float setting; an integer one (iterations) stays an integer."""
+    return v if isinstance(v, int) and not isinstance(v, bool) else float(f"{v:.3g}")
 
 
 def choose(log: Sequence[dict[str, Any]], max_drop: float) -> int:
