@@ -560,7 +560,7 @@ class AppService:
                 "method": info.get("method", ""),
                 "steps": cfg.get("steps"),
                 "method settings": method_settings(cfg),
-                "mask kept": round(mask["ratio"], 4) if "ratio" in mask else None,
+                "mask kept": _trained_mask_ratio(mask),
                 "final loss": (info.get("final") or {}).get("loss"),
                 "created": info.get("created", ""),
                 "base model": Path(str(info.get("base_model", ""))).name,
@@ -1447,3 +1447,14 @@ def read_prompt_csv(path: str | os.PathLike, limit: int) -> list[dict[str, Any]]
     if not rows:
         raise AppError(f"{p.name} has no non-empty prompts")
     return rows
+
+
+def _trained_mask_ratio(mask: dict[str, Any]) -> float | None:
+    """The mask's kept fraction over the modules it trained in (a text-encoder method: the encoder's, not the
+    encoder's over the encoder and the untouched denoiser together)."""
+    if "ratio" not in mask:
+        return None
+    mods = [m for m in (mask.get("modules") or {}).values() if m.get("kept")]
+    if not mods:
+        return round(mask["ratio"], 4)
+    return round(sum(m["kept"] for m in mods) / sum(m["total"] for m in mods), 4)

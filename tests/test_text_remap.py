@@ -248,3 +248,22 @@ def test_tuning_moves_its_weights_and_iterations(tiny_model_dir, tmp_path, monke
     assert [r["settings"] for r in t["log"]] == cands
     assert info["config"]["method_args"] == {**cfg.method_args.to_dict(), **t["chosen"]["settings"]}
     assert len((out / "log.jsonl").read_text().splitlines()) == info["config"]["method_args"]["iterations"]
+
+
+def test_run_json_and_app_summary_say_which_module_the_mask_covers(tiny_model_dir, tmp_path):
+    from erasure.runs import read_run
+    from erasure_app.tabs.erase import _mask_words
+
+    run = erase(_cfg(tiny_model_dir, tmp_path, mask_ratio=0.5, iterations=1), tmp_path / "run")
+    mask = read_run(run)["mask"]
+    te, unet = mask["modules"]["text_encoder"], mask["modules"]["denoiser"]
+    assert te["ratio"] == pytest.approx(0.5, abs=0.01) and unet["kept"] == 0 and mask["ratio"] < 0.5
+    assert te["total"] + unet["total"] == mask["total"]
+    assert _mask_words(mask) == f"; mask keeps {te['ratio']:.1%} of the text encoder's weights (the denoiser untouched)"
+    assert _mask_words({"ratio": 0.25, "total": 8, "kept": 2}) == "; mask keeps 25.0% of weights"  # a UNet-only mask
+    from erasure_app.service import AppService
+
+    (tmp_path / "runs").mkdir()
+    run.rename(tmp_path / "runs" / "r")
+    (row,) = AppService(model=str(tiny_model_dir), runs_dir=str(tmp_path / "runs"), device="cpu").list_runs()
+    assert row["mask kept"] == pytest.approx(te["ratio"], abs=1e-4)

@@ -29,6 +29,19 @@ def _count(text: str | None) -> int:
     return len([ln for ln in (text or "").splitlines() if ln.strip()])
 
 
+def _mask_words(mask: dict) -> str:
+    """"; mask keeps 50.0% of the text encoder's weights (the denoiser untouched)" from run.json's mask entry."""
+    if "ratio" not in mask:
+        return ""
+    mods = {k: m for k, m in (mask.get("modules") or {}).items() if m.get("kept")}
+    if len(mods) == 1 and len(mask["modules"]) > 1:
+        (name, m), = mods.items()
+        idle = next(k for k in mask["modules"] if k != name)
+        owner = {"text_encoder": "the text encoder", "denoiser": "the denoiser"}
+        return f"; mask keeps {m['ratio']:.1%} of {owner[name]}'s weights ({owner[idle]} untouched)"
+    return f"; mask keeps {mask['ratio']:.1%} of weights"
+
+
 def _main_field_applies(name: str, method: str) -> bool:
     """Mask ratio for masked methods only; steps and learning rate for every method but closed-form edits."""
     from erasure.methods import METHODS
@@ -213,7 +226,7 @@ def build(service: AppService, ctx: UIContext) -> None:
         md = (f"**{rid}**: erased *{', '.join(info.get('concepts', []))}* with {info.get('method')}"
               + (f" ({knobs_md})" if knobs_md else "") + f" in {t.get('total', 0):.0f} s; final loss "
               f"{(info.get('final') or {}).get('loss')}"
-              + (f"; mask keeps {mask['ratio']:.1%} of weights" if "ratio" in mask else "")
+              + _mask_words(mask)
               + (f"; trained on {data.get('forget_images', '?')} forget and {data.get('retain_images', '?')} retain "
                  "images" if data else ""))
         return rid, md, _loss_frame(service.loss_curve(rid))

@@ -299,6 +299,23 @@ def fit(ctx: EraseContext, spec: MethodSpec, accelerator, run: RunDir, trainable
     return last
 
 
+def _mask_summary(mask: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """run.json's mask entry: kept/total/ratio over every weight, and per module when the mask covers the text
+    encoder too (``modules``: ``denoiser`` / ``text_encoder``), so "keeps 1.2% of weights" can say of which."""
+    from erasure.runs import TE_PREFIX
+
+    stats = mask_stats(mask)
+    out = {k: v for k, v in stats.items() if k != "per_layer"}
+    if any(n.startswith(TE_PREFIX) for n in mask):
+        mods: dict[str, dict[str, Any]] = {}
+        for n, s in stats["per_layer"].items():
+            m = mods.setdefault("text_encoder" if n.startswith(TE_PREFIX) else "denoiser", {"total": 0, "kept": 0})
+            m["total"] += s["numel"]
+            m["kept"] += s["kept"]
+        out["modules"] = {k: {**m, "ratio": m["kept"] / m["total"] if m["total"] else 0.0} for k, m in mods.items()}
+    return out
+
+
 def save_run(run: RunDir, ctx: EraseContext, spec: MethodSpec, inputs: _Inputs, weights: dict[str, torch.Tensor],
              mask: dict | None, trainable_mode: str, unet_params: int, last: dict, timing: dict, start: int) -> Path:
     """Write weights and run.json into the partial folder and publish it (main process only)."""
@@ -325,7 +342,7 @@ def save_run(run: RunDir, ctx: EraseContext, spec: MethodSpec, inputs: _Inputs, 
         "trainable": trainable_mode,
         "unet_params": unet_params,
         "changed_params": sum(t.numel() for t in weights.values()),
-        "mask": None if mask is None else {k: v for k, v in mask_stats(mask).items() if k != "per_layer"},
+        "mask": None if mask is None else _mask_summary(mask),
         "data": None if data is None else {"forget_images": len(data.forget_files),
                                            "retain_images": len(data.retain_files), "prompts": data.prompts},
         "final": last,
