@@ -50,9 +50,10 @@ def main() -> None:
                          projection_dim=768)
     te = CLIPTextModel(cfg).to(dev).eval().requires_grad_(False)
     tok = build_clip_tokenizer()
-    pool = [c for s in ("circle", "square", "triangle", "heart", "cross") for c in all_captions(s, None, None)]
-    pool += [c for col in ("red", "green", "yellow", "purple") for c in all_captions("star", col, None)]
-    forget = all_captions("star", "blue", None)[: args.forget]
+    from erasure.shapes import COLORS, FILLS, SHAPES
+
+    pool = [c for s in SHAPES for col in COLORS if (s, col) != ("star", "blue") for c in all_captions(s, col, None)]
+    forget = [c for f in (None, *FILLS) for c in all_captions("star", "blue", f)][: args.forget]
     guide = [f.replace("star", "heart") for f in forget]
     preserve = [""] + pool[: args.preserve - 1]
     margs = TextRemapConfig()
