@@ -267,3 +267,28 @@ def test_run_json_and_app_summary_say_which_module_the_mask_covers(tiny_model_di
     run.rename(tmp_path / "runs" / "r")
     (row,) = AppService(model=str(tiny_model_dir), runs_dir=str(tmp_path / "runs"), device="cpu").list_runs()
     assert row["mask kept"] == pytest.approx(te["ratio"], abs=1e-4)
+
+
+def test_two_concepts_in_one_run_and_the_cli(tiny_model_dir, tmp_path, capsys):
+    from erasure.cli import main as cli_main
+    from erasure.runs import read_run
+
+    concepts = [ConceptSpec(name="circle", forget_prompts=[FORGET], anchor_prompts=[ANCHOR], retain_prompts=[KEEP]),
+                ConceptSpec(name="cross", forget_prompts=["a green cross"], anchor_prompts=["a green heart"])]
+    cfg = EraseConfig(model=str(tiny_model_dir), method="text-remap", concepts=concepts, device="cpu",
+                      cache_dir=str(tmp_path / "c"), method_args={"iterations": 100, "learning_rate": 3e-4})
+    run = erase(cfg, tmp_path / "two")
+    orig, pipe = load_pipeline(tiny_model_dir, device="cpu"), load_erased_pipeline(run, device="cpu")
+    for forget, anchor in ((FORGET, ANCHOR), ("a green cross", "a green heart")):
+        (f0, a0), ids = _states(orig, [forget, anchor])
+        d = int((ids[0] != ids[1]).nonzero()[0, 0])
+        (f1,), _ = _states(pipe, [forget])
+        assert ((f1[d:] - a0[d:]) ** 2).mean() < 0.25 * ((f0[d:] - a0[d:]) ** 2).mean(), forget
+    common = ["erase", "--model", str(tiny_model_dir), "--device", "cpu", "--cache-dir", str(tmp_path / "c"),
+              "--method", "text-remap", "--forget-prompt", FORGET, "--anchor-prompt", ANCHOR]
+    assert cli_main([*common, "--remap-iterations", "2", "--out", str(tmp_path / "cli")]) == 0
+    assert read_run(tmp_path / "cli")["config"]["method_args"]["iterations"] == 2
+    capsys.readouterr()
+    assert cli_main([*common, "--remap-learning-rate", "0", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "learning rate must be > 0" in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
