@@ -63,3 +63,26 @@ def shared_data_dir():
     if not d.is_dir():
         pytest.skip("reference data ../shared/data is absent")
     return d
+
+
+@pytest.fixture
+def pixel_tune_judge(monkeypatch, tmp_path):
+    """``(judge_name, pool_file)`` for ``--tune`` tests on a random pipeline: a judge whose forget rate is read off
+    the pixels (so candidates score differently, deterministically; retain always 100) and a 5-caption pool file."""
+    import numpy as np
+
+    from erasure.auto import tune
+
+    class Judge:
+        name = "fake-pixels"
+
+        def forget_rate(self, images, prompts, concept):
+            return [100.0 - float(np.asarray(im.convert("L")).std()) for im in images]
+
+        def retain_score(self, images, prompts):
+            return [100.0 for _ in images]
+
+    monkeypatch.setitem(tune.JUDGES, Judge.name, Judge)
+    pool = tmp_path / "pool.txt"
+    pool.write_text("a red circle in the sky\na photo of a red circle\na blue star\na green heart\na yellow cross\n")
+    return Judge.name, pool

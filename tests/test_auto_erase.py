@@ -214,24 +214,13 @@ def test_tuning_budget_two_picks_by_the_rule_and_logs(tiny_model_dir, tmp_path, 
     assert read_run(out)["config"]["steps"] == 2  # the final run trains the full steps
 
 
-def test_tuning_a_closed_form_moves_its_own_weights(tiny_model_dir, tmp_path, monkeypatch):
+def test_tuning_a_closed_form_moves_its_own_weights(tiny_model_dir, tmp_path, pixel_tune_judge):
     """UCE has no learning rate or steps: its candidates are its erase/preserve weights, and the chosen one is what
     the final edit uses."""
     from erasure.auto import tune
     from erasure.diffusion.methods.uce import UCEConfig
 
-    class Judge:  # numbers from the pixels: the candidates score differently
-        name = "fake-uce"
-
-        def forget_rate(self, images, prompts, concept):
-            return [100.0 - float(np.asarray(im.convert("L")).std()) for im in images]
-
-        def retain_score(self, images, prompts):
-            return [100.0 for _ in images]
-
-    monkeypatch.setitem(tune.JUDGES, "fake-uce", Judge)
-    pool = tmp_path / "pool.txt"
-    pool.write_text("a red circle in the sky\na photo of a red circle\na blue star\na green heart\na yellow cross\n")
+    judge, pool = pixel_tune_judge
     cfg = EraseConfig(model=str(tiny_model_dir), device="cpu", cache_dir=str(tmp_path / "cache"), method="uce",
                       auto=AutoConfig(retain_pool=str(pool)),
                       concepts=[ConceptSpec(name="red circle", forget_prompts=["a red circle"],
@@ -239,7 +228,7 @@ def test_tuning_a_closed_form_moves_its_own_weights(tiny_model_dir, tmp_path, mo
     assert tune.candidates(cfg, 3) == [{}, {"erase_scale": 3.0}, {"preserve_scale": 3.0}]
     assert "lr" not in str(tune.candidates(cfg, 64))
     out = tune.tune_and_erase(cfg, TuneConfig(tune=3, tune_seeds=2, tune_max_drop=5.0), tmp_path / "run",
-                              judge="fake-uce")
+                              judge=judge)
     info = read_run(out)
     t = info["tuning"]
     assert [r["settings"] for r in t["log"]] == tune.candidates(cfg, 3)

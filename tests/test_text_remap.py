@@ -215,34 +215,21 @@ def test_app_inspect_shows_encoder_layers_and_an_untouched_denoiser(tiny_model_d
     assert rows[-1]["weights"] == sum(p.numel() for p in unet.parameters())
 
 
-def test_tuning_moves_its_weights_and_iterations(tiny_model_dir, tmp_path, monkeypatch):
+def test_tuning_moves_its_weights_and_iterations(tiny_model_dir, tmp_path, pixel_tune_judge):
     """--tune with text-remap: its own grid (preserve, erase, iterations as an integer), the chosen settings are what
     the final run uses."""
-    import numpy as np
-
     from erasure.auto import tune
     from erasure.auto.config import AutoConfig, TuneConfig
     from erasure.runs import read_run
 
-    class Judge:  # numbers from the pixels: the candidates score differently
-        name = "fake-remap"
-
-        def forget_rate(self, images, prompts, concept):
-            return [100.0 - float(np.asarray(im.convert("L")).std()) for im in images]
-
-        def retain_score(self, images, prompts):
-            return [100.0 for _ in images]
-
-    monkeypatch.setitem(tune.JUDGES, "fake-remap", Judge)
-    pool = tmp_path / "pool.txt"
-    pool.write_text("a red circle in the sky\na photo of a red circle\na blue star\na green heart\na yellow cross\n")
+    judge, pool = pixel_tune_judge
     cfg = _cfg(tiny_model_dir, tmp_path, iterations=3)
     cfg.auto = AutoConfig(retain_pool=str(pool))
     cands = tune.candidates(cfg, 4)
     assert cands == [{}, {"preserve_scale": 3.0}, {"erase_scale": 3.0}, {"iterations": 6}]
     assert isinstance(cands[3]["iterations"], int)
     out = tune.tune_and_erase(cfg, TuneConfig(tune=4, tune_seeds=2, tune_max_drop=5.0), tmp_path / "run",
-                              judge="fake-remap")
+                              judge=judge)
     info = read_run(out)
     t = info["tuning"]
     assert [r["settings"] for r in t["log"]] == cands
