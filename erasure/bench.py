@@ -197,6 +197,7 @@ def _erase_unit(cfg: BenchConfig, preset, method: str, seed: int, out: Path, dev
         overrides["model"] = cfg.model
     ecfg = config_from_preset(cfg.preset or cfg.concept_file, method=method, seed=seed, data_seed=cfg.data_seed,
                               cache_dir=str(out / "cache"), device=cfg.device, **overrides)
+    ecfg = _with_model_method_args(ecfg, {**preset.config, **overrides})
     logger.info("erase %s seed %d -> %s", method, seed, run_dir)
     t0 = time.perf_counter()
     with _PeakMemory(device) as mem:
@@ -211,6 +212,27 @@ def _erase_unit(cfg: BenchConfig, preset, method: str, seed: int, out: Path, dev
              "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     atomic_write_json(stats_p, stats)
     return stats
+
+
+def _with_model_method_args(ecfg, explicit: dict[str, Any]):
+    """The method's settings the model's ``erasure_defaults.json`` gives (text-remap's learning rate on the embedded
+    model) under what the preset and ``--override`` set: a method other than the preset's would otherwise start from
+    its built-in settings, made for SD (as the app's method choice and ``erasure erase`` do)."""
+    import dataclasses
+
+    from erasure.auto.defaults import model_method_args
+    from erasure.config import EraseConfig
+    from erasure.methods import LEGACY_KEYS
+
+    given = {LEGACY_KEYS.get(k, k) for k in explicit} | set(explicit.get("method_args") or {})
+    fields = {f.name for f in dataclasses.fields(ecfg.method_args)}
+    try:
+        model_args = {k: v for k, v in model_method_args(ecfg.model).items() if k in fields and k not in given}
+    except ValueError as err:
+        raise BenchError(str(err)) from None
+    if not model_args:
+        return ecfg
+    return EraseConfig.from_dict({**ecfg.to_dict(), "method_args": {**ecfg.method_args.to_dict(), **model_args}})
 
 
 # ---------------------------------------------------------------------------------------------------- eval units

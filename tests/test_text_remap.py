@@ -279,3 +279,28 @@ def test_two_concepts_in_one_run_and_the_cli(tiny_model_dir, tmp_path, capsys):
     assert cli_main([*common, "--remap-learning-rate", "0", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert "learning rate must be > 0" in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_bench_units_start_from_the_model_settings_of_their_method(tiny_model_dir, tmp_path):
+    """`erasure bench --methods text-remap` on a preset made for SalUn: text-remap's settings come from the model's
+    erasure_defaults.json (not its built-in SD ones); what the preset or --override sets wins over the model's."""
+    import dataclasses
+    import shutil
+
+    from erasure.bench import _with_model_method_args
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "erasure_defaults.json").write_text(json.dumps(
+        {"config": {"method_args": {"iterations": 5, "learning_rate": 0.002, "alpha": 2.0}}}))
+    concept = [ConceptSpec(name="c", forget_prompts=[FORGET], anchor_prompts=[ANCHOR], retain_prompts=[KEEP])]
+    remap = EraseConfig(model=str(model), method="text-remap", concepts=concept)
+    out = _with_model_method_args(remap, {"alpha": 3.0, "lr": 2.5e-4})
+    assert (out.method_args.iterations, out.method_args.learning_rate) == (5, 0.002)
+    given = EraseConfig(model=str(model), method="text-remap", concepts=concept, method_args={"iterations": 9})
+    out = _with_model_method_args(given, {"method_args": {"iterations": 9}})
+    assert (out.method_args.iterations, out.method_args.learning_rate) == (9, 0.002)
+    salun = EraseConfig(model=str(model), method="salun", concepts=concept, method_args={"alpha": 3.0})
+    assert _with_model_method_args(salun, {"alpha": 3.0}).method_args.alpha == 3.0  # the preset's alpha stays
+    plain = dataclasses.replace(salun, model=str(tiny_model_dir))
+    assert _with_model_method_args(plain, {}) == plain  # a model without defaults: unchanged
