@@ -169,8 +169,8 @@ def test_embedded_model_blue_star_to_far_heart_anchor(tmp_path):
     from erasure.shapes import load_judge
 
     spec = ConceptSpec(name="a blue star", forget_prompts=["a blue star"], anchor_prompts=["a blue heart"])
-    cfg, _ = default_config(concepts=[spec], cache_dir=str(tmp_path / "cache"), method="text-remap",
-                            method_args={"iterations": 150})
+    cfg, _ = default_config(concepts=[spec], cache_dir=str(tmp_path / "cache"), method_args={"iterations": 150})
+    assert cfg.method == "text-remap"  # the embedded model's defaults (the app's custom form starts from them)
     run = erase(cfg, tmp_path / "run")
     judge = load_judge()
     seeds = list(range(8))
