@@ -81,11 +81,6 @@ class TextRemapConfig(MethodConfig):
         return grid
 
 
-def _ids(tokenizer, prompts) -> torch.Tensor:
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 def remap_targets(text_encoder, tokenizer, erase_prompts, guide_prompts, preserve_prompts, device):
     """What the loss compares against, from the encoder as it is now (the original):
 
@@ -93,13 +88,16 @@ def remap_targets(text_encoder, tokenizer, erase_prompts, guide_prompts, preserv
     their tokens are in the span ``[n, L]`` (from the first token that differs from the guide), the guides' states
     ``[n, L, d]``, and the preserve prompts' ids and states. A pair that tokenizes identically has an empty span;
     only such pairs: ``ValueError``."""
-    from erasure.diffusion.methods.uce import first_difference
+    from erasure.diffusion.methods.uce import first_difference, tokenize_padded
+
+    def _ids(prompts) -> torch.Tensor:
+        return tokenize_padded(tokenizer, prompts).input_ids
 
     first = first_difference(tokenizer, erase_prompts, guide_prompts)
     if all(d is None for d in first):
         raise ValueError("every forget prompt tokenizes the same as its anchor: nothing to remap; give an anchor "
                          "that differs from the forget prompt")
-    e_ids, g_ids, p_ids = _ids(tokenizer, erase_prompts), _ids(tokenizer, guide_prompts), _ids(tokenizer, preserve_prompts)
+    e_ids, g_ids, p_ids = _ids(erase_prompts), _ids(guide_prompts), _ids(preserve_prompts)
     span = torch.zeros(e_ids.shape, dtype=torch.bool)
     for i, d in enumerate(first):
         if d is not None:

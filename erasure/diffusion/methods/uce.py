@@ -63,6 +63,7 @@ __all__ = [
     "encode_prompt_tokens",
     "last_token_embeddings",
     "first_difference",
+    "tokenize_padded",
     "uce_keys",
     "edit_matrix",
     "apply_edit_matrix",
@@ -150,14 +151,15 @@ def encode_prompt_tokens(
         raise ValueError("prompts must be a list of strings")
     if not prompts:
         raise ValueError("no prompts to encode")
-    tok = _tokenize(tokenizer, prompts)
+    tok = tokenize_padded(tokenizer, prompts)
     device = next(text_encoder.parameters()).device
     hidden = text_encoder(tok.input_ids.to(device))[0]
     last = (tok.attention_mask.sum(dim=1) - 2).clamp(min=0)
     return hidden.detach().to("cpu", torch.float64), last
 
 
-def _tokenize(tokenizer, prompts: Sequence[str]):
+def tokenize_padded(tokenizer, prompts: Sequence[str]):
+    """The pipeline's tokenization: padded to the tokenizer's maximum length, truncated."""
     return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt")
 
@@ -166,7 +168,7 @@ def first_difference(tokenizer, erase_prompts: Sequence[str], guide_prompts: Seq
     """Per pair, the index of the first token where the erase prompt's ids differ from its guide's (``None`` when
     the two tokenize identically). Several tokenizers (SDXL's ``[n, 2, L]`` ids): the first position where any
     differs."""
-    a, b = _tokenize(tokenizer, erase_prompts).input_ids, _tokenize(tokenizer, guide_prompts).input_ids
+    a, b = tokenize_padded(tokenizer, erase_prompts).input_ids, tokenize_padded(tokenizer, guide_prompts).input_ids
     out: list[int | None] = []
     for x, y in zip(a, b):
         diff = (x != y).reshape(-1, x.shape[-1]).any(0).nonzero()
