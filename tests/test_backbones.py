@@ -220,6 +220,13 @@ def test_method_that_does_not_apply_says_so_before_anything_is_generated(family,
     assert not (tmp_path / "run").exists() and not cache.exists()
 
 
+def test_text_encoder_methods_refuse_sdxl(model_dirs, tmp_path):
+    """text-remap trains one CLIP encoder: SDXL's pair is refused before anything is written."""
+    with pytest.raises(ValueError, match=r"method 'text-remap' does not apply to .* models \(it applies to sd\)"):
+        erase(_cfg(model_dirs["sdxl"], tmp_path / "cache", method="text-remap"), tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
 def test_unsupported_pipeline_class_names_the_supported_ones(tmp_path):
     from erasure.diffusion.pipeline import ModelLoadError
 
