@@ -184,6 +184,13 @@ def build_optimizer(cfg: EraseConfig, trainable: dict, mask: dict | None) -> tup
     return optimizer, upd
 
 
+def save_checkpoint(run: RunDir, cfg: EraseConfig, done: int, params: dict, optimizer) -> None:
+    """Checkpoint ``done`` steps: the tensors ``params`` (the trainable ones, by run-file name, and any extra state),
+    the optimizer and the whole config (a resume must be the same run); :func:`restore` reads it back."""
+    tens, meta = optimizer_state_to_tensors(optimizer)
+    run.save_checkpoint(Checkpoint(done, {n: p.detach() for n, p in params.items()}, tens, meta, cfg.to_dict()))
+
+
 def restore(run: RunDir, cfg: EraseConfig, trainable: dict, optimizer, is_main: bool = True) -> int:
     """Load the latest checkpoint of an interrupted run with the same settings; returns the step to start at.
 
@@ -290,9 +297,7 @@ def fit(ctx: EraseContext, spec: MethodSpec, accelerator, run: RunDir, trainable
                 (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stop
             ):
                 log.flush()
-                tens, meta = optimizer_state_to_tensors(optimizer)
-                run.save_checkpoint(Checkpoint(done, {n: p.detach() for n, p in trainable.items()}, tens, meta,
-                                               cfg.to_dict()))
+                save_checkpoint(run, cfg, done, trainable, optimizer)
             if stop:
                 accelerator.wait_for_everyone()
                 raise EraseCancelled(f"erasure cancelled at step {done}; re-run with the same output folder to resume")

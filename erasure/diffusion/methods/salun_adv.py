@@ -231,14 +231,12 @@ def _step(ctx, g: torch.Generator, ids: torch.Tensor, slot_ids: torch.Tensor, st
 
 # ------------------------------------------------------------------------------------------------ the loop
 def _checkpoint(ctx, done: int, trainable: dict, optimizer, state: dict) -> None:
-    from erasure.io import optimizer_state_to_tensors
-    from erasure.runs import Checkpoint
+    from erasure.diffusion.train import save_checkpoint
 
-    tens, meta = optimizer_state_to_tensors(optimizer)
-    params = {n: p.detach() for n, p in trainable.items()}
+    params = dict(trainable)
     if state.get("prefix") is not None:
         params["adv.prefix"] = state["prefix"]
-    ctx.run.save_checkpoint(Checkpoint(done, params, tens, meta, ctx.config.to_dict()))
+    save_checkpoint(ctx.run, ctx.config, done, params, optimizer)
 
 
 def salun_adv(ctx) -> dict[str, torch.Tensor]:

@@ -27,7 +27,6 @@ cancelled, and resumes where it stopped. SD v1/v2 family (one CLIP text encoder)
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -108,8 +107,13 @@ def remap_targets(text_encoder, tokenizer, erase_prompts, guide_prompts, preserv
     return e_ids.to(device), span.to(device), targets, p_ids, keep
 
 
+def _erase_term(te, e_ids, span, targets) -> torch.Tensor:
+    """Mean over the span tokens of the squared distance to the anchor's original states (per-token mean)."""
+    return ((te(e_ids)[0].float() - targets) ** 2).mean(-1)[span].mean()
+
+
 def _losses(te, e_ids, span, targets, p_ids, keep, weights, idx, args) -> dict[str, torch.Tensor]:
-    out = {"erase_loss": ((te(e_ids)[0].float() - targets) ** 2).mean(-1)[span].mean()}
+    out = {"erase_loss": _erase_term(te, e_ids, span, targets)}
     loss = args.erase_scale * out["erase_loss"]
     if args.preserve_scale > 0 and idx is not None:
         dev = e_ids.device
@@ -132,8 +136,7 @@ def text_saliency_mask(te, e_ids, span, targets, ratio: float) -> dict[str, torc
     for p in named.values():
         p.grad = None
         p.requires_grad_(True)
-    loss = ((te(e_ids)[0].float() - targets) ** 2).mean(-1)[span].mean()
-    loss.backward()
+    _erase_term(te, e_ids, span, targets).backward()
     scores = {n: (p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p)).float().cpu()
               for n, p in named.items()}
     for p in named.values():
@@ -150,10 +153,10 @@ def text_remap(ctx) -> dict[str, torch.Tensor]:
     """The engine's entry: train the salient text-encoder weights; returns them by ``text_encoder.`` name."""
     from erasure.diffusion.mask import step_generator
     from erasure.diffusion.methods.uce import concept_prompt_sets
-    from erasure.diffusion.train import EraseCancelled, NonFiniteLossError, build_optimizer, restore
-    from erasure.masked import prepare_masked_params
+    from erasure.diffusion.train import EraseCancelled, NonFiniteLossError, restore, save_checkpoint
+    from erasure.masked import MaskedUpdate, make_optimizer, prepare_masked_params
     from erasure.progress import emit
-    from erasure.runs import TE_PREFIX, Checkpoint
+    from erasure.runs import TE_PREFIX
     from erasure.saliency import load_mask, mask_stats, save_mask
 
     cfg, args, dev = ctx.config, ctx.args, ctx.device
@@ -183,9 +186,8 @@ def text_remap(ctx) -> dict[str, torch.Tensor]:
     te.requires_grad_(False)
     named = {TE_PREFIX + n: p for n, p in te.named_parameters() if _trainable(n)}
     trainable = prepare_masked_params(named, {n: full[n].to(p.device) for n, p in named.items()})
-    run_cfg = copy.copy(cfg)
-    run_cfg.optimizer, run_cfg.lr, run_cfg.weight_decay, run_cfg.momentum = "adam", args.learning_rate, 0.0, 0.0
-    optimizer, upd = build_optimizer(run_cfg, trainable, {n: full[n].to(p.device) for n, p in trainable.items()})
+    optimizer, _ = make_optimizer("adam", trainable.values(), lr=args.learning_rate)
+    upd = MaskedUpdate(trainable, {n: full[n].to(p.device) for n, p in trainable.items()})
     start = restore(ctx.run, cfg, trainable, optimizer)
     te.train()
     n_keep = len(preserve)
@@ -212,12 +214,8 @@ def text_remap(ctx) -> dict[str, torch.Tensor]:
             emit(ctx.progress, "fine-tuning", done, args.iterations, **last)
             stop = done < args.iterations and ctx.cancelled()
             if done < args.iterations and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stop):
-                from erasure.io import optimizer_state_to_tensors
-
                 log.flush()
-                tens, meta = optimizer_state_to_tensors(optimizer)
-                ctx.run.save_checkpoint(Checkpoint(done, {n: p.detach() for n, p in trainable.items()}, tens, meta,
-                                                   cfg.to_dict()))
+                save_checkpoint(ctx.run, cfg, done, trainable, optimizer)
             if stop:
                 raise EraseCancelled(f"erasure cancelled at iteration {done}; re-run with the same output folder to "
                                      "resume")
