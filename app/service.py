@@ -553,14 +553,14 @@ class AppService:
             cfg = info.get("config", {})
             if not isinstance(cfg, dict):  # damaged: listed by list_damaged
                 continue
-            mask = info.get("mask") or {}
+            kept = trained_mask(info.get("mask") or {})[0]
             out.append({
                 "run": d.name,
                 "concepts": ", ".join(info.get("concepts", [])),
                 "method": info.get("method", ""),
                 "steps": cfg.get("steps"),
                 "method settings": method_settings(cfg),
-                "mask kept": _trained_mask_ratio(mask),
+                "mask kept": None if kept is None else round(kept, 4),
                 "final loss": (info.get("final") or {}).get("loss"),
                 "created": info.get("created", ""),
                 "base model": Path(str(info.get("base_model", ""))).name,
@@ -1449,12 +1449,15 @@ def read_prompt_csv(path: str | os.PathLike, limit: int) -> list[dict[str, Any]]
     return rows
 
 
-def _trained_mask_ratio(mask: dict[str, Any]) -> float | None:
-    """The mask's kept fraction over the modules it trained in (a text-encoder method: the encoder's, not the
-    encoder's over the encoder and the untouched denoiser together)."""
+def trained_mask(mask: dict[str, Any]) -> tuple[float | None, list[str], list[str]]:
+    """From run.json's mask entry: ``(kept fraction over the modules the mask trained in, those modules, the modules
+    it left untouched)`` (a text-encoder method: the encoder's fraction, ``["text_encoder"]``, ``["denoiser"]``);
+    ``(None, [], [])`` for a run without a mask; a mask without per-module counts is one unnamed module."""
     if "ratio" not in mask:
-        return None
-    mods = [m for m in (mask.get("modules") or {}).values() if m.get("kept")]
-    if not mods:
-        return round(mask["ratio"], 4)
-    return round(sum(m["kept"] for m in mods) / sum(m["total"] for m in mods), 4)
+        return None, [], []
+    mods = mask.get("modules") or {}
+    trained = [k for k, m in mods.items() if m.get("kept")]
+    if not trained:
+        return mask["ratio"], [], []
+    ratio = sum(mods[k]["kept"] for k in trained) / sum(mods[k]["total"] for k in trained)
+    return ratio, trained, [k for k in mods if k not in trained]

@@ -16,7 +16,7 @@ from erasure_app.forms import (
     parse_method_args,
     to_form,
 )
-from erasure_app.service import LIMITS, LIMITS_TEXT, AppService, method_settings
+from erasure_app.service import LIMITS, LIMITS_TEXT, AppService, method_settings, trained_mask
 from erasure_app.tabs.common import UIContext, session_id, ui_errors
 from erasure_app.tabs.fields import control
 
@@ -31,15 +31,13 @@ def _count(text: str | None) -> int:
 
 def _mask_words(mask: dict) -> str:
     """"; mask keeps 50.0% of the text encoder's weights (the denoiser untouched)" from run.json's mask entry."""
-    if "ratio" not in mask:
+    ratio, trained, idle = trained_mask(mask)
+    if ratio is None:
         return ""
-    mods = {k: m for k, m in (mask.get("modules") or {}).items() if m.get("kept")}
-    if len(mods) == 1 and len(mask["modules"]) > 1:
-        (name, m), = mods.items()
-        idle = next(k for k in mask["modules"] if k != name)
+    if len(trained) == 1 and idle:
         owner = {"text_encoder": "the text encoder", "denoiser": "the denoiser"}
-        return f"; mask keeps {m['ratio']:.1%} of {owner[name]}'s weights ({owner[idle]} untouched)"
-    return f"; mask keeps {mask['ratio']:.1%} of weights"
+        return f"; mask keeps {ratio:.1%} of {owner[trained[0]]}'s weights ({' and '.join(owner[m] for m in idle)} untouched)"
+    return f"; mask keeps {ratio:.1%} of weights"
 
 
 def _main_field_applies(name: str, method: str) -> bool:
