@@ -558,7 +558,7 @@ class AppService:
                 "run": d.name,
                 "concepts": ", ".join(info.get("concepts", [])),
                 "method": info.get("method", ""),
-                "steps": cfg.get("steps"),
+                "steps": None if _own_loop(info.get("method", "")) else cfg.get("steps"),
                 "method settings": method_settings(cfg),
                 "mask kept": None if kept is None else round(kept, 4),
                 "final loss": (info.get("final") or {}).get("loss"),
@@ -1447,6 +1447,13 @@ def read_prompt_csv(path: str | os.PathLike, limit: int) -> list[dict[str, Any]]
     if not rows:
         raise AppError(f"{p.name} has no non-empty prompts")
     return rows
+
+
+def _own_loop(method: str) -> bool:
+    """A method that takes no engine steps (closed-form edits, text-remap's own iterations): its "steps" mean nothing."""
+    from erasure.methods import METHODS
+
+    return method in METHODS and METHODS[method].closed_form
 
 
 def trained_mask(mask: dict[str, Any]) -> tuple[float | None, list[str], list[str]]:

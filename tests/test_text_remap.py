@@ -254,6 +254,7 @@ def test_run_json_and_app_summary_say_which_module_the_mask_covers(tiny_model_di
     run.rename(tmp_path / "runs" / "r")
     (row,) = AppService(model=str(tiny_model_dir), runs_dir=str(tmp_path / "runs"), device="cpu").list_runs()
     assert row["mask kept"] == pytest.approx(te["ratio"], abs=1e-4)
+    assert row["steps"] is None and "iterations=1" in row["method settings"]  # its own iterations, not the engine's steps
 
 
 def test_two_concepts_in_one_run_and_the_cli(tiny_model_dir, tmp_path, capsys):
