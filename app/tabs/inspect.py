@@ -24,7 +24,7 @@ def build(service: AppService, ctx: UIContext) -> None:
                                                allow_custom_value=True, elem_id="inspect-run"))
         show = gr.Button("Show", variant="primary", scale=0)
     mask_plot = gr.BarPlot(None, x="layer", y="kept",
-                           title="Saliency mask: fraction of weights kept per block (UNet blocks, text-encoder layers)", x_label_angle=-45,
+                           title="Saliency mask: kept fraction per block", x_label_angle=-45,
                            height=360, label="Mask sparsity", sort=None, y_lim=[0, 1], y_title="kept fraction",
                            elem_id="inspect-mask")
     loss_plot = gr.LinePlot(None, x="step", y="value", color="series", color_title="loss term",
